@@ -1,0 +1,117 @@
+"""I/O-port and MMIO buses: resolve a guest access to (device, offset) once, then call it.
+
+A bus device implements the narrow contract below (as in cloud-hypervisor's ``BusDevice``):
+``read(offset, size) -> int`` and ``write(offset, size, value)``, where ``offset`` is relative
+to the base of the range the device was inserted at and ``size`` is 1, 2, 4 or 8 bytes.
+Devices raise nothing into the vCPU loop: a register they do not implement reads as all ones
+(ISA convention) and ignores writes.
+
+The port bus is a flat table of 65536 slots, so a PIO exit costs one list index. The MMIO bus
+keeps sorted, non-overlapping ranges and bisects.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Protocol
+
+from vmrun.errors import VmrunError
+
+
+class BusDevice(Protocol):
+    def read(self, offset: int, size: int) -> int: ...
+
+    def write(self, offset: int, size: int, value: int) -> None: ...
+
+
+class BusConflict(VmrunError):
+    pass
+
+
+class PortBus:
+    """The x86 I/O-port space (0..0xFFFF)."""
+
+    def __init__(self) -> None:
+        # Each slot: (device, base) or None.
+        self.slots: list[tuple[BusDevice, int] | None] = [None] * 0x10000
+        self.unhandled = 0  # accesses nobody claimed (for -v and for exit-on-unhandled)
+
+    def insert(self, device: BusDevice, base: int, length: int) -> None:
+        if base < 0 or length <= 0 or base + length > 0x10000:
+            raise BusConflict(f"I/O ports {base:#x}+{length:#x} are outside 0..0xffff")
+        for port in range(base, base + length):
+            if self.slots[port] is not None:
+                other = self.slots[port][0]  # type: ignore[index]
+                raise BusConflict(f"I/O port {port:#x} already belongs to {type(other).__name__}")
+        entry = (device, base)
+        for port in range(base, base + length):
+            self.slots[port] = entry
+
+    def remove(self, base: int, length: int) -> None:
+        for port in range(base, base + length):
+            self.slots[port] = None
+
+    def read(self, port: int, size: int) -> int:
+        entry = self.slots[port]
+        if entry is None:
+            self.unhandled += 1
+            return (1 << (size * 8)) - 1
+        return entry[0].read(port - entry[1], size)
+
+    def write(self, port: int, size: int, value: int) -> None:
+        entry = self.slots[port]
+        if entry is None:
+            self.unhandled += 1
+            return
+        entry[0].write(port - entry[1], size, value)
+
+
+class MmioBus:
+    """Guest-physical MMIO ranges outside RAM."""
+
+    def __init__(self) -> None:
+        self.bases: list[int] = []
+        self.ranges: list[tuple[int, int, BusDevice]] = []  # (base, end, device), sorted
+        self.unhandled = 0
+
+    def insert(self, device: BusDevice, base: int, length: int) -> None:
+        end = base + length
+        if length <= 0 or base < 0 or end > 1 << 64:
+            raise BusConflict(f"MMIO range {base:#x}+{length:#x} is invalid")
+        i = bisect.bisect_right(self.bases, base)
+        if i > 0 and self.ranges[i - 1][1] > base:
+            raise BusConflict(f"MMIO {base:#x}+{length:#x} overlaps "
+                              f"{type(self.ranges[i - 1][2]).__name__}")
+        if i < len(self.ranges) and self.ranges[i][0] < end:
+            raise BusConflict(f"MMIO {base:#x}+{length:#x} overlaps "
+                              f"{type(self.ranges[i][2]).__name__}")
+        self.bases.insert(i, base)
+        self.ranges.insert(i, (base, end, device))
+
+    def remove(self, base: int) -> None:
+        i = bisect.bisect_left(self.bases, base)
+        if i < len(self.bases) and self.bases[i] == base:
+            del self.bases[i]
+            del self.ranges[i]
+
+    def resolve(self, addr: int) -> tuple[BusDevice, int] | None:
+        i = bisect.bisect_right(self.bases, addr) - 1
+        if i >= 0:
+            base, end, dev = self.ranges[i]
+            if addr < end:
+                return dev, base
+        return None
+
+    def read(self, addr: int, size: int) -> int:
+        hit = self.resolve(addr)
+        if hit is None:
+            self.unhandled += 1
+            return (1 << (size * 8)) - 1
+        return hit[0].read(addr - hit[1], size)
+
+    def write(self, addr: int, size: int, value: int) -> None:
+        hit = self.resolve(addr)
+        if hit is None:
+            self.unhandled += 1
+            return
+        hit[0].write(addr - hit[1], size, value)

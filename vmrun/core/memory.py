@@ -1,0 +1,117 @@
+"""Guest RAM: anonymous mmap'd slots, below the PCI hole and above 4 GiB.
+
+Every guest-physical access a device makes goes through :class:`GuestMemory`, which checks
+that the whole range lies inside one RAM slot. Devices get zero-copy ``memoryview`` slices for
+I/O (``preadv``/``pwritev`` straight into guest RAM); a range that leaves RAM raises
+:class:`GuestMemoryError`, which the device turns into "guest misbehaved", never a host fault.
+"""
+
+from __future__ import annotations
+
+import bisect
+import mmap
+from dataclasses import dataclass
+
+from vmrun.core.layout import HIGH_RAM_START, LOW_RAM_END
+
+
+class GuestMemoryError(Exception):
+    """A guest-physical range that is not entirely inside guest RAM."""
+
+
+@dataclass
+class Slot:
+    index: int
+    gpa: int
+    size: int
+    mm: mmap.mmap
+    view: memoryview
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+
+def ram_layout(size: int) -> list[tuple[int, int]]:
+    """Split ``size`` bytes of RAM into (gpa, length) slots around the 3..4 GiB PCI hole."""
+    low = min(size, LOW_RAM_END)
+    slots = [(0, low)]
+    if size > low:
+        slots.append((HIGH_RAM_START, size - low))
+    return slots
+
+
+class GuestMemory:
+    """Guest-physical RAM made of slots; bounds-checked accessors."""
+
+    def __init__(self, regions: list[tuple[int, int]]) -> None:
+        self.slots: list[Slot] = []
+        for i, (gpa, size) in enumerate(sorted(regions)):
+            mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+                           | getattr(mmap, "MAP_NORESERVE", 0))
+            self.slots.append(Slot(i, gpa, size, mm, memoryview(mm)))
+        self._bases = [s.gpa for s in self.slots]
+        self.size = sum(s.size for s in self.slots)
+
+    @classmethod
+    def for_size(cls, size: int) -> GuestMemory:
+        return cls(ram_layout(size))
+
+    def close(self) -> None:
+        for s in self.slots:
+            s.view.release()
+            s.mm.close()
+        self.slots = []
+
+    def _slot(self, gpa: int, length: int) -> Slot:
+        i = bisect.bisect_right(self._bases, gpa) - 1
+        if i >= 0 and length >= 0:
+            s = self.slots[i]
+            if gpa + length <= s.end:
+                return s
+        raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is outside guest RAM")
+
+    def contains(self, gpa: int, length: int) -> bool:
+        i = bisect.bisect_right(self._bases, gpa) - 1
+        return i >= 0 and length >= 0 and gpa + length <= self.slots[i].end
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A zero-copy, writable view of guest RAM (checked)."""
+        s = self._slot(gpa, length)
+        off = gpa - s.gpa
+        return s.view[off:off + length]
+
+    def read(self, gpa: int, length: int) -> bytes:
+        return bytes(self.view(gpa, length))
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        s = self._slot(gpa, len(data))
+        off = gpa - s.gpa
+        s.view[off:off + len(data)] = data
+
+    def read_u16(self, gpa: int) -> int:
+        return int.from_bytes(self.view(gpa, 2), "little")
+
+    def read_u32(self, gpa: int) -> int:
+        return int.from_bytes(self.view(gpa, 4), "little")
+
+    def read_u64(self, gpa: int) -> int:
+        return int.from_bytes(self.view(gpa, 8), "little")
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        self.write(gpa, value.to_bytes(2, "little"))
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        self.write(gpa, value.to_bytes(4, "little"))
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        self.write(gpa, value.to_bytes(8, "little"))
+
+    def fill(self, gpa: int, length: int, byte: int = 0) -> None:
+        self.view(gpa, length)[:] = bytes([byte]) * length
+
+    def host_address(self, slot: Slot) -> int:
+        """The host virtual address of a slot (for KVM_SET_USER_MEMORY_REGION)."""
+        from vmrun.core.kvm import ffi
+
+        return int(ffi.cast("uintptr_t", ffi.from_buffer(slot.mm)))
