@@ -1,0 +1,48 @@
+# vmrun: the two Quickstart commands are `make run` and `make test`.
+# Everything they need is installed or built here, with progress shown; the guest image is
+# cached outside the repository (~/.cache/vmrun).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+DEB_PACKAGES := linux-source-6.1 busybox-static acpica-tools e2fsprogs flex bison bc \
+                libelf-dev libssl-dev gcc make xz-utils
+MACHINE ?= machines/tiny.toml
+
+.PHONY: run test deps venv image lint bench clean
+
+run: venv image
+	$(BIN)/vmrun up $(MACHINE)
+
+test: venv image
+	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
+
+deps:
+	@missing=""; for p in $(DEB_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "==> installing Debian packages:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	  else sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; fi; \
+	fi
+
+$(BIN)/vmrun: pyproject.toml $(wildcard plugins/*/pyproject.toml) | deps
+	@echo "==> creating $(VENV) and installing vmrun and its plugins"
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --progress-bar on -e '.[test]' $(foreach p,$(wildcard plugins/*/pyproject.toml),-e $(dir $(p)))
+	@touch $@
+
+venv: deps $(BIN)/vmrun
+
+image: venv
+	$(BIN)/vmrun image build tiny
+
+lint: venv
+	$(BIN)/ruff check vmrun tests plugins bench
+
+bench: venv image
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,159 @@
+"""KVM tests with tiny hand-made guests (a few instructions each at CPL0).
+
+They check the exit dispatch (PIO, string PIO, MMIO), the bhyve exit codes for halt and triple
+fault, INT3 delivered as #BP when KVM cannot emulate it, the x87 instructions vmrun finishes
+itself, and multi-vCPU start through the in-kernel LAPIC (INIT/SIPI).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from vmrun.core.exits import ExitCode
+from vmrun.testing import guests as g
+
+pytestmark = [
+    pytest.mark.kvm,
+    pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="no /dev/kvm"),
+]
+
+
+class Recorder:
+    """A bus device that records writes and answers reads with a fixed value."""
+
+    def __init__(self, value: int = 0) -> None:
+        self.value = value
+        self.writes: list[tuple[int, int, int]] = []
+        self.reads: list[tuple[int, int]] = []
+
+    def read(self, offset: int, size: int) -> int:
+        self.reads.append((offset, size))
+        return self.value
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.writes.append((offset, size, value))
+
+
+def run(vm, timeout: float = 20.0):
+    try:
+        vm.start()
+        info = vm.wait(timeout)
+        assert info is not None, "guest did not finish"
+        return info
+    finally:
+        vm.close()
+
+
+def test_pio_out_in_and_halt_exit_code() -> None:
+    dev = Recorder(value=0x5A)
+    code = (g.report(0x500, 0x12345678) + g.mov_dx(0x502) + g.in_al_dx()
+            + g.mov_dx(0x501) + g.out_dx_al() + g.HLT)
+    vm = g.long_mode_vm(code)
+    vm.pio.insert(dev, 0x500, 4)
+    info = run(vm)
+    assert info.code == ExitCode.HALT
+    assert dev.writes == [(0, 4, 0x12345678), (1, 1, 0x5A)]
+    assert dev.reads == [(2, 1)]
+
+
+def test_string_pio_rep_outsb() -> None:
+    dev = Recorder()
+    data = 0x50000
+    # mov esi, data; mov ecx, 5; mov dx, 0x510; rep outsb; hlt
+    code = (b"\xbe" + data.to_bytes(4, "little") + b"\xb9\x05\x00\x00\x00" + g.mov_dx(0x510)
+            + b"\xf3\x6e" + g.HLT)
+    vm = g.long_mode_vm(code)
+    vm.memory.write(data, b"hello")
+    vm.pio.insert(dev, 0x510, 1)
+    info = run(vm)
+    assert info.code == ExitCode.HALT
+    assert bytes(v for _, _, v in dev.writes) == b"hello"
+
+
+def test_mmio_read_and_write_dispatch() -> None:
+    dev = Recorder(value=0xCAFEF00D)
+    base = 0x4000_0000  # below 2 GiB: a disp32 that does not sign-extend
+    code = (g.mov_eax(0xA5A5A5A5) + g.mov_abs_eax_store(base + 8) + g.mov_abs_eax_load(base + 4)
+            + g.mov_dx(0x520) + g.out_dx_eax() + g.HLT)
+    vm = g.long_mode_vm(code)
+    vm.mmio.insert(dev, base, 0x1000)
+    out = Recorder()
+    vm.pio.insert(out, 0x520, 4)
+    info = run(vm)
+    assert info.code == ExitCode.HALT
+    assert dev.writes == [(8, 4, 0xA5A5A5A5)]
+    assert dev.reads == [(4, 4)]
+    assert out.writes == [(0, 4, 0xCAFEF00D)]
+
+
+def test_unclaimed_port_reads_all_ones() -> None:
+    out = Recorder()
+    code = g.mov_dx(0x6F0) + g.in_al_dx() + g.mov_dx(0x520) + g.out_dx_al() + g.HLT
+    vm = g.long_mode_vm(code)
+    vm.pio.insert(out, 0x520, 1)
+    info = run(vm)
+    assert info.code == ExitCode.HALT
+    assert out.writes == [(0, 1, 0xFF)]
+
+
+def test_triple_fault_exits_3() -> None:
+    vm = g.long_mode_vm(g.UD2, idt=False)
+    vm.vcpus[0]  # an IDT of limit 7 holds no valid gate: #UD -> #GP -> #DF -> shutdown
+    info = run(vm)
+    assert info.code == ExitCode.TRIPLE_FAULT
+    assert "triple fault" in info.reason
+
+
+def test_int3_reaches_the_guest_breakpoint_handler() -> None:
+    dev = Recorder()
+    # The #BP handler reports the RIP it was given, then returns to the code after int3.
+    handler = g.mov_rax_rsp_top() + g.mov_dx(0x530) + g.out_dx_eax() + g.IRETQ
+    code = g.INT3 + g.report(0x531, 0x77) + g.HLT
+    vm = g.long_mode_vm(code, {3: handler})
+    vm.pio.insert(dev, 0x530, 2)
+    info = run(vm)
+    assert info.code == ExitCode.HALT
+    assert dev.writes == [(0, 4, g.CODE + 1), (1, 4, 0x77)]
+
+
+def test_x87_fnclex_emms_finish() -> None:
+    """fnclex and emms at CPL0 complete, whether KVM runs them or vmrun emulates them."""
+    dev = Recorder()
+    code = b"\xdb\xe2" + b"\x0f\x77" + b"\x9b\xdb\xe2" + g.report(0x540, 1) + g.HLT
+    vm = g.long_mode_vm(code)
+    vm.pio.insert(dev, 0x540, 1)
+    info = run(vm)
+    assert info.code == ExitCode.HALT, info.reason
+    assert dev.writes == [(0, 4, 1)]
+
+
+def test_second_vcpu_starts_on_init_sipi() -> None:
+    """The BSP wakes the AP through the in-kernel LAPIC; the AP runs real-mode code."""
+    got = threading.Event()
+
+    class ApPort(Recorder):
+        def write(self, offset: int, size: int, value: int) -> None:
+            super().write(offset, size, value)
+            if value == 0x42:
+                got.set()
+                vm.request_exit(ExitCode.POWER_OFF, "AP reported")
+
+    icr_lo, icr_hi = 0xFEE00300, 0xFEE00310
+
+    def store(addr: int, value: int) -> bytes:
+        # mov eax, addr; mov dword [rax], value
+        return g.mov_eax(addr) + b"\xc7\x00" + value.to_bytes(4, "little")
+
+    code = (store(icr_hi, 1 << 24) + store(icr_lo, 0x4500)      # INIT to APIC id 1
+            + store(icr_hi, 1 << 24) + store(icr_lo, 0x4608)    # SIPI, vector 0x08 -> 0x8000
+            + g.HLT + g.JMP_SELF)
+    vm = g.long_mode_vm(code, irqchip=True, ncpus=2)
+    vm.memory.write(0x8000, b"\xb0\x42\xe6\xf6\xf4\xeb\xfd")      # mov al,0x42; out 0xf6,al; hlt
+    ap = ApPort()
+    vm.pio.insert(ap, 0xF6, 1)
+    info = run(vm, timeout=30)
+    assert got.is_set(), info.reason
+    assert info.code == ExitCode.POWER_OFF

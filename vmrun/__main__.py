@@ -1,0 +1,3 @@
+from vmrun.cli import main
+
+main()

@@ -1,0 +1,112 @@
+"""The ``vmrun`` command line (click + rich).
+
+Every error the user can cause is one red line on stderr and exit code 4; the guest's own
+ending maps to bhyve's exit codes (0 reset, 1 power off, 2 halt, 3 triple fault).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from vmrun.errors import VmrunError
+
+err_console = Console(stderr=True, highlight=False)
+
+
+def fail(message: str, code: int = 4) -> None:
+    err_console.print(f"[bold red]vmrun: {message}[/]", markup=True, soft_wrap=True)
+    sys.exit(code)
+
+
+class VmrunGroup(click.Group):
+    """Turns VmrunError anywhere below into one red line and exit 4."""
+
+    def invoke(self, ctx: click.Context):  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except VmrunError as e:
+            first, _, rest = str(e).partition("\n")
+            err_console.print(f"[bold red]vmrun: {first}[/]", soft_wrap=True)
+            if rest:
+                err_console.print(rest, markup=False, highlight=False, soft_wrap=True)
+            sys.exit(e.exit_code)
+
+
+@click.group(cls=VmrunGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Log debug information to stderr.")
+@click.version_option(package_name="vmrun")
+def main(verbose: bool) -> None:
+    """vmrun: run virtual machines on Linux/KVM from a TOML machine file."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="vmrun: %(message)s", stream=sys.stderr)
+
+
+@main.command()
+@click.argument("machine_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-v", "--verbose", is_flag=True, help="Log debug information to stderr.")
+def up(machine_file: Path, verbose: bool) -> None:
+    """Boot MACHINE_FILE and run it until the guest powers off.
+
+    Exit codes (as bhyve): 0 reset (with on_reboot = "exit"), 1 power off, 2 halt,
+    3 triple fault, 4 error. On the stdio console, C-a x quits and C-a C-a sends C-a.
+    """
+    from vmrun.config import load_machine
+    from vmrun.runner import Runner
+
+    if verbose:
+        logging.getLogger().setLevel(logging.DEBUG)
+    cfg = load_machine(machine_file)
+    runner = Runner(cfg, log=lambda msg: err_console.print(f"vmrun: {msg}", markup=False,
+                                                           highlight=False))
+    info = runner.run()
+    level = logging.getLogger().level
+    if info.code == 4:
+        first, _, rest = info.reason.partition("\n")
+        err_console.print(f"[bold red]vmrun: {first}[/]", soft_wrap=True)
+        if rest or info.detail:
+            err_console.print((rest + "\n" + info.detail).strip(), markup=False,
+                              highlight=False, soft_wrap=True)
+    elif info.code == 3:
+        err_console.print(f"[bold red]vmrun: {info.reason.splitlines()[0]}[/]", soft_wrap=True)
+        if "\n" in info.reason:
+            err_console.print(info.reason.partition("\n")[2], markup=False, highlight=False)
+    elif level <= logging.DEBUG:
+        err_console.print(f"vmrun: {info.reason} (exit {int(info.code)})", markup=False)
+    for value, t in runner.boot_log.markers:
+        logging.debug("boot marker %d at %.3fs", value, t)
+    sys.exit(int(info.code))
+
+
+@main.command()
+@click.argument("machine_file", type=click.Path(dir_okay=False, path_type=Path))
+def check(machine_file: Path) -> None:
+    """Validate MACHINE_FILE without starting anything."""
+    from vmrun.config import load_machine
+
+    cfg = load_machine(machine_file)
+    err_console.print(f"{machine_file}: ok ({cfg.name}: {cfg.cpus} vCPU, "
+                      f"{cfg.memory >> 20} MiB)", markup=False, highlight=False)
+
+
+@main.group()
+def image() -> None:
+    """Build and manage guest images (cached in ~/.cache/vmrun)."""
+
+
+@image.command("build")
+@click.argument("name", default="tiny")
+@click.option("--force", is_flag=True, help="Rebuild even if the cached image is up to date.")
+def image_build(name: str, force: bool) -> None:
+    """Build the guest image NAME (default: tiny): kernel + busybox initramfs."""
+    from vmrun.image import ImageBuilder
+
+    ImageBuilder(err_console).build(name, force=force)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Turn a validated machine file into a running VM: platform devices, firmware tables, kernel.
+
+One :class:`Machine` is one boot. A guest reset with ``on_reboot = "restart"`` ends it and the
+runner builds the next one from the same configuration and serial backends, so every reboot
+starts from a clean VM (fresh RAM, fresh device state), as a power cycle would.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+from vmrun.chardev import Backend
+from vmrun.config import MachineConfig
+from vmrun.core import layout
+from vmrun.core.acpi import AcpiPlatform, build_acpi
+from vmrun.core.boot import load_kernel
+from vmrun.core.exits import ExitCode
+from vmrun.core.smbios import build_smbios
+from vmrun.core.vm import ExitInfo, Vm
+from vmrun.devices.acpi_pm import AcpiPm, ResetControl
+from vmrun.devices.debug import BootMarker, DebugCon, DebugExit
+from vmrun.devices.i8042 import I8042
+from vmrun.devices.rtc import CmosRtc
+from vmrun.devices.uart import Uart16550
+
+COM_PORTS = {
+    "com1": ("COM1", layout.COM1_PORT, layout.COM1_IRQ),
+    "com2": ("COM2", layout.COM2_PORT, layout.COM2_IRQ),
+    "com3": ("COM3", layout.COM3_PORT, layout.COM3_IRQ),
+    "com4": ("COM4", layout.COM4_PORT, layout.COM4_IRQ),
+}
+
+
+@dataclass
+class BootLog:
+    """Milestones the guest reported on the boot-marker port, seconds since process start."""
+
+    start: float = field(default_factory=time.monotonic)
+    markers: list[tuple[int, float]] = field(default_factory=list)
+
+    def mark(self, value: int, when: float) -> None:
+        self.markers.append((value, when - self.start))
+
+
+class Machine:
+    def __init__(self, cfg: MachineConfig, serial: dict[str, Backend],
+                 boot_log: BootLog | None = None, debug_out=None) -> None:
+        self.cfg = cfg
+        self.boot_log = boot_log or BootLog()
+        self.vm = Vm(cfg.memory, cfg.cpus, cpu_profile=cfg.cpu.profile,
+                     cpu_features=cfg.cpu.features,
+                     exit_on_unhandled_io=cfg.on_unhandled_io == "exit")
+        try:
+            self._build(serial, debug_out)
+        except BaseException:
+            self.vm.close()
+            raise
+        self._timer_stop = threading.Event()
+
+    def _build(self, serial: dict[str, Backend], debug_out) -> None:
+        vm = self.vm
+        cfg = self.cfg
+        pio = vm.pio
+        self.uarts: dict[str, Uart16550] = {}
+        ports = []
+        for name, backend in serial.items():
+            label, port, irq = COM_PORTS[name]
+            uart = Uart16550(vm.irq_line(irq), backend.write)
+            pio.insert(uart, port, 8)
+            backend.attach(uart)
+            self.uarts[name] = uart
+            ports.append((label, port, irq))
+        self.rtc = CmosRtc(vm.irq_line(layout.RTC_IRQ), utc=cfg.rtc == "utc",
+                           memory_bytes=cfg.memory)
+        pio.insert(self.rtc, layout.RTC_PORT, 2)
+        self.i8042 = I8042(vm.irq_line(layout.I8042_KBD_IRQ), vm.irq_line(layout.I8042_AUX_IRQ),
+                           on_reset=self._guest_reset)
+        pio.insert(self.i8042, layout.I8042_DATA_PORT, 5)
+        self.pm = AcpiPm(vm.irq_line(layout.SCI_IRQ), on_power_off=self._guest_power_off)
+        pio.insert(self.pm.event_block, layout.PM1A_EVT_PORT, layout.PM1A_EVT_LEN)
+        pio.insert(self.pm.control_block, layout.PM1A_CNT_PORT, layout.PM1A_CNT_LEN)
+        pio.insert(self.pm.timer, layout.PM_TMR_PORT, layout.PM_TMR_LEN)
+        pio.insert(ResetControl(self._guest_reset), layout.RESET_PORT, 1)
+        pio.insert(DebugExit(self._debug_exit), layout.DEBUG_EXIT_PORT, 1)
+        pio.insert(BootMarker(self.boot_log.mark), layout.BOOT_MARKER_PORT, 1)
+        pio.insert(DebugCon(debug_out or (lambda data: None)), layout.DEBUGCON_PORT, 1)
+
+        mem = vm.memory
+        assert mem is not None
+        tables = build_acpi(AcpiPlatform(ncpus=cfg.cpus, serial_ports=ports))
+        mem.write(layout.ACPI_BASE, tables.blob)
+        mem.write(layout.SMBIOS_BASE, build_smbios(cfg.uuid, cfg.cpus, cfg.memory))
+        entry = load_kernel(mem, cfg.boot.kernel, cfg.boot.initrd, cfg.boot.cmdline,
+                            tables.rsdp_addr)
+        vm.vcpus[0].set_entry_state(entry)
+
+    # -- guest-initiated endings ------------------------------------------------------
+    def _guest_reset(self) -> None:
+        self.vm.request_exit(ExitCode.RESET, "guest reset")
+
+    def _guest_power_off(self) -> None:
+        self.vm.request_exit(ExitCode.POWER_OFF, "guest powered off (ACPI S5)")
+
+    def _debug_exit(self, value: int) -> None:
+        self.vm.request_exit(ExitCode(value) if value in ExitCode._value2member_map_ else
+                             ExitCode.ERROR, f"guest wrote {value:#x} to the debug-exit port")
+
+    # -- control from the host ---------------------------------------------------------
+    def press_power_button(self) -> None:
+        self.pm.press_power_button()
+
+    def start(self) -> None:
+        self.vm.start()
+        threading.Thread(target=self._timer_loop, name="rtc-timer", daemon=True).start()
+
+    def _timer_loop(self) -> None:
+        """Drive the RTC's time-based interrupts (update-ended, alarm, periodic)."""
+        rtc = self.rtc
+        while not self._timer_stop.is_set():
+            deadline = rtc.next_deadline()
+            now = time.time()
+            delay = 0.5 if deadline is None else max(0.0, min(deadline - now, 0.5))
+            if self._timer_stop.wait(delay):
+                return
+            rtc.tick(time.time())
+
+    def wait(self, timeout: float | None = None) -> ExitInfo | None:
+        return self.vm.wait(timeout)
+
+    def stop(self, code: ExitCode, reason: str) -> None:
+        self.vm.request_exit(code, reason)
+
+    def close(self) -> None:
+        self._timer_stop.set()
+        self.vm.close()
