@@ -59,8 +59,11 @@ class GuestMemory:
 
     def close(self) -> None:
         for s in self.slots:
-            s.view.release()
-            s.mm.close()
+            try:
+                s.view.release()
+                s.mm.close()
+            except BufferError:
+                pass  # devices still hold views: the mapping goes when they are collected
         self.slots = []
 
     def _slot(self, gpa: int, length: int) -> Slot:

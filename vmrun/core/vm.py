@@ -61,6 +61,8 @@ class Vm:
         self.pio = PortBus()
         self.mmio = MmioBus()
         self._irq_lock = threading.Lock()
+        self._next_gsi = 24
+        self._msi_routes: dict[int, tuple[int, int]] = {}
         try:
             self.fd = kvm.ioctl(self.kvm_fd, kvm.KVM_CREATE_VM, 0)
             kvm.ioctl(self.fd, kvm.KVM_SET_TSS_ADDR, TSS_ADDR)
@@ -103,6 +105,87 @@ class Vm:
 
     def irq_line(self, gsi: int) -> CallbackIrqLine:
         return CallbackIrqLine(gsi, self.set_irq_line)
+
+    # -- MSI routes and irqfds ------------------------------------------------------------
+    def allocate_msi_gsi(self) -> int:
+        """A GSI above the IOAPIC's pins, for one MSI/MSI-X vector."""
+        with self._irq_lock:
+            gsi = self._next_gsi
+            self._next_gsi += 1
+            return gsi
+
+    def set_msi_route(self, gsi: int, address: int, data: int | None) -> None:
+        """Route ``gsi`` to an MSI message (None removes it) and push the table to KVM.
+
+        KVM_SET_GSI_ROUTING replaces the whole table, so the default PIC/IOAPIC routes for
+        GSIs 0-23 are always included.
+        """
+        with self._irq_lock:
+            if data is None:
+                self._msi_routes.pop(gsi, None)
+            else:
+                self._msi_routes[gsi] = (address, data)
+            routes = dict(self._msi_routes)
+            n = 16 + 24 - 1 + len(routes)   # PIC pins 0-15 (minus cascade 2) + IOAPIC 0-23
+            table = kvm.ffi.new("struct kvm_irq_routing *", {"nr": n, "entries": n})
+            table.nr = n
+            i = 0
+            for pin in range(16):
+                if pin == 2:
+                    continue
+                e = table.entries[i]
+                e.gsi, e.type = pin, kvm.KVM_IRQ_ROUTING_IRQCHIP
+                e.u.irqchip.irqchip = kvm.KVM_IRQCHIP_PIC_MASTER if pin < 8 else \
+                    kvm.KVM_IRQCHIP_PIC_SLAVE
+                e.u.irqchip.pin = pin % 8
+                i += 1
+            for pin in range(24):
+                e = table.entries[i]
+                e.gsi, e.type = pin, kvm.KVM_IRQ_ROUTING_IRQCHIP
+                e.u.irqchip.irqchip = kvm.KVM_IRQCHIP_IOAPIC
+                e.u.irqchip.pin = pin
+                i += 1
+            for g, (addr, dat) in routes.items():
+                e = table.entries[i]
+                e.gsi, e.type = g, kvm.KVM_IRQ_ROUTING_MSI
+                e.u.msi.address_lo = addr & 0xFFFFFFFF
+                e.u.msi.address_hi = addr >> 32
+                e.u.msi.data = dat
+                i += 1
+            kvm.ioctl(self.fd, kvm.KVM_SET_GSI_ROUTING, table)
+
+    def register_irqfd(self, fd: int, gsi: int, deassign: bool = False) -> None:
+        """Let a write to eventfd ``fd`` inject ``gsi`` inside KVM (no exit, no VMM thread)."""
+        irqfd = kvm.ffi.new("struct kvm_irqfd *")
+        irqfd.fd = fd
+        irqfd.gsi = gsi
+        irqfd.flags = kvm.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0
+        kvm.ioctl(self.fd, kvm.KVM_IRQFD, irqfd)
+
+    def register_ioeventfd(self, fd: int, addr: int, length: int, *, pio: bool = False,
+                           datamatch: int | None = None, deassign: bool = False) -> None:
+        """Have KVM signal eventfd ``fd`` on a guest write to ``addr`` instead of exiting."""
+        ev = kvm.ffi.new("struct kvm_ioeventfd *")
+        ev.addr = addr
+        ev.len = length
+        ev.fd = fd
+        flags = 0
+        if pio:
+            flags |= kvm.KVM_IOEVENTFD_FLAG_PIO
+        if datamatch is not None:
+            flags |= kvm.KVM_IOEVENTFD_FLAG_DATAMATCH
+            ev.datamatch = datamatch
+        if deassign:
+            flags |= kvm.KVM_IOEVENTFD_FLAG_DEASSIGN
+        ev.flags = flags
+        kvm.ioctl(self.fd, kvm.KVM_IOEVENTFD, ev)
+
+    def signal_msi(self, address: int, data: int) -> None:
+        msi = kvm.ffi.new("struct kvm_msi *")
+        msi.address_lo = address & 0xFFFFFFFF
+        msi.address_hi = address >> 32
+        msi.data = data
+        kvm.ioctl(self.fd, kvm.KVM_SIGNAL_MSI, msi)
 
     # -- lifetime -------------------------------------------------------------------
     def start(self) -> None:

@@ -1,0 +1,18 @@
+"""Test helpers for vmrun and for authors of device plugins.
+
+- :class:`FakeVm`: guest memory and buses without KVM; interrupts are recorded, eventfds real.
+- :class:`PciDriver`: a config-space driver (mechanism #1 through the port bus) that finds a
+  device, sizes and reads its BARs and capabilities, as an OS would.
+- :class:`MockVirtqueue` / :class:`VirtioDriver`: a mock virtio driver that lays out descriptor
+  tables and rings in the fake memory and drives a device through its modern PCI transport.
+
+Use them as pytest fixtures in a plugin's tests::
+
+    from vmrun.testing import FakeVm, VirtioDriver
+"""
+
+from vmrun.testing.fakes import FakeVm
+from vmrun.testing.pcidriver import PciDriver
+from vmrun.testing.virtio import MockVirtqueue, VirtioDriver
+
+__all__ = ["FakeVm", "PciDriver", "MockVirtqueue", "VirtioDriver"]

@@ -1,0 +1,450 @@
+"""PCI: configuration space, BARs, capabilities, the root bus and its access mechanisms.
+
+The device contract (what a plugin's factory returns) is :class:`PciDevice`. The core does the
+generic parts for it — the type-0 header, BAR sizing and decoding, the capability list,
+INTx routing — so a device only answers ``bar_read``/``bar_write`` for its own registers and,
+if it wants, ``config_read``/``config_write`` for device-specific configuration registers.
+
+Guest access paths: mechanism #1 (0xCF8 address, 0xCFC..0xCFF data) and ECAM (MMIO). A BAR is
+put on the port or MMIO bus when the guest enables I/O or memory decoding and has placed it; it
+is moved when the guest re-programs it; from then on an access to it costs one bus lookup and
+one :meth:`PciDevice.bar_read`/:meth:`bar_write` call through a small adapter.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from vmrun.core import layout
+from vmrun.errors import VmrunError
+
+if TYPE_CHECKING:
+    from vmrun.core.vm import Vm
+
+# Header offsets (PCI Local Bus spec 3.0, type 0).
+VENDOR_ID = 0x00
+DEVICE_ID = 0x02
+COMMAND = 0x04
+STATUS = 0x06
+REVISION_ID = 0x08
+CLASS_PROG = 0x09
+HEADER_TYPE = 0x0E
+BAR0 = 0x10
+SUBSYSTEM_VENDOR_ID = 0x2C
+SUBSYSTEM_ID = 0x2E
+ROM_ADDRESS = 0x30
+CAPABILITIES_POINTER = 0x34
+INTERRUPT_LINE = 0x3C
+INTERRUPT_PIN = 0x3D
+
+COMMAND_IO = 1 << 0
+COMMAND_MEMORY = 1 << 1
+COMMAND_MASTER = 1 << 2
+COMMAND_INTX_DISABLE = 1 << 10
+STATUS_INTERRUPT = 1 << 3
+STATUS_CAP_LIST = 1 << 4
+
+CAP_ID_MSI = 0x05
+CAP_ID_VENDOR = 0x09
+CAP_ID_MSIX = 0x11
+
+BAR_IO = "io"
+BAR_MEM32 = "mem32"
+BAR_MEM64 = "mem64"
+
+
+@dataclass
+class BarSpec:
+    """A BAR the device wants: its index, size (power of two) and kind."""
+
+    index: int
+    size: int
+    kind: str = BAR_MEM32
+    prefetchable: bool = False
+
+    def __post_init__(self) -> None:
+        if self.size & (self.size - 1) or self.size < (4 if self.kind == BAR_IO else 16):
+            raise ValueError(f"BAR{self.index}: size {self.size:#x} is not a power of two")
+
+
+class PciDevice:
+    """The PCI device contract. Subclass it (device plugins do) and fill in the identity.
+
+    Class attributes/constructor values a device sets: ``vendor_id``, ``device_id``,
+    ``class_code`` (24-bit: class, subclass, prog-if), ``revision``, ``subsystem_vendor_id``,
+    ``subsystem_id``, ``bars`` (list of :class:`BarSpec`), ``interrupt_pin`` (0 none, 1 INTA#).
+
+    The core calls, from vCPU threads:
+      - ``bar_read(index, offset, size) -> int`` / ``bar_write(index, offset, size, value)``:
+        a guest access inside BAR ``index`` (offset relative to the BAR's start);
+      - ``config_read(offset, size) -> int | None`` / ``config_write(offset, size, value) -> bool``
+        for device-specific config registers (return None/False to let the core's generic
+        config space answer);
+      - ``bar_moved(index, old, new)``: the guest (re)placed a BAR (e.g. to re-register
+        ioeventfds); ``old``/``new`` are guest addresses or None when decoding is off;
+      - ``reset()``: bring the device to its power-on state (machine reset, FLR).
+    The core gives the device, before the guest runs: ``self.config`` (its
+    :class:`ConfigSpace`), ``self.intx`` (an IrqLine for INTA#, or None), ``self.vm`` and
+    ``self.address`` (bus, slot, function).
+    """
+
+    vendor_id = 0xFFFF
+    device_id = 0xFFFF
+    class_code = 0x000000
+    revision = 0
+    subsystem_vendor_id = 0
+    subsystem_id = 0
+    interrupt_pin = 0
+    bars: list[BarSpec] = []
+    name = "pci-device"
+
+    config: ConfigSpace
+    intx = None
+    vm: Vm | None = None
+    address: tuple[int, int, int] = (0, 0, 0)
+
+    def bar_read(self, index: int, offset: int, size: int) -> int:
+        return (1 << (8 * size)) - 1
+
+    def bar_write(self, index: int, offset: int, size: int, value: int) -> None:
+        pass
+
+    def config_read(self, offset: int, size: int) -> int | None:
+        return None
+
+    def config_write(self, offset: int, size: int, value: int) -> bool:
+        return False
+
+    def bar_moved(self, index: int, old: int | None, new: int | None) -> None:
+        pass
+
+    def config_changed(self, offset: int, size: int) -> None:
+        """Called after the core applied a guest write to generic config space (e.g. the
+        MSI-X capability's enable bits, or the command register)."""
+        if offset <= COMMAND + 1 and offset + size > COMMAND:
+            self.set_intx(bool(self.config.status & STATUS_INTERRUPT))
+
+    def set_intx(self, level: bool) -> None:
+        """Drive INTA#: the status bit always follows, the pin only when not disabled."""
+        self.config.set_interrupt_status(level)
+        if self.intx is not None:
+            self.intx.set_level(level and not self.config.command & COMMAND_INTX_DISABLE)
+
+    def realize(self) -> None:
+        """Called once the device is placed (config/intx/vm set), before the guest runs."""
+
+    def reset(self) -> None:
+        pass
+
+    def close(self) -> None:
+        """Release host resources (threads, files)."""
+
+
+class ConfigSpace:
+    """256 bytes of type-0 configuration space with per-byte write masks and BAR semantics."""
+
+    def __init__(self, dev: PciDevice) -> None:
+        self.data = bytearray(256)
+        self.wmask = bytearray(256)
+        self.w1c = bytearray(256)      # write-1-to-clear bits (status register)
+        self.bars: dict[int, BarSpec] = {b.index: b for b in dev.bars}
+        struct.pack_into("<HH", self.data, VENDOR_ID, dev.vendor_id, dev.device_id)
+        self.data[REVISION_ID] = dev.revision
+        self.data[CLASS_PROG:CLASS_PROG + 3] = dev.class_code.to_bytes(3, "little")
+        struct.pack_into("<HH", self.data, SUBSYSTEM_VENDOR_ID, dev.subsystem_vendor_id,
+                         dev.subsystem_id)
+        self.data[INTERRUPT_PIN] = dev.interrupt_pin
+        self.wmask[INTERRUPT_LINE] = 0xFF
+        # Command: I/O, memory, bus master, INTx disable are writable.
+        struct.pack_into("<H", self.wmask, COMMAND, COMMAND_IO | COMMAND_MEMORY | COMMAND_MASTER
+                         | COMMAND_INTX_DISABLE)
+        self.next_cap = 0x40
+        self.last_cap_ptr = CAPABILITIES_POINTER
+        for bar in dev.bars:
+            off = BAR0 + 4 * bar.index
+            if bar.kind == BAR_IO:
+                self.data[off] = 0x1
+                struct.pack_into("<I", self.wmask, off, ~(bar.size - 1) & 0xFFFFFFFC)
+            else:
+                low = (0x4 if bar.kind == BAR_MEM64 else 0) | (0x8 if bar.prefetchable else 0)
+                self.data[off] = low
+                struct.pack_into("<I", self.wmask, off, ~(bar.size - 1) & 0xFFFFFFF0)
+                if bar.kind == BAR_MEM64:
+                    struct.pack_into("<I", self.wmask, off + 4, ((~(bar.size - 1)) >> 32)
+                                     & 0xFFFFFFFF)
+
+    def add_capability(self, cap_id: int, body: bytes, writable: bytes | None = None) -> int:
+        """Append a capability (``body`` excludes the 2-byte id/next header); returns its offset.
+        ``writable`` is a write mask for ``body``."""
+        off = self.next_cap
+        length = 2 + len(body)
+        if off + length > 256:
+            raise ValueError("PCI capability list does not fit in config space")
+        self.data[off] = cap_id
+        self.data[off + 1] = 0
+        self.data[off + 2:off + length] = body
+        if writable is not None:
+            self.wmask[off + 2:off + length] = writable
+        self.data[self.last_cap_ptr] = off
+        self.last_cap_ptr = off + 1
+        struct.pack_into("<H", self.data, STATUS, self.status | STATUS_CAP_LIST)
+        self.next_cap = (off + length + 3) & ~3
+        return off
+
+    @property
+    def command(self) -> int:
+        return struct.unpack_from("<H", self.data, COMMAND)[0]
+
+    @property
+    def status(self) -> int:
+        return struct.unpack_from("<H", self.data, STATUS)[0]
+
+    def set_interrupt_status(self, on: bool) -> None:
+        st = self.status
+        st = (st | STATUS_INTERRUPT) if on else (st & ~STATUS_INTERRUPT)
+        struct.pack_into("<H", self.data, STATUS, st)
+
+    def bar_address(self, index: int) -> int:
+        bar = self.bars[index]
+        off = BAR0 + 4 * index
+        low = struct.unpack_from("<I", self.data, off)[0]
+        if bar.kind == BAR_IO:
+            return low & 0xFFFFFFFC
+        addr = low & 0xFFFFFFF0
+        if bar.kind == BAR_MEM64:
+            addr |= struct.unpack_from("<I", self.data, off + 4)[0] << 32
+        return addr
+
+    def set_bar_address(self, index: int, addr: int) -> None:
+        bar = self.bars[index]
+        off = BAR0 + 4 * index
+        low = struct.unpack_from("<I", self.data, off)[0]
+        keep = 0x3 if bar.kind == BAR_IO else 0xF
+        struct.pack_into("<I", self.data, off, (addr & ~keep & 0xFFFFFFFF) | (low & keep))
+        if bar.kind == BAR_MEM64:
+            struct.pack_into("<I", self.data, off + 4, addr >> 32)
+
+    def read(self, offset: int, size: int) -> int:
+        return int.from_bytes(self.data[offset:offset + size], "little")
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        for i in range(size):
+            o = offset + i
+            if o >= 256:
+                break
+            b = (value >> (8 * i)) & 0xFF
+            m = self.wmask[o]
+            c = self.w1c[o]
+            self.data[o] = (self.data[o] & ~m & ~(b & c)) | (b & m)
+
+
+class PciBarWindow:
+    """The bus device that forwards accesses inside one BAR to the PCI device."""
+
+    __slots__ = ("dev", "index")
+
+    def __init__(self, dev: PciDevice, index: int) -> None:
+        self.dev = dev
+        self.index = index
+
+    def read(self, offset: int, size: int) -> int:
+        return self.dev.bar_read(self.index, offset, size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.dev.bar_write(self.index, offset, size, value)
+
+
+class PciRoot:
+    """Bus 0: slots 0..31 × functions 0..7, config mechanisms, BAR placement and decoding."""
+
+    def __init__(self, vm: Vm) -> None:
+        self.vm = vm
+        self.devices: dict[tuple[int, int], PciDevice] = {}
+        self.address_reg = 0
+        self.mapped: dict[tuple[int, int, int], tuple[str, int, int]] = {}  # (slot,fn,bar)
+        self.lock = threading.Lock()
+        self.next_io = 0xC000
+        self.next_mem32 = layout.PCI_MMIO32_START
+        self.next_mem64 = 0  # set by the machine: right above high RAM
+
+    # -- placement ------------------------------------------------------------------
+    def add(self, dev: PciDevice, slot: int, func: int = 0) -> None:
+        if (slot, func) in self.devices:
+            raise VmrunError(f"PCI slot {slot}:{func} is taken by "
+                             f"{self.devices[(slot, func)].name}")
+        dev.config = ConfigSpace(dev)
+        dev.address = (0, slot, func)
+        dev.vm = self.vm
+        self.devices[(slot, func)] = dev
+        if dev.interrupt_pin:
+            gsi = intx_gsi(slot, dev.interrupt_pin)
+            dev.config.data[INTERRUPT_LINE] = gsi
+            dev.intx = self.vm.irq_line(gsi)
+        for (s, f), d in self.devices.items():
+            if s == slot and f != 0 and (s, 0) in self.devices:
+                self.devices[(s, 0)].config.data[HEADER_TYPE] |= 0x80  # multi-function
+        if func != 0 and (slot, 0) in self.devices:
+            self.devices[(slot, 0)].config.data[HEADER_TYPE] |= 0x80
+
+    def assign_bars(self) -> None:
+        """Place every BAR as firmware would and enable decoding (bhyve does the same)."""
+        for (slot, func), dev in sorted(self.devices.items()):
+            cmd = 0
+            for bar in sorted(dev.bars, key=lambda b: -b.size):
+                if bar.kind == BAR_IO:
+                    addr = _align(self.next_io, bar.size)
+                    self.next_io = addr + bar.size
+                    cmd |= COMMAND_IO
+                elif bar.kind == BAR_MEM64 and self.next_mem64:
+                    addr = _align(self.next_mem64, bar.size)
+                    self.next_mem64 = addr + bar.size
+                    cmd |= COMMAND_MEMORY
+                else:
+                    addr = _align(self.next_mem32, bar.size)
+                    self.next_mem32 = addr + bar.size
+                    if self.next_mem32 > layout.ECAM_BASE:
+                        raise VmrunError("PCI devices need more 32-bit MMIO space than the "
+                                         "machine has")
+                    cmd |= COMMAND_MEMORY
+                dev.config.set_bar_address(bar.index, addr)
+            if cmd:
+                cmd |= COMMAND_MASTER
+                struct.pack_into("<H", dev.config.data, COMMAND, cmd)
+            self._update_mappings(slot, func, dev)
+        for dev in self.devices.values():
+            dev.realize()
+
+    # -- config access ----------------------------------------------------------------
+    def config_read(self, slot: int, func: int, offset: int, size: int) -> int:
+        dev = self.devices.get((slot, func))
+        if dev is None:
+            return (1 << (8 * size)) - 1
+        if offset >= 256:
+            return 0
+        value = dev.config_read(offset, size)
+        if value is None:
+            value = dev.config.read(offset, size)
+        return value
+
+    def config_write(self, slot: int, func: int, offset: int, size: int, value: int) -> None:
+        dev = self.devices.get((slot, func))
+        if dev is None or offset >= 256:
+            return
+        if dev.config_write(offset, size, value):
+            return
+        with self.lock:
+            dev.config.write(offset, size, value)
+            if offset < BAR0 + 24 and offset + size > COMMAND:
+                self._update_mappings(slot, func, dev)
+        dev.config_changed(offset, size)
+
+    # -- BAR decoding ---------------------------------------------------------------
+    def _update_mappings(self, slot: int, func: int, dev: PciDevice) -> None:
+        cmd = dev.config.command
+        for bar in dev.bars:
+            key = (slot, func, bar.index)
+            enabled = bool(cmd & (COMMAND_IO if bar.kind == BAR_IO else COMMAND_MEMORY))
+            addr = dev.config.bar_address(bar.index)
+            limit = 0x10000 if bar.kind == BAR_IO else 1 << 64
+            want = None
+            if enabled and addr != 0 and addr + bar.size <= limit and \
+                    not (bar.kind == BAR_IO and addr < 0x1000):
+                want = (bar.kind, addr, bar.size)
+            have = self.mapped.get(key)
+            if have == want:
+                continue
+            if have is not None:
+                self._unmap(have)
+                del self.mapped[key]
+            if want is not None:
+                try:
+                    self._map(want, PciBarWindow(dev, bar.index))
+                    self.mapped[key] = want
+                except VmrunError:
+                    want = None   # overlaps something: the guest placed it badly; not decoded
+            dev.bar_moved(bar.index, have[1] if have else None, want[1] if want else None)
+
+    def _map(self, m: tuple[str, int, int], window: PciBarWindow) -> None:
+        kind, addr, size = m
+        if kind == BAR_IO:
+            self.vm.pio.insert(window, addr, size)
+        else:
+            self.vm.mmio.insert(window, addr, size)
+
+    def _unmap(self, m: tuple[str, int, int]) -> None:
+        kind, addr, size = m
+        if kind == BAR_IO:
+            self.vm.pio.remove(addr, size)
+        else:
+            self.vm.mmio.remove(addr)
+
+    def reset(self) -> None:
+        for dev in self.devices.values():
+            dev.reset()
+
+    def close(self) -> None:
+        for dev in self.devices.values():
+            dev.close()
+
+
+def intx_gsi(slot: int, pin: int) -> int:
+    """INTx routing, swizzled over IOAPIC pins 16..23 (described to the guest by _PRT)."""
+    return 16 + ((slot + pin - 1) % 8)
+
+
+def _align(value: int, alignment: int) -> int:
+    return (value + alignment - 1) & ~(alignment - 1)
+
+
+class ConfigMechanism1:
+    """Ports 0xCF8 (CONFIG_ADDRESS, 4 bytes) and 0xCFC..0xCFF (CONFIG_DATA) as one device at
+    0xCF8 with 8 ports."""
+
+    def __init__(self, root: PciRoot) -> None:
+        self.root = root
+        self.address = 0
+
+    def read(self, offset: int, size: int) -> int:
+        if offset < 4:
+            if offset == 0 and size == 4:
+                return self.address
+            return (1 << (8 * size)) - 1
+        a = self.address
+        if not a & 0x8000_0000 or (a >> 16) & 0xFF != 0:
+            return (1 << (8 * size)) - 1
+        reg = (a & 0xFC) + (offset - 4)
+        return self.root.config_read((a >> 11) & 0x1F, (a >> 8) & 0x7, reg, size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if offset < 4:
+            if offset == 0 and size == 4:
+                self.address = value & 0x80FF_FFFC
+            return
+        a = self.address
+        if not a & 0x8000_0000 or (a >> 16) & 0xFF != 0:
+            return
+        reg = (a & 0xFC) + (offset - 4)
+        self.root.config_write((a >> 11) & 0x1F, (a >> 8) & 0x7, reg, size, value)
+
+
+class Ecam:
+    """PCI Express enhanced configuration access (MMIO), bus 0 only."""
+
+    def __init__(self, root: PciRoot) -> None:
+        self.root = root
+
+    def read(self, offset: int, size: int) -> int:
+        bus, slot, func, reg = offset >> 20, (offset >> 15) & 0x1F, (offset >> 12) & 7, \
+            offset & 0xFFF
+        if bus != 0:
+            return (1 << (8 * size)) - 1
+        return self.root.config_read(slot, func, reg, size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        bus, slot, func, reg = offset >> 20, (offset >> 15) & 0x1F, (offset >> 12) & 7, \
+            offset & 0xFFF
+        if bus == 0:
+            self.root.config_write(slot, func, reg, size, value)

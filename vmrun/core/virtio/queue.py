@@ -1,0 +1,206 @@
+"""Split virtqueues (virtio 1.x, section 2.7): descriptor chains from an untrusted driver.
+
+Everything read from the rings is checked before use: the available index may run at most
+``num`` entries ahead, a head and every ``next`` must be inside the table, a chain may not be
+longer than the queue (so a loop ends as an error), an indirect table is a whole number of
+descriptors, never nested, never combined with NEXT, and every buffer must lie inside guest
+RAM; device-readable buffers must come before device-writable ones. A violation raises
+:class:`VirtqueueError`; the transport then marks the device DEVICE_NEEDS_RESET.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from dataclasses import dataclass, field
+
+from vmrun.core.memory import GuestMemory, GuestMemoryError
+
+VIRTQ_DESC_F_NEXT = 1
+VIRTQ_DESC_F_WRITE = 2
+VIRTQ_DESC_F_INDIRECT = 4
+VIRTQ_AVAIL_F_NO_INTERRUPT = 1
+VIRTQ_USED_F_NO_NOTIFY = 1
+DESC_SIZE = 16
+MAX_INDIRECT = 1024   # descriptors in one indirect table (Linux uses at most the queue size)
+
+_desc = struct.Struct("<QIHH")
+_u16 = struct.Struct("<H")
+_used_elem = struct.Struct("<II")
+
+
+class VirtqueueError(Exception):
+    """The driver put something invalid in the queue (one line, says what)."""
+
+
+@dataclass
+class DescriptorChain:
+    """One request: its head index and its buffers, split by direction."""
+
+    head: int
+    readable: list[tuple[int, int]] = field(default_factory=list)   # (gpa, len)
+    writable: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def readable_len(self) -> int:
+        return sum(n for _, n in self.readable)
+
+    @property
+    def writable_len(self) -> int:
+        return sum(n for _, n in self.writable)
+
+
+class Virtqueue:
+    """One split virtqueue. The transport fills in the addresses; devices pop and push."""
+
+    def __init__(self, index: int, max_size: int) -> None:
+        self.index = index
+        self.max_size = max_size
+        self.lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        self.size = self.max_size
+        self.ready = False
+        self.desc_addr = 0
+        self.avail_addr = 0
+        self.used_addr = 0
+        self.msix_vector = 0xFFFF
+        self.event_idx = False
+        self.last_avail = 0
+        self.next_used = 0
+        self.signalled_used: int | None = None
+        self.mem: GuestMemory | None = None
+        self._desc_view: memoryview | None = None
+        self._avail_view: memoryview | None = None
+        self._used_view: memoryview | None = None
+
+    # -- set-up ------------------------------------------------------------------------
+    def activate(self, mem: GuestMemory, event_idx: bool) -> None:
+        """Check the ring addresses the driver gave and take views of the rings."""
+        n = self.size
+        if n == 0 or n > self.max_size or n & (n - 1):
+            raise VirtqueueError(f"queue {self.index}: size {n} is not a power of two "
+                                 f"<= {self.max_size}")
+        if self.desc_addr % 16 or self.avail_addr % 2 or self.used_addr % 4:
+            raise VirtqueueError(f"queue {self.index}: misaligned ring address")
+        try:
+            self._desc_view = mem.view(self.desc_addr, DESC_SIZE * n)
+            self._avail_view = mem.view(self.avail_addr, 6 + 2 * n)
+            self._used_view = mem.view(self.used_addr, 6 + 8 * n)
+        except GuestMemoryError as e:
+            raise VirtqueueError(f"queue {self.index}: ring outside guest RAM ({e})") from None
+        self.mem = mem
+        self.event_idx = event_idx
+        self.last_avail = 0
+        self.next_used = 0
+
+    # -- driver -> device ------------------------------------------------------------------
+    def avail_idx(self) -> int:
+        assert self._avail_view is not None
+        return _u16.unpack_from(self._avail_view, 2)[0]
+
+    def has_available(self) -> bool:
+        return self.avail_idx() != self.last_avail
+
+    def pop(self) -> DescriptorChain | None:
+        """The next available chain, validated; None when the ring is empty."""
+        avail = self._avail_view
+        assert avail is not None
+        idx = _u16.unpack_from(avail, 2)[0]
+        pending = (idx - self.last_avail) & 0xFFFF
+        if pending == 0:
+            return None
+        if pending > self.size:
+            raise VirtqueueError(f"queue {self.index}: available index {idx} is {pending} "
+                                 f"entries ahead (queue size {self.size})")
+        head = _u16.unpack_from(avail, 4 + 2 * (self.last_avail % self.size))[0]
+        self.last_avail = (self.last_avail + 1) & 0xFFFF
+        if self.event_idx:
+            # avail_event in the used ring: tell the driver where we are.
+            _u16.pack_into(self._used_view, 4 + 8 * self.size, self.last_avail)  # type: ignore[arg-type]
+        return self._walk(head)
+
+    def _walk(self, head: int) -> DescriptorChain:
+        n = self.size
+        if head >= n:
+            raise VirtqueueError(f"queue {self.index}: head {head} is outside the table of {n}")
+        chain = DescriptorChain(head)
+        mem = self.mem
+        assert mem is not None
+        table: memoryview = self._desc_view  # type: ignore[assignment]
+        table_len = n
+        i = head
+        seen = 0
+        indirect = False
+        while True:
+            addr, length, flags, nxt = _desc.unpack_from(table, DESC_SIZE * i)
+            seen += 1
+            if seen > table_len:
+                raise VirtqueueError(f"queue {self.index}: chain at head {head} is longer than "
+                                     f"its table ({table_len}): a loop?")
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                if indirect:
+                    raise VirtqueueError(f"queue {self.index}: nested indirect table in chain "
+                                         f"at head {head}")
+                if flags & VIRTQ_DESC_F_NEXT:
+                    raise VirtqueueError(f"queue {self.index}: indirect descriptor with NEXT "
+                                         f"at head {head}")
+                if length == 0 or length % DESC_SIZE or length // DESC_SIZE > MAX_INDIRECT:
+                    raise VirtqueueError(f"queue {self.index}: indirect table of {length} bytes "
+                                         f"at head {head}")
+                try:
+                    table = mem.view(addr, length)
+                except GuestMemoryError:
+                    raise VirtqueueError(f"queue {self.index}: indirect table {addr:#x}+"
+                                         f"{length:#x} outside guest RAM") from None
+                indirect = True
+                table_len = length // DESC_SIZE
+                i = 0
+                seen = 0
+                continue
+            if length and not mem.contains(addr, length):
+                raise VirtqueueError(f"queue {self.index}: buffer {addr:#x}+{length:#x} is "
+                                     f"outside guest RAM")
+            if flags & VIRTQ_DESC_F_WRITE:
+                chain.writable.append((addr, length))
+            else:
+                if chain.writable:
+                    raise VirtqueueError(f"queue {self.index}: device-readable buffer after a "
+                                         f"writable one in chain at head {head}")
+                chain.readable.append((addr, length))
+            if not flags & VIRTQ_DESC_F_NEXT:
+                return chain
+            if nxt >= table_len:
+                raise VirtqueueError(f"queue {self.index}: next {nxt} is outside the table of "
+                                     f"{table_len}")
+            i = nxt
+
+    def undo_pop(self) -> None:
+        """Give the last popped chain back (the device could not take it now)."""
+        self.last_avail = (self.last_avail - 1) & 0xFFFF
+
+    # -- device -> driver ------------------------------------------------------------------
+    def push_used(self, head: int, written: int) -> None:
+        """Return a chain to the driver; ``written`` = bytes the device wrote into it."""
+        used = self._used_view
+        assert used is not None
+        slot = self.next_used % self.size
+        _used_elem.pack_into(used, 4 + 8 * slot, head, written)
+        self.next_used = (self.next_used + 1) & 0xFFFF
+        _u16.pack_into(used, 2, self.next_used)
+
+    def needs_interrupt(self) -> bool:
+        """After push_used: should the driver be interrupted (EVENT_IDX or NO_INTERRUPT)?"""
+        avail = self._avail_view
+        assert avail is not None
+        new = self.next_used
+        if not self.event_idx:
+            return not _u16.unpack_from(avail, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
+        old = self.signalled_used
+        self.signalled_used = new
+        if old is None:
+            return True
+        used_event = _u16.unpack_from(avail, 4 + 2 * self.size)[0]
+        # vring_need_event(): did new pass used_event since old?
+        return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)

@@ -1,0 +1,169 @@
+"""Device types, their declared options, and option validation for ``[devices.ID]`` tables.
+
+A plugin declares its options once; the core checks the user's table against them and reports
+every problem as ``FILE: devices.ID.key: what is wrong (got VALUE)`` before anything starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from vmrun.core.pci import PciDevice
+
+OPTION_TYPES = ("str", "bool", "int", "size", "path", "choice")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a device emulation.
+
+    ``type``: "str", "bool", "int" (``min``/``max``), "size" (bytes: 512, "20G"), "path"
+    (relative to the machine file; ``must_exist``), "choice" (``choices``). ``validate`` may
+    further check the parsed value and raise ValueError with the reason.
+    """
+
+    name: str
+    type: str
+    help: str
+    default: Any = None
+    required: bool = False
+    choices: tuple[str, ...] = ()
+    min: int | None = None
+    max: int | None = None
+    must_exist: bool = False
+    validate: Callable[[Any], None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.type not in OPTION_TYPES:
+            raise ValueError(f"option {self.name}: unknown type {self.type!r}")
+
+
+@dataclass
+class DeviceContext:
+    """What a device factory gets besides its options."""
+
+    id: str
+    vm: Any                   # vmrun.core.vm.Vm
+    machine: Any              # vmrun.config.MachineConfig
+    slot: int = 0
+    func: int = 0
+    serial_backend: Any = None  # for devices that take a console backend
+
+
+@dataclass
+class DeviceType:
+    """A device emulation a plugin registers."""
+
+    name: str
+    summary: str
+    factory: Callable[[DeviceContext, dict[str, Any]], PciDevice]
+    options: list[Option] = field(default_factory=list)
+    fixed_slot: int | None = None       # e.g. hostbridge at 0, lpc at 31
+    plugin: str = "?"                   # filled in by the registry: distribution name
+    version: str = "?"
+    # Option names whose (path) value must be unique among devices: an image can only be used
+    # by one device.
+    exclusive_paths: tuple[str, ...] = ()
+    check: Callable[[dict[str, Any]], None] | None = None   # cross-option check (ValueError)
+
+
+@dataclass
+class PlacedDevice:
+    """A validated ``[devices.ID]`` table: ready to instantiate."""
+
+    id: str
+    type: DeviceType
+    slot: int | None
+    func: int
+    options: dict[str, Any]
+
+
+class OptionError(ValueError):
+    """(key, message, value): turned into a one-line ConfigError by the config loader."""
+
+    def __init__(self, key: str, message: str, value: Any) -> None:
+        super().__init__(message)
+        self.key = key
+        self.message = message
+        self.value = value
+
+
+def _parse_size(value: Any) -> int:
+    from vmrun.config import parse_size
+
+    return parse_size(value)
+
+
+def validate_options(dtype: DeviceType, table: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    """Check ``table`` (without model/slot) against ``dtype.options``; returns parsed values."""
+    known = {o.name: o for o in dtype.options}
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in known:
+            names = ", ".join(sorted(known)) or "none"
+            raise OptionError(key, f"unknown option for {dtype.name} (its options: {names})",
+                              value)
+    for opt in dtype.options:
+        if opt.name not in table:
+            if opt.required:
+                raise OptionError(opt.name, f"required option of {dtype.name} is missing",
+                                  None)
+            out[opt.name] = opt.default
+            continue
+        value = table[opt.name]
+        out[opt.name] = _parse_value(opt, value, base_dir)
+    if dtype.check is not None:
+        try:
+            dtype.check(out)
+        except OptionError:
+            raise
+        except ValueError as e:
+            raise OptionError("", str(e), None) from None
+    return out
+
+
+def _parse_value(opt: Option, value: Any, base_dir: Path) -> Any:
+    t = opt.type
+    try:
+        if t == "bool":
+            if not isinstance(value, bool):
+                raise ValueError("must be true or false")
+            parsed: Any = value
+        elif t == "int":
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError("must be an integer")
+            if opt.min is not None and value < opt.min or opt.max is not None and \
+                    value > opt.max:
+                raise ValueError(f"must be between {opt.min} and {opt.max}")
+            parsed = value
+        elif t == "size":
+            if isinstance(value, bool):
+                raise ValueError("must be a size such as 512, \"64M\" or \"20G\"")
+            parsed = _parse_size(value)
+            if opt.min is not None and parsed < opt.min:
+                raise ValueError(f"must be at least {opt.min}")
+        elif t == "choice":
+            if value not in opt.choices:
+                raise ValueError(f"must be one of {', '.join(opt.choices)}")
+            parsed = value
+        elif t == "path":
+            if not isinstance(value, str) or not value:
+                raise ValueError("must be a non-empty path string")
+            p = Path(value).expanduser()
+            if not p.is_absolute():
+                p = base_dir / p
+            if opt.must_exist and not p.exists():
+                raise ValueError("file does not exist")
+            parsed = p
+        else:
+            if not isinstance(value, str):
+                raise ValueError("must be a string")
+            parsed = value
+        if opt.validate is not None:
+            opt.validate(parsed)
+    except ValueError as e:
+        raise OptionError(opt.name, str(e), value) from None
+    return parsed

@@ -1,0 +1,70 @@
+"""A VM without KVM: guest RAM, port and MMIO buses, a PCI root, recorded interrupts."""
+
+from __future__ import annotations
+
+import os
+
+from vmrun.core import layout
+from vmrun.core.bus import MmioBus, PortBus
+from vmrun.core.irq import RecordingIrqLine
+from vmrun.core.memory import GuestMemory
+from vmrun.core.pci import ConfigMechanism1, PciRoot
+
+
+class FakeVm:
+    """Enough of :class:`vmrun.core.vm.Vm` for device logic tests.
+
+    MSI-X vectors still get real eventfds (``irqfds`` maps GSI -> fd) so a test can see an
+    interrupt as a counter; ioeventfds are only recorded (a write to a notify address reaches
+    the device through the bus instead, on the calling thread).
+    """
+
+    def __init__(self, memory: int = 16 * layout.MiB) -> None:
+        self.memory = GuestMemory.for_size(memory)
+        self.pio = PortBus()
+        self.mmio = MmioBus()
+        self.irq_lines: dict[int, RecordingIrqLine] = {}
+        self.msi_routes: dict[int, tuple[int, int]] = {}
+        self.irqfds: dict[int, int] = {}
+        self.ioeventfds: list[tuple[int, int, int]] = []
+        self._next_gsi = 24
+        self.pci = PciRoot(self)  # type: ignore[arg-type]
+        self.pio.insert(ConfigMechanism1(self.pci), layout.PCI_CONFIG_ADDRESS, 8)
+
+    def irq_line(self, gsi: int) -> RecordingIrqLine:
+        return self.irq_lines.setdefault(gsi, RecordingIrqLine())
+
+    def allocate_msi_gsi(self) -> int:
+        self._next_gsi += 1
+        return self._next_gsi - 1
+
+    def set_msi_route(self, gsi: int, address: int, data: int | None) -> None:
+        if data is None:
+            self.msi_routes.pop(gsi, None)
+        else:
+            self.msi_routes[gsi] = (address, data)
+
+    def register_irqfd(self, fd: int, gsi: int, deassign: bool = False) -> None:
+        if deassign:
+            self.irqfds.pop(gsi, None)
+        else:
+            self.irqfds[gsi] = fd
+
+    def register_ioeventfd(self, fd: int, addr: int, length: int, *, pio: bool = False,
+                           datamatch: int | None = None, deassign: bool = False) -> None:
+        entry = (fd, addr, length)
+        if deassign:
+            self.ioeventfds.remove(entry)
+        else:
+            self.ioeventfds.append(entry)
+
+    def msi_count(self, gsi: int) -> int:
+        """How many times the irqfd of ``gsi`` fired since the last call."""
+        try:
+            return os.eventfd_read(self.irqfds[gsi])
+        except BlockingIOError:
+            return 0
+
+    def close(self) -> None:
+        self.pci.close()
+        self.memory.close()
