@@ -108,5 +108,54 @@ def image_build(name: str, force: bool) -> None:
     ImageBuilder(err_console).build(name, force=force)
 
 
+@main.command()
+@click.argument("name", required=False)
+def devices(name: str | None) -> None:
+    """List the device emulations every installed plugin offers, or NAME's options."""
+    from rich.table import Table
+
+    from vmrun.plugins import get_registry
+
+    reg = get_registry()
+    out = Console()
+    if name is None:
+        table = Table(title="vmrun device emulations")
+        for col in ("name", "summary", "plugin", "version"):
+            table.add_column(col)
+        for dtype in sorted(reg.devices.values(), key=lambda d: d.name):
+            table.add_row(dtype.name, dtype.summary, dtype.plugin, dtype.version)
+        out.print(table)
+        for plugin, why in reg.broken.items():
+            err_console.print(f"[bold red]vmrun: plugin {plugin} is broken: {why}[/]")
+        return
+    dtype = reg.get(name)
+    if dtype is None:
+        raise VmrunError(f"no device emulation named {name!r} (see `vmrun devices`)")
+    out.print(f"[bold]{dtype.name}[/]: {dtype.summary} ({dtype.plugin} {dtype.version})")
+    if dtype.fixed_slot is not None:
+        out.print(f"always in PCI slot {dtype.fixed_slot}")
+    table = Table()
+    for col in ("option", "type", "default", "help"):
+        table.add_column(col)
+    for opt in dtype.options:
+        typ = opt.type if opt.type != "choice" else " | ".join(opt.choices)
+        default = "(required)" if opt.required else ("-" if opt.default is None
+                                                     else repr(opt.default))
+        table.add_row(opt.name, typ, default, opt.help)
+    out.print(table)
+
+
+def _plugin_commands() -> None:
+    """Let plugins add commands (vmrun_register_commands)."""
+    try:
+        from vmrun.plugins import get_registry
+
+        get_registry().pm.hook.vmrun_register_commands(cli=main)
+    except Exception as e:  # a broken plugin must not break the CLI
+        logging.getLogger("vmrun").warning("plugin commands: %s", e)
+
+
+_plugin_commands()
+
 if __name__ == "__main__":
     main()

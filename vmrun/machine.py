@@ -17,6 +17,8 @@ from vmrun.core import layout
 from vmrun.core.acpi import AcpiPlatform, build_acpi
 from vmrun.core.boot import load_kernel
 from vmrun.core.exits import ExitCode
+from vmrun.core.pci import ConfigMechanism1, Ecam, PciRoot
+from vmrun.core.pci_acpi import pci_root_aml
 from vmrun.core.smbios import build_smbios
 from vmrun.core.vm import ExitInfo, Vm
 from vmrun.devices.acpi_pm import AcpiPm, ResetControl
@@ -24,6 +26,9 @@ from vmrun.devices.debug import BootMarker, DebugCon, DebugExit
 from vmrun.devices.i8042 import I8042
 from vmrun.devices.rtc import CmosRtc
 from vmrun.devices.uart import Uart16550
+from vmrun.plugins import get_registry
+from vmrun.plugins.placement import place_devices
+from vmrun.plugins.registry import DeviceContext
 
 COM_PORTS = {
     "com1": ("COM1", layout.COM1_PORT, layout.COM1_IRQ),
@@ -49,15 +54,15 @@ class Machine:
                  boot_log: BootLog | None = None, debug_out=None) -> None:
         self.cfg = cfg
         self.boot_log = boot_log or BootLog()
+        self._timer_stop = threading.Event()
         self.vm = Vm(cfg.memory, cfg.cpus, cpu_profile=cfg.cpu.profile,
                      cpu_features=cfg.cpu.features,
                      exit_on_unhandled_io=cfg.on_unhandled_io == "exit")
         try:
             self._build(serial, debug_out)
         except BaseException:
-            self.vm.close()
+            self.close()
             raise
-        self._timer_stop = threading.Event()
 
     def _build(self, serial: dict[str, Backend], debug_out) -> None:
         vm = self.vm
@@ -87,9 +92,27 @@ class Machine:
         pio.insert(BootMarker(self.boot_log.mark), layout.BOOT_MARKER_PORT, 1)
         pio.insert(DebugCon(debug_out or (lambda data: None)), layout.DEBUGCON_PORT, 1)
 
+        # PCI: the root bus, its two config mechanisms, then every device of the file.
+        self.pci = PciRoot(vm)
+        self.pci.next_mem64 = _align_up(layout.HIGH_RAM_START + max(0, cfg.memory
+                                        - layout.LOW_RAM_END), layout.GiB)
+        pio.insert(ConfigMechanism1(self.pci), layout.PCI_CONFIG_ADDRESS, 8)
+        vm.mmio.insert(Ecam(self.pci), layout.ECAM_BASE, layout.ECAM_SIZE)
+        self.placed = place_devices(cfg)
+        for placed in self.placed:
+            ctx = DeviceContext(placed.id, vm, cfg, placed.slot or 0, placed.func)
+            dev = placed.type.factory(ctx, placed.options)
+            self.pci.add(dev, placed.slot or 0, placed.func)
+        self.pci.assign_bars()
+
         mem = vm.memory
         assert mem is not None
-        tables = build_acpi(AcpiPlatform(ncpus=cfg.cpus, serial_ports=ports))
+        dsdt_extra = [pci_root_aml(self.pci)]
+        for frags in get_registry().pm.hook.vmrun_dsdt(devices=self.placed):
+            dsdt_extra.extend(frags or [])
+        tables = build_acpi(AcpiPlatform(ncpus=cfg.cpus, serial_ports=ports,
+                                         dsdt_extra=dsdt_extra,
+                                         ecam=(layout.ECAM_BASE, 0, 0, 0)))
         mem.write(layout.ACPI_BASE, tables.blob)
         mem.write(layout.SMBIOS_BASE, build_smbios(cfg.uuid, cfg.cpus, cfg.memory))
         entry = load_kernel(mem, cfg.boot.kernel, cfg.boot.initrd, cfg.boot.cmdline,
@@ -134,4 +157,10 @@ class Machine:
 
     def close(self) -> None:
         self._timer_stop.set()
+        if hasattr(self, "pci"):
+            self.pci.close()
         self.vm.close()
+
+
+def _align_up(value: int, alignment: int) -> int:
+    return (value + alignment - 1) // alignment * alignment

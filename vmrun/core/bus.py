@@ -28,20 +28,45 @@ class BusConflict(VmrunError):
     pass
 
 
+class Unclaimed:
+    """Answers ports nobody claimed: reads all ones, writes are dropped. Counted, and with
+    ``on_access`` set (bhyve's -e, ``on_unhandled_io = "exit"``) reported."""
+
+    def __init__(self, bus: PortBus) -> None:
+        self.bus = bus
+        # on_access(port, size, value or None for a read); may raise to stop the vCPU.
+        self.on_access = None
+
+    def read(self, offset: int, size: int) -> int:
+        self.bus.unhandled += 1
+        if self.on_access is not None:
+            self.on_access(offset, size, None)
+        return (1 << (size * 8)) - 1
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.bus.unhandled += 1
+        if self.on_access is not None:
+            self.on_access(offset, size, value)
+
+
 class PortBus:
-    """The x86 I/O-port space (0..0xFFFF)."""
+    """The x86 I/O-port space (0..0xFFFF).
+
+    Every slot holds ``(device, base)``; unclaimed ports hold ``(Unclaimed, port)`` so the
+    vCPU loop never tests for None (its "offset" is then the port number).
+    """
 
     def __init__(self) -> None:
-        # Each slot: (device, base) or None.
-        self.slots: list[tuple[BusDevice, int] | None] = [None] * 0x10000
         self.unhandled = 0  # accesses nobody claimed (for -v and for exit-on-unhandled)
+        self.unclaimed = Unclaimed(self)
+        self.slots: list[tuple[BusDevice, int]] = [(self.unclaimed, 0)] * 0x10000
 
     def insert(self, device: BusDevice, base: int, length: int) -> None:
         if base < 0 or length <= 0 or base + length > 0x10000:
             raise BusConflict(f"I/O ports {base:#x}+{length:#x} are outside 0..0xffff")
         for port in range(base, base + length):
-            if self.slots[port] is not None:
-                other = self.slots[port][0]  # type: ignore[index]
+            other = self.slots[port][0]
+            if other is not self.unclaimed:
                 raise BusConflict(f"I/O port {port:#x} already belongs to {type(other).__name__}")
         entry = (device, base)
         for port in range(base, base + length):
@@ -49,21 +74,15 @@ class PortBus:
 
     def remove(self, base: int, length: int) -> None:
         for port in range(base, base + length):
-            self.slots[port] = None
+            self.slots[port] = (self.unclaimed, 0)
 
     def read(self, port: int, size: int) -> int:
-        entry = self.slots[port]
-        if entry is None:
-            self.unhandled += 1
-            return (1 << (size * 8)) - 1
-        return entry[0].read(port - entry[1], size)
+        dev, base = self.slots[port]
+        return dev.read(port - base, size)
 
     def write(self, port: int, size: int, value: int) -> None:
-        entry = self.slots[port]
-        if entry is None:
-            self.unhandled += 1
-            return
-        entry[0].write(port - entry[1], size, value)
+        dev, base = self.slots[port]
+        dev.write(port - base, size, value)
 
 
 class MmioBus:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from vmrun.core import kvm
 from vmrun.core.bus import MmioBus, PortBus
 from vmrun.core.cpuid import feature_settings, shape_cpuid, supported_cpuid
-from vmrun.core.exits import ExitCode
+from vmrun.core.exits import ExitCode, VmExit
 from vmrun.core.irq import CallbackIrqLine
 from vmrun.core.memory import GuestMemory
 from vmrun.core.vcpu import Vcpu
@@ -43,6 +43,12 @@ def _ignore_signal(signum: int, frame: object) -> None:
     """SIGUSR1 only exists to interrupt KVM_RUN on a vCPU thread."""
 
 
+def _unhandled_port(port: int, size: int, value: int | None) -> None:
+    what = "read" if value is None else f"write of {value:#x}"
+    raise VmExit(ExitCode.ERROR, f"unhandled I/O port {port:#x} ({what}, {size} bytes; "
+                 "on_unhandled_io = \"exit\")")
+
+
 class Vm:
     def __init__(self, memory_size: int, ncpus: int = 1, *, irqchip: bool = True,
                  cpu_profile: str = "host", cpu_features: dict[str, bool] | None = None,
@@ -59,6 +65,8 @@ class Vm:
         self.exit_on_unhandled_io = exit_on_unhandled_io
         self.irqchip = irqchip
         self.pio = PortBus()
+        if exit_on_unhandled_io:
+            self.pio.unclaimed.on_access = _unhandled_port
         self.mmio = MmioBus()
         self._irq_lock = threading.Lock()
         self._next_gsi = 24

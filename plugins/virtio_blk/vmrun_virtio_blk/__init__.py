@@ -1,0 +1,1 @@
+"""virtio-blk for vmrun: a separately installable device plugin."""

@@ -1,0 +1,64 @@
+"""Registers ``virtio-blk`` with bhyve's options plus the xhyve fork's sparse/split images."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vmrun.block import parse_sectorsize
+from vmrun.core.virtio.pci import VirtioPciTransport
+from vmrun.plugins import hookimpl
+from vmrun.plugins.registry import DeviceContext, DeviceType, Option
+from vmrun_virtio_blk.device import VirtioBlk
+
+
+def _sectorsize(value: str) -> None:
+    parse_sectorsize(value)
+
+
+def _serial(value: str) -> None:
+    if len(value.encode()) > 20:
+        raise ValueError("must be at most 20 bytes")
+
+
+def _check(opts: dict[str, Any]) -> None:
+    if opts["sparse"] or opts["split"]:
+        return
+    if opts["size"] is None and not opts["path"].exists():
+        raise ValueError(f"{opts['path']}: disk image does not exist (give size = \"...\" to "
+                         "create it)")
+
+
+def _factory(ctx: DeviceContext, opts: dict[str, Any]):
+    from vmrun.block import open_disk
+
+    backend = open_disk(opts["path"], read_only=opts["ro"], nocache=opts["nocache"],
+                        sync=opts["sync"], sector_size=parse_sectorsize(opts["sectorsize"]),
+                        size=opts["size"], split=opts["split"], sparse=opts["sparse"])
+    if not opts["discard"]:
+        backend.supports_discard = False
+    return VirtioPciTransport(VirtioBlk(backend, serial=opts["serial"], workers=opts["workers"]))
+
+
+OPTIONS = [
+    Option("path", "path", "disk image: a raw file, a block device, or a sparse/split image",
+           required=True),
+    Option("ro", "bool", "read-only: the guest sees a read-only disk, writes fail", False),
+    Option("nocache", "bool", "open with O_DIRECT (bypass the host page cache)", False),
+    Option("sync", "bool", "open with O_SYNC (every write reaches the disk)", False),
+    Option("sectorsize", "str", "logical[/physical] sector size, e.g. \"4096\" or \"512/4096\"",
+           "512", validate=_sectorsize),
+    Option("serial", "str", "serial number the guest reads (GET_ID), up to 20 bytes", "",
+           validate=_serial),
+    Option("discard", "bool", "pass TRIM/DISCARD through (punch holes in the image)", True),
+    Option("size", "size", "create the image with this size if it does not exist"),
+    Option("split", "size", "split the image into segment files of this size (<path>.0000...)"),
+    Option("sparse", "bool", "sparse image: only written sectors take space (<path>.lut)",
+           False),
+    Option("workers", "int", "I/O worker threads", 8, min=1, max=64),
+]
+
+
+@hookimpl
+def vmrun_register_devices(register) -> None:
+    register(DeviceType("virtio-blk", "virtio block device (raw, sparse or split image)",
+                        _factory, OPTIONS, exclusive_paths=("path",), check=_check))
