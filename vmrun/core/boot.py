@@ -171,7 +171,7 @@ def load_pvh(mem: GuestMemory, kernel: Path, initrd: Path | None, cmdline: str,
 # -- bzImage ------------------------------------------------------------------------
 def load_bzimage(mem: GuestMemory, kernel: Path, initrd: Path | None, cmdline: str) -> EntryState:
     data = _read_file(kernel, "kernel")
-    if len(data) < 0x1000 or struct.unpack_from("<I", data, 0x202)[0] != BOOT_MAGIC_HDRS:
+    if len(data) < 0x270 or struct.unpack_from("<I", data, 0x202)[0] != BOOT_MAGIC_HDRS:
         raise VmrunError(f"{kernel}: not a Linux bzImage (no 'HdrS' boot header at 0x202)")
     version = struct.unpack_from("<H", data, 0x206)[0]
     if version < 0x20A:

@@ -1,0 +1,88 @@
+"""Synthetic "kernels" for boot-protocol tests: a PVH ELF and a bzImage, a few bytes of code.
+
+They let the loaders and the entry state be tested on KVM in milliseconds: each kernel's code
+reports what it was handed (the start-info / zero-page address and fields of them) on a port,
+then does whatever ending the test asks for (power off through PM1, reset through 0xCF9 or the
+i8042, a triple fault, a halt).
+"""
+
+from __future__ import annotations
+
+import struct
+
+from vmrun.core import layout
+
+REPORT_PORT = 0x510   # 32-bit values the kernel reports, in order
+
+# 32-bit code (PVH entry: protected mode, paging off).
+def _out32(value_reg_code: bytes) -> bytes:
+    return value_reg_code + b"\x66\xba" + struct.pack("<H", REPORT_PORT) + b"\xef"
+
+
+ENDINGS_32 = {
+    # mov dx, PM1a_CNT; mov ax, SLP_TYP_S5<<10 | SLP_EN; out dx, ax
+    "poweroff": b"\x66\xba" + struct.pack("<H", layout.PM1A_CNT_PORT) + b"\x66\xb8"
+                + struct.pack("<H", (layout.SLP_TYP_S5 << 10) | (1 << 13)) + b"\x66\xef",
+    # mov dx, 0xCF9; mov al, 6; out dx, al
+    "reset": b"\x66\xba" + struct.pack("<H", layout.RESET_PORT) + b"\xb0\x06\xee",
+    # mov al, 0xFE; out 0x64, al
+    "kbd_reset": b"\xb0\xfe\xe6\x64",
+    # lidt [zero]; int3 -> no IDT -> triple fault
+    "triple_fault": b"\x0f\x01\x1d" + struct.pack("<I", 0x5F0) + b"\xcc",
+    # mov al, V; out 0xF4, al
+    "debug_exit_2": b"\xb0\x02\xe6\xf4",
+}
+
+
+def pvh_elf(ending: str = "poweroff", entry: int = 0x100000) -> bytes:
+    """An x86-64 ELF whose PVH entry reports ebx (start info), then the start info's magic,
+    nr_modules, cmdline_paddr and memmap_entries, then ends as asked."""
+    code = b""
+    code += _out32(b"\x89\xd8")                        # mov eax, ebx
+    for off in (0, 12, 24, 48):                         # magic, nr_modules, cmdline, memmap n
+        code += _out32(b"\x8b\x43" + bytes([off]))      # mov eax, [ebx+off]
+    code += b"\xf3\x90" * 0 + ENDINGS_32[ending] + b"\xf4\xeb\xfd"
+    note_name = b"Xen\0"
+    note = struct.pack("<III", len(note_name), 4, 18) + note_name + struct.pack("<I", entry)
+    ehdr_size, phdr_size = 64, 56
+    phoff = ehdr_size
+    code_off = 0x1000
+    note_off = phoff + 2 * phdr_size
+    ehdr = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8)
+    ehdr += struct.pack("<HHIQQQIHHHHHH", 2, 62, 1, entry, phoff, 0, 0, ehdr_size, phdr_size,
+                        2, 0, 0, 0)
+    load = struct.pack("<IIQQQQQQ", 1, 5, code_off, entry, entry, len(code), len(code) + 0x100,
+                       0x1000)
+    pnote = struct.pack("<IIQQQQQQ", 4, 4, note_off, 0, 0, len(note), len(note), 4)
+    image = bytearray(ehdr + load + pnote + note)
+    image += bytes(code_off - len(image))
+    image += code
+    return bytes(image)
+
+
+def bzimage(ending: str = "poweroff", version: int = 0x020F, xloadflags: int = 1) -> bytes:
+    """A bzImage whose 64-bit entry (load address + 0x200) reports rsi (the zero page), the
+    'HdrS' magic seen through it, cmd_line_ptr, ramdisk_image, e820 entry count; then ends."""
+    setup_sects = 1
+    setup = bytearray(512 * (setup_sects + 1))
+    setup[0x1F1] = setup_sects
+    struct.pack_into("<H", setup, 0x1FE, 0xAA55)
+    setup[0x201] = 0x6A                                 # header runs to 0x26B
+    struct.pack_into("<I", setup, 0x202, 0x53726448)    # "HdrS"
+    struct.pack_into("<H", setup, 0x206, version)
+    setup[0x211] = 0x01                                 # LOADED_HIGH
+    struct.pack_into("<I", setup, 0x22C, 0x7FFFFFFF)    # initrd_addr_max
+    struct.pack_into("<H", setup, 0x236, xloadflags)
+    struct.pack_into("<I", setup, 0x260, 0x10000)       # init_size
+
+    def out64(load: bytes) -> bytes:
+        return load + b"\x66\xba" + struct.pack("<H", REPORT_PORT) + b"\xef"
+
+    code = out64(b"\x89\xf0")                           # mov eax, esi
+    code += out64(b"\x8b\x86" + struct.pack("<I", 0x202))   # mov eax, [rsi+0x202]
+    code += out64(b"\x8b\x86" + struct.pack("<I", 0x228))   # cmd_line_ptr
+    code += out64(b"\x8b\x86" + struct.pack("<I", 0x218))   # ramdisk_image
+    code += out64(b"\x0f\xb6\x86" + struct.pack("<I", 0x1E8))  # movzx eax, byte e820_entries
+    code += ENDINGS_32[ending] + b"\xf4\xeb\xfd"
+    pm = bytearray(0x200) + code
+    return bytes(setup) + bytes(pm)
