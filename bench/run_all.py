@@ -1,0 +1,15 @@
+"""Run every benchmark and print its figures (make bench)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).parent
+
+for script in ("exit_rate.py", "boot.py", "blk.py"):
+    path = HERE / script
+    if path.exists():
+        print(f"== {script}", flush=True)
+        subprocess.run([sys.executable, str(path)], check=False)
