@@ -1,0 +1,21 @@
+"""The block layer shared by the disk emulations: image backends and image tools.
+
+Devices get a :class:`BlockBackend` from :func:`open_disk` and call ``readv``/``writev`` with
+slices of guest RAM from their worker threads; see :mod:`vmrun.block.backend` for the contract.
+"""
+
+from vmrun.block.backend import BlockBackend, parse_sectorsize
+from vmrun.block.image_tools import convert_image, create_image, open_disk, parse_size
+from vmrun.block.raw import RawFile
+from vmrun.block.sparse import SparseSplitDisk
+
+__all__ = [
+    "BlockBackend",
+    "RawFile",
+    "SparseSplitDisk",
+    "convert_image",
+    "create_image",
+    "open_disk",
+    "parse_sectorsize",
+    "parse_size",
+]
