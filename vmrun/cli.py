@@ -108,6 +108,63 @@ def image_build(name: str, force: bool) -> None:
     ImageBuilder(err_console).build(name, force=force)
 
 
+def _size(ctx, param, value):
+    if value is None:
+        return None
+    from vmrun.block import parse_size
+
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+@image.command("create")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--size", required=True, callback=_size, help="Disk size, e.g. 20G.")
+@click.option("--sparse", "fmt", flag_value="sparse", help="Sparse image (<path>.lut).")
+@click.option("--raw", "fmt", flag_value="raw", default=True, help="Raw image (default).")
+@click.option("--split", callback=_size, help="Split into segment files of this size.")
+@click.option("--sectorsize", type=int, default=512, show_default=True,
+              help="Sector size of a sparse image's LUT.")
+def image_create(path: Path, size: int, fmt: str, split: int | None, sectorsize: int) -> None:
+    """Create an empty disk image at PATH (raw, or the xhyve fork's sparse/split format)."""
+    from vmrun.block import create_image
+
+    create_image(path, size, fmt, split=split, sector_size=sectorsize)
+    err_console.print(f"created {path} ({fmt}, {size} bytes)", markup=False, highlight=False)
+
+
+@image.command("convert")
+@click.argument("src", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("dst", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--to", "fmt", type=click.Choice(["raw", "sparse"]), required=True,
+              help="Format of DST.")
+@click.option("--split", callback=_size, help="Split DST into segment files of this size.")
+@click.option("--sectorsize", type=int, help="Sector size of DST (default: SRC's).")
+@click.option("--src-split", callback=_size, help="Segment size of a split SRC.")
+@click.option("--src-sectorsize", type=int, default=512, show_default=True,
+              help="Sector size of a sparse SRC.")
+def image_convert(src: Path, dst: Path, fmt: str, split: int | None, sectorsize: int | None,
+                  src_split: int | None, src_sectorsize: int) -> None:
+    """Copy disk image SRC into a new image DST of another format (raw <-> sparse/split).
+
+    All-zero chunks are skipped, so a sparse DST only stores what SRC holds."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
+    from vmrun.block import convert_image
+
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                  TimeRemainingColumn(), console=err_console) as progress:
+        task = progress.add_task(f"{src.name} -> {dst.name}", total=None)
+
+        def report(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        convert_image(src, dst, fmt, split=split, sector_size=sectorsize, progress=report,
+                      src_split=src_split, src_sector_size=src_sectorsize)
+
+
 @main.command()
 @click.argument("name", required=False)
 def devices(name: str | None) -> None:

@@ -86,3 +86,20 @@ def bzimage(ending: str = "poweroff", version: int = 0x020F, xloadflags: int = 1
     code += ENDINGS_32[ending] + b"\xf4\xeb\xfd"
     pm = bytearray(0x200) + code
     return bytes(setup) + bytes(pm)
+
+
+def spin_init_elf() -> bytes:
+    """A static x86-64 ELF that spins (pause; jmp) and never makes a system call.
+
+    As /sbin/init it proves the kernel mounted its root and exec'd a program from it, and it
+    keeps the kernel alive where guest user space cannot make system calls."""
+    base = 0x400000
+    code = b"\xf3\x90\xeb\xfc"                      # 1: pause; jmp 1b
+    ehdr_size, phdr_size = 64, 56
+    entry = base + ehdr_size + phdr_size
+    ehdr = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8)
+    ehdr += struct.pack("<HHIQQQIHHHHHH", 2, 62, 1, entry, ehdr_size, 0, 0, ehdr_size,
+                        phdr_size, 1, 0, 0, 0)
+    total = ehdr_size + phdr_size + len(code)
+    phdr = struct.pack("<IIQQQQQQ", 1, 5, 0, base, base, total, total, 0x1000)
+    return ehdr + phdr + code
