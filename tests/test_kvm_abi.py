@@ -43,6 +43,8 @@ STRUCTS = {
     "kvm_vcpu_events": ["exception", "interrupt", "nmi", "sipi_vector", "flags", "smi",
                         "exception_has_payload", "exception_payload"],
     "kvm_enable_cap": ["cap", "flags", "args"],
+    "kvm_guest_debug": ["control", "arch"],
+    "kvm_debug_exit_arch": ["exception", "pc", "dr6", "dr7"],
 }
 SUBFIELDS = {  # (struct, member path in C, member path in cffi)
     ("kvm_run", "io.port", "io.port"), ("kvm_run", "io.data_offset", "io.data_offset"),
@@ -51,6 +53,7 @@ SUBFIELDS = {  # (struct, member path in C, member path in cffi)
     ("kvm_run", "internal.suberror", "internal.suberror"),
     ("kvm_run", "internal.data", "internal.data"),
     ("kvm_run", "system_event.type", "system_event.type"),
+    ("kvm_run", "debug.arch.pc", "debug.arch.pc"),
     ("kvm_run", "fail_entry.hardware_entry_failure_reason",
      "fail_entry.hardware_entry_failure_reason"),
     ("kvm_vcpu_events", "exception.nr", "exception.nr"),
@@ -67,7 +70,7 @@ IOCTLS = [name for name in dir(kvm) if name.startswith("KVM_") and name in {
     "KVM_SET_REGS", "KVM_GET_SREGS", "KVM_SET_SREGS", "KVM_TRANSLATE", "KVM_GET_MSRS",
     "KVM_SET_MSRS", "KVM_GET_FPU", "KVM_SET_FPU", "KVM_GET_LAPIC", "KVM_SET_LAPIC",
     "KVM_SET_CPUID2", "KVM_GET_MP_STATE", "KVM_SET_MP_STATE", "KVM_GET_VCPU_EVENTS",
-    "KVM_SET_VCPU_EVENTS"}]
+    "KVM_SET_VCPU_EVENTS", "KVM_SET_GUEST_DEBUG"}]
 
 
 def _offset(ctype: str, path: str) -> int:
@@ -119,6 +122,6 @@ def test_field_offsets(c_values: dict[str, int]) -> None:
 
 
 def test_ioctl_numbers(c_values: dict[str, int]) -> None:
-    assert len(IOCTLS) == 35
+    assert len(IOCTLS) == 36
     for name in IOCTLS:
         assert getattr(kvm, name) == c_values[f"ioctl {name}"], name

@@ -57,6 +57,7 @@ struct kvm_run {
         struct kvm_run_mmio mmio;
         struct kvm_run_internal internal;
         struct kvm_run_system_event system_event;
+        struct { struct kvm_debug_exit_arch arch; } debug;
         char padding[256];
     };
     __u64 kvm_valid_regs; __u64 kvm_dirty_regs;
@@ -112,6 +113,9 @@ struct kvm_vcpu_events {
     __u64 exception_payload;
 };
 struct kvm_enable_cap { __u32 cap; __u32 flags; __u64 args[4]; __u8 pad[64]; };
+struct kvm_guest_debug_arch { __u64 debugreg[8]; };
+struct kvm_guest_debug { __u32 control; __u32 pad; struct kvm_guest_debug_arch arch; };
+struct kvm_debug_exit_arch { __u32 exception; __u32 pad; __u64 pc; __u64 dr6; __u64 dr7; };
 
 int ioctl(int fd, unsigned long request, ...);
 """)
@@ -175,6 +179,10 @@ KVM_GET_MP_STATE = _ior(0x98, "struct kvm_mp_state")
 KVM_SET_MP_STATE = _iow(0x99, "struct kvm_mp_state")
 KVM_GET_VCPU_EVENTS = _ior(0x9F, "struct kvm_vcpu_events")
 KVM_SET_VCPU_EVENTS = _iow(0xA0, "struct kvm_vcpu_events")
+KVM_SET_GUEST_DEBUG = _iow(0x9B, "struct kvm_guest_debug")
+KVM_GUESTDBG_ENABLE = 0x1
+KVM_GUESTDBG_SINGLESTEP = 0x2
+KVM_GUESTDBG_USE_HW_BP = 0x20000
 
 # Exit reasons.
 KVM_EXIT_UNKNOWN = 0

@@ -62,6 +62,7 @@ class Vcpu:
         self.run = ffi.cast("struct kvm_run *", ffi.from_buffer(self.run_mm))
         self.thread: threading.Thread | None = None
         self.exits = 0
+        self.fixup = None   # a SyscallFixup where the host's KVM needs one
 
     def close(self) -> None:
         import os
@@ -250,6 +251,8 @@ class Vcpu:
                 err = ffi.errno
                 if err in (errno.EINTR, errno.EAGAIN):
                     run.immediate_exit = 0
+                    if self.fixup is not None and not vm.stopping:
+                        self.fixup.refresh()
                     continue
                 raise VmExit(ExitCode.ERROR, f"vcpu{self.index}: KVM_RUN failed: "
                              f"{errno.errorcode.get(err, err)}")
@@ -306,6 +309,9 @@ class Vcpu:
             handle_emulation_failure(self)
             return
         if reason == kvm.KVM_EXIT_INTR:
+            return
+        if reason == kvm.KVM_EXIT_DEBUG and self.fixup is not None and \
+                self.fixup.on_debug_exit():
             return
         if reason == kvm.KVM_EXIT_FAIL_ENTRY:
             raise VmExit(ExitCode.ERROR, f"vcpu{self.index}: VM entry failed, hardware reason "

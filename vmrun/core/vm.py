@@ -52,7 +52,7 @@ def _unhandled_port(port: int, size: int, value: int | None) -> None:
 class Vm:
     def __init__(self, memory_size: int, ncpus: int = 1, *, irqchip: bool = True,
                  cpu_profile: str = "host", cpu_features: dict[str, bool] | None = None,
-                 exit_on_unhandled_io: bool = False) -> None:
+                 exit_on_unhandled_io: bool = False, syscall_fixup: bool = False) -> None:
         self.kvm_fd = kvm.open_kvm()
         self.fd = -1
         self.vcpus: list[Vcpu] = []
@@ -64,6 +64,7 @@ class Vm:
         self.stats = VmStats()
         self.exit_on_unhandled_io = exit_on_unhandled_io
         self.irqchip = irqchip
+        self.syscall_fixup = syscall_fixup
         self.pio = PortBus()
         if exit_on_unhandled_io:
             self.pio.unclaimed.on_access = _unhandled_port
@@ -199,8 +200,22 @@ class Vm:
     def start(self) -> None:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGUSR1, _ignore_signal)
+        if self.syscall_fixup:
+            from vmrun.core.syscall_fixup import SyscallFixup
+
+            for vcpu in self.vcpus:
+                vcpu.fixup = SyscallFixup(vcpu)
+            threading.Thread(target=self._service_kicker, name="vcpu-service",
+                             daemon=True).start()
         for vcpu in self.vcpus:
             vcpu.start()
+
+    def _service_kicker(self) -> None:
+        """Kick every vCPU once a second so per-vCPU upkeep (the syscall fix-up following the
+        guest's IDT) runs on its own thread."""
+        while not self._exit_event.wait(1.0):
+            for vcpu in self.vcpus:
+                vcpu.kick()
 
     def request_exit(self, code: ExitCode, reason: str, detail: str = "") -> None:
         """End the VM (first caller wins); safe from any thread."""
