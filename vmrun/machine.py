@@ -20,6 +20,7 @@ from vmrun.core.exits import ExitCode
 from vmrun.core.pci import ConfigMechanism1, Ecam, PciRoot
 from vmrun.core.pci_acpi import pci_root_aml
 from vmrun.core.smbios import build_smbios
+from vmrun.core.syscall_fixup import needed as syscall_fixup_needed
 from vmrun.core.vm import ExitInfo, Vm
 from vmrun.devices.acpi_pm import AcpiPm, ResetControl
 from vmrun.devices.debug import BootMarker, DebugCon, DebugExit
@@ -57,7 +58,8 @@ class Machine:
         self._timer_stop = threading.Event()
         self.vm = Vm(cfg.memory, cfg.cpus, cpu_profile=cfg.cpu.profile,
                      cpu_features=cfg.cpu.features,
-                     exit_on_unhandled_io=cfg.on_unhandled_io == "exit")
+                     exit_on_unhandled_io=cfg.on_unhandled_io == "exit",
+                     syscall_fixup=syscall_fixup_needed())
         try:
             self._build(serial, debug_out)
         except BaseException:
@@ -70,9 +72,12 @@ class Machine:
         pio = vm.pio
         self.uarts: dict[str, Uart16550] = {}
         ports = []
+        self.uart_irqs = {}
         for name, backend in serial.items():
             label, port, irq = COM_PORTS[name]
-            uart = Uart16550(vm.irq_line(irq), backend.write)
+            line = vm.irq_line(irq)
+            self.uart_irqs[name] = line
+            uart = Uart16550(line, backend.write)
             pio.insert(uart, port, 8)
             backend.attach(uart)
             self.uarts[name] = uart
@@ -99,10 +104,12 @@ class Machine:
         pio.insert(ConfigMechanism1(self.pci), layout.PCI_CONFIG_ADDRESS, 8)
         vm.mmio.insert(Ecam(self.pci), layout.ECAM_BASE, layout.ECAM_SIZE)
         self.placed = place_devices(cfg)
+        self.devices = []
         for placed in self.placed:
             ctx = DeviceContext(placed.id, vm, cfg, placed.slot or 0, placed.func)
             dev = placed.type.factory(ctx, placed.options)
             self.pci.add(dev, placed.slot or 0, placed.func)
+            self.devices.append(dev)
         self.pci.assign_bars()
 
         mem = vm.memory
@@ -151,6 +158,24 @@ class Machine:
 
     def wait(self, timeout: float | None = None) -> ExitInfo | None:
         return self.vm.wait(timeout)
+
+    def stats(self) -> list[str]:
+        """One line per device worth reporting (logged with -v when the VM ends)."""
+        lines = [f"{name}: {line.raised} interrupts" for name, line in self.uart_irqs.items()]
+        for placed, dev in zip(self.placed, self.devices, strict=False):
+            inner = getattr(dev, "device", None)
+            if inner is not None and hasattr(inner, "bytes_served"):
+                lines.append(f"{placed.type.name}: served {inner.bytes_served} bytes")
+            if inner is not None and hasattr(inner, "requests"):
+                lines.append(f"{placed.type.name} {placed.id}: {inner.requests} requests")
+        for vcpu in self.vm.vcpus:
+            if vcpu.fixup is not None:
+                r = vcpu.fixup.repaired
+                lines.append(f"vcpu{vcpu.index}: repaired {r['syscall']} syscalls, "
+                             f"{r['int80']} int 0x80")
+        for name, count in self.vm.stats.emulated.items():
+            lines.append(f"emulated {name}: {count}")
+        return lines
 
     def stop(self, code: ExitCode, reason: str) -> None:
         self.vm.request_exit(code, reason)

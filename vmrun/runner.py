@@ -12,6 +12,7 @@ The terminal is restored on every path (the stdio backend registers an atexit ho
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 import threading
@@ -97,6 +98,8 @@ class Runner:
                 finally:
                     with self._lock:
                         self.machine = None
+                    for line in machine.stats():
+                        logging.getLogger("vmrun").debug("%s", line)
                     machine.close()
                 if info.code == ExitCode.RESET and self.cfg.on_reboot == "restart" \
                         and self._quit is None:

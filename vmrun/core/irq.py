@@ -18,17 +18,19 @@ class IrqLine(Protocol):
 class CallbackIrqLine:
     """An IRQ line that calls ``fn(gsi, level)`` when its level changes."""
 
-    __slots__ = ("gsi", "level", "_fn")
+    __slots__ = ("gsi", "level", "_fn", "raised")
 
     def __init__(self, gsi: int, fn: Callable[[int, int], None]) -> None:
         self.gsi = gsi
         self.level = False
         self._fn = fn
+        self.raised = 0     # rising edges: how often the device interrupted
 
     def set_level(self, level: bool) -> None:
         level = bool(level)
         if level != self.level:
             self.level = level
+            self.raised += level
             self._fn(self.gsi, int(level))
 
     def pulse(self) -> None:
