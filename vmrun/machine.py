@@ -99,8 +99,8 @@ class Machine:
 
         # PCI: the root bus, its two config mechanisms, then every device of the file.
         self.pci = PciRoot(vm)
-        self.pci.next_mem64 = _align_up(layout.HIGH_RAM_START + max(0, cfg.memory
-                                        - layout.LOW_RAM_END), layout.GiB)
+        self.pci.next_mem64 = self.pci.next_mem64_base = _align_up(
+            layout.HIGH_RAM_START + max(0, cfg.memory - layout.LOW_RAM_END), layout.GiB)
         pio.insert(ConfigMechanism1(self.pci), layout.PCI_CONFIG_ADDRESS, 8)
         vm.mmio.insert(Ecam(self.pci), layout.ECAM_BASE, layout.ECAM_SIZE)
         self.placed = place_devices(cfg)

@@ -269,6 +269,7 @@ class PciRoot:
         self.next_io = 0xC000
         self.next_mem32 = layout.PCI_MMIO32_START
         self.next_mem64 = 0  # set by the machine: right above high RAM
+        self.next_mem64_base = 0
 
     # -- placement ------------------------------------------------------------------
     def add(self, dev: PciDevice, slot: int, func: int = 0) -> None:

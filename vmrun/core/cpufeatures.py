@@ -1,0 +1,64 @@
+"""CPUID feature names (as Linux's /proc/cpuinfo spells them) -> (leaf, subleaf, register, bit),
+and the "compat" profile.
+
+The compat profile turns off what a software-assisted KVM (kvm-pvm) cannot emulate in guest
+kernel mode — the instructions behind these bits fail in KVM's instruction emulator — and
+turns on XSAVEERPTR so Linux skips its FNCLEX/EMMS/FILD FPU-restore workaround.
+"""
+
+from __future__ import annotations
+
+FEATURES: dict[str, tuple[int, int, str, int]] = {
+    # leaf 1 EDX
+    "fpu": (1, 0, "edx", 0), "vme": (1, 0, "edx", 1), "de": (1, 0, "edx", 2),
+    "pse": (1, 0, "edx", 3), "tsc": (1, 0, "edx", 4), "msr": (1, 0, "edx", 5),
+    "pae": (1, 0, "edx", 6), "mce": (1, 0, "edx", 7), "cx8": (1, 0, "edx", 8),
+    "apic": (1, 0, "edx", 9), "sep": (1, 0, "edx", 11), "mtrr": (1, 0, "edx", 12),
+    "pge": (1, 0, "edx", 13), "mca": (1, 0, "edx", 14), "cmov": (1, 0, "edx", 15),
+    "pat": (1, 0, "edx", 16), "pse36": (1, 0, "edx", 17), "clflush": (1, 0, "edx", 19),
+    "mmx": (1, 0, "edx", 23), "fxsr": (1, 0, "edx", 24), "sse": (1, 0, "edx", 25),
+    "sse2": (1, 0, "edx", 26), "ht": (1, 0, "edx", 28),
+    # leaf 1 ECX
+    "pni": (1, 0, "ecx", 0), "sse3": (1, 0, "ecx", 0), "pclmulqdq": (1, 0, "ecx", 1),
+    "monitor": (1, 0, "ecx", 3), "ssse3": (1, 0, "ecx", 9), "fma": (1, 0, "ecx", 12),
+    "cx16": (1, 0, "ecx", 13), "pcid": (1, 0, "ecx", 17), "sse4_1": (1, 0, "ecx", 19),
+    "sse4_2": (1, 0, "ecx", 20), "x2apic": (1, 0, "ecx", 21), "movbe": (1, 0, "ecx", 22),
+    "popcnt": (1, 0, "ecx", 23), "tsc_deadline_timer": (1, 0, "ecx", 24),
+    "aes": (1, 0, "ecx", 25), "xsave": (1, 0, "ecx", 26), "avx": (1, 0, "ecx", 28),
+    "f16c": (1, 0, "ecx", 29), "rdrand": (1, 0, "ecx", 30), "hypervisor": (1, 0, "ecx", 31),
+    # leaf 7 subleaf 0 EBX
+    "fsgsbase": (7, 0, "ebx", 0), "bmi1": (7, 0, "ebx", 3), "hle": (7, 0, "ebx", 4),
+    "avx2": (7, 0, "ebx", 5), "smep": (7, 0, "ebx", 7), "bmi2": (7, 0, "ebx", 8),
+    "erms": (7, 0, "ebx", 9), "invpcid": (7, 0, "ebx", 10), "rtm": (7, 0, "ebx", 11),
+    "avx512f": (7, 0, "ebx", 16), "rdseed": (7, 0, "ebx", 18), "adx": (7, 0, "ebx", 19),
+    "smap": (7, 0, "ebx", 20), "clflushopt": (7, 0, "ebx", 23), "clwb": (7, 0, "ebx", 24),
+    "sha_ni": (7, 0, "ebx", 29),
+    # leaf 7 subleaf 0 ECX / EDX
+    "umip": (7, 0, "ecx", 2), "pku": (7, 0, "ecx", 3), "ospke": (7, 0, "ecx", 4),
+    "gfni": (7, 0, "ecx", 8), "vaes": (7, 0, "ecx", 9), "vpclmulqdq": (7, 0, "ecx", 10),
+    "rdpid": (7, 0, "ecx", 22), "fsrm": (7, 0, "edx", 4),
+    # leaf 0xD subleaf 1 EAX
+    "xsaveopt": (0xD, 1, "eax", 0), "xsavec": (0xD, 1, "eax", 1), "xsaves": (0xD, 1, "eax", 3),
+    # leaf 0x80000001
+    "lahf_lm": (0x80000001, 0, "ecx", 0), "abm": (0x80000001, 0, "ecx", 5),
+    "sse4a": (0x80000001, 0, "ecx", 6), "syscall": (0x80000001, 0, "edx", 11),
+    "nx": (0x80000001, 0, "edx", 20), "pdpe1gb": (0x80000001, 0, "edx", 26),
+    "rdtscp": (0x80000001, 0, "edx", 27), "lm": (0x80000001, 0, "edx", 29),
+    # leaf 0x80000007 EDX: invariant TSC (Linux shows it as constant_tsc + nonstop_tsc)
+    "invtsc": (0x80000007, 0, "edx", 8),
+    # leaf 0x80000008 EBX: FXSAVE/XSAVE always save the FPU error pointers
+    "xsaveerptr": (0x80000008, 0, "ebx", 2),
+}
+
+COMPAT_OFF = (
+    "smap", "smep", "umip", "pku", "ospke", "fsgsbase", "rdpid", "rdrand", "rdseed", "avx",
+    "avx2", "avx512f", "popcnt", "rdtscp", "clflushopt", "clwb", "sha_ni", "aes", "pclmulqdq",
+    "sse4_1", "sse4_2", "ssse3", "movbe", "bmi1", "bmi2", "adx", "invpcid", "pcid", "fsrm",
+    "f16c", "fma", "xsave", "xsaves", "xsavec", "xsaveopt", "gfni", "vaes", "vpclmulqdq",
+    "cx16", "hle", "rtm",
+)
+COMPAT_PROFILE: dict[str, bool] = {name: False for name in COMPAT_OFF} | {"xsaveerptr": True}
+
+
+def feature_names() -> list[str]:
+    return sorted(FEATURES)

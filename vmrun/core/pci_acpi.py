@@ -1,0 +1,39 @@
+"""The PCI root bridge in the DSDT: identity, decoded windows, and INTx routing (_PRT).
+
+Only slots that hold a device with an interrupt pin get _PRT entries: the guest's AML
+interpreter walks every entry, and a short table is a fast one.
+"""
+
+from __future__ import annotations
+
+from vmrun.core import aml, layout
+from vmrun.core.pci import PciRoot, intx_gsi
+
+
+def pci_root_aml(root: PciRoot) -> bytes:
+    high_base = root.next_mem64_base
+    prt = []
+    slots = sorted({slot for (slot, _f), dev in root.devices.items() if dev.interrupt_pin})
+    for slot in slots:
+        for pin in range(4):
+            prt.append(aml.package(aml.integer((slot << 16) | 0xFFFF), aml.integer(pin),
+                                   aml.integer(0), aml.integer(intx_gsi(slot, pin + 1))))
+    crs = aml.resource_template(
+        aml.word_bus_number(0, 0xFF),
+        aml.io(layout.PCI_CONFIG_ADDRESS, 8),
+        aml.word_io(0x0000, 0x0CF7),
+        aml.word_io(0x0D00, 0xFFFF),
+        aml.dword_memory(0xA0000, 0xBFFFF),
+        aml.dword_memory(layout.PCI_MMIO32_START, layout.ECAM_BASE - 1),
+        aml.qword_memory(high_base, high_base + layout.HIGH_MMIO_SIZE - 1),
+    )
+    return aml.device(
+        "PCI0",
+        aml.name("_HID", aml.integer(aml.eisa_id("PNP0A08"))),
+        aml.name("_CID", aml.integer(aml.eisa_id("PNP0A03"))),
+        aml.name("_SEG", aml.integer(0)),
+        aml.name("_BBN", aml.integer(0)),
+        aml.name("_UID", aml.integer(0)),
+        aml.name("_CRS", crs),
+        aml.name("_PRT", aml.package(*prt)),
+    )
