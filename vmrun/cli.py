@@ -169,6 +169,7 @@ def image_convert(src: Path, dst: Path, fmt: str, split: int | None, sectorsize:
 @click.argument("name", required=False)
 def devices(name: str | None) -> None:
     """List the device emulations every installed plugin offers, or NAME's options."""
+    from rich.markup import escape
     from rich.table import Table
 
     from vmrun.plugins import get_registry
@@ -180,7 +181,8 @@ def devices(name: str | None) -> None:
         for col in ("name", "summary", "plugin", "version"):
             table.add_column(col)
         for dtype in sorted(reg.devices.values(), key=lambda d: d.name):
-            table.add_row(dtype.name, dtype.summary, dtype.plugin, dtype.version)
+            table.add_row(escape(dtype.name), escape(dtype.summary), escape(dtype.plugin),
+                          escape(dtype.version))
         out.print(table)
         for plugin, why in reg.broken.items():
             err_console.print(f"[bold red]vmrun: plugin {plugin} is broken: {why}[/]")
@@ -188,7 +190,8 @@ def devices(name: str | None) -> None:
     dtype = reg.get(name)
     if dtype is None:
         raise VmrunError(f"no device emulation named {name!r} (see `vmrun devices`)")
-    out.print(f"[bold]{dtype.name}[/]: {dtype.summary} ({dtype.plugin} {dtype.version})")
+    out.print(f"[bold]{escape(dtype.name)}[/]: {escape(dtype.summary)} "
+              f"({escape(dtype.plugin)} {escape(dtype.version)})")
     if dtype.fixed_slot is not None:
         out.print(f"always in PCI slot {dtype.fixed_slot}")
     table = Table()
@@ -198,7 +201,7 @@ def devices(name: str | None) -> None:
         typ = opt.type if opt.type != "choice" else " | ".join(opt.choices)
         default = "(required)" if opt.required else ("-" if opt.default is None
                                                      else repr(opt.default))
-        table.add_row(opt.name, typ, default, opt.help)
+        table.add_row(escape(opt.name), escape(typ), escape(default), escape(opt.help))
     out.print(table)
 
 

@@ -92,7 +92,7 @@ class Machine:
         pio.insert(self.pm.event_block, layout.PM1A_EVT_PORT, layout.PM1A_EVT_LEN)
         pio.insert(self.pm.control_block, layout.PM1A_CNT_PORT, layout.PM1A_CNT_LEN)
         pio.insert(self.pm.timer, layout.PM_TMR_PORT, layout.PM_TMR_LEN)
-        pio.insert(ResetControl(self._guest_reset), layout.RESET_PORT, 1)
+        reset = ResetControl(self._guest_reset)
         pio.insert(DebugExit(self._debug_exit), layout.DEBUG_EXIT_PORT, 1)
         pio.insert(BootMarker(self.boot_log.mark), layout.BOOT_MARKER_PORT, 1)
         pio.insert(DebugCon(debug_out or (lambda data: None)), layout.DEBUGCON_PORT, 1)
@@ -101,7 +101,7 @@ class Machine:
         self.pci = PciRoot(vm)
         self.pci.next_mem64 = self.pci.next_mem64_base = _align_up(
             layout.HIGH_RAM_START + max(0, cfg.memory - layout.LOW_RAM_END), layout.GiB)
-        pio.insert(ConfigMechanism1(self.pci), layout.PCI_CONFIG_ADDRESS, 8)
+        pio.insert(ConfigMechanism1(self.pci, reset), layout.PCI_CONFIG_ADDRESS, 8)
         vm.mmio.insert(Ecam(self.pci), layout.ECAM_BASE, layout.ECAM_SIZE)
         self.placed = place_devices(cfg)
         self.devices = []

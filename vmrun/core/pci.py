@@ -404,11 +404,16 @@ class ConfigMechanism1:
     """Ports 0xCF8 (CONFIG_ADDRESS, 4 bytes) and 0xCFC..0xCFF (CONFIG_DATA) as one device at
     0xCF8 with 8 ports."""
 
-    def __init__(self, root: PciRoot) -> None:
+    def __init__(self, root: PciRoot, reset_control=None) -> None:
         self.root = root
         self.address = 0
+        # 0xCF9 (the reset control register) sits inside CONFIG_ADDRESS's four ports; byte
+        # accesses to it go to the reset device, as on a PIIX/ICH chipset.
+        self.reset_control = reset_control
 
     def read(self, offset: int, size: int) -> int:
+        if offset == 1 and size == 1 and self.reset_control is not None:
+            return self.reset_control.read(0, 1)
         if offset < 4:
             if offset == 0 and size == 4:
                 return self.address
@@ -420,6 +425,9 @@ class ConfigMechanism1:
         return self.root.config_read((a >> 11) & 0x1F, (a >> 8) & 0x7, reg, size)
 
     def write(self, offset: int, size: int, value: int) -> None:
+        if offset == 1 and size == 1 and self.reset_control is not None:
+            self.reset_control.write(0, 1, value)
+            return
         if offset < 4:
             if offset == 0 and size == 4:
                 self.address = value & 0x80FF_FFFC
