@@ -48,6 +48,10 @@ FEATURES: dict[str, tuple[int, int, str, int]] = {
     "invtsc": (0x80000007, 0, "edx", 8),
     # leaf 0x80000008 EBX: FXSAVE/XSAVE always save the FPU error pointers
     "xsaveerptr": (0x80000008, 0, "ebx", 2),
+    # KVM paravirtual features (leaf 0x40000001 EAX) whose hypercalls never return on kvm-pvm
+    "kvm_pv_unhalt": (0x40000001, 0, "eax", 7),
+    "kvm_pv_send_ipi": (0x40000001, 0, "eax", 11),
+    "kvm_pv_sched_yield": (0x40000001, 0, "eax", 13),
 }
 
 COMPAT_OFF = (
@@ -55,7 +59,7 @@ COMPAT_OFF = (
     "avx2", "avx512f", "popcnt", "rdtscp", "clflushopt", "clwb", "sha_ni", "aes", "pclmulqdq",
     "sse4_1", "sse4_2", "ssse3", "movbe", "bmi1", "bmi2", "adx", "invpcid", "pcid", "fsrm",
     "f16c", "fma", "xsave", "xsaves", "xsavec", "xsaveopt", "gfni", "vaes", "vpclmulqdq",
-    "cx16", "hle", "rtm",
+    "cx16", "hle", "rtm", "kvm_pv_unhalt", "kvm_pv_send_ipi", "kvm_pv_sched_yield",
 )
 COMPAT_PROFILE: dict[str, bool] = {name: False for name in COMPAT_OFF} | {"xsaveerptr": True}
 

@@ -8,6 +8,7 @@ VM with bhyve's exit codes (see :mod:`vmrun.core.exits`).
 from __future__ import annotations
 
 import errno
+import logging
 import mmap
 import struct
 import threading
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from vmrun.core.vm import Vm
 
 ffi = kvm.ffi
+log = logging.getLogger("vmrun.vcpu")
 libc = kvm.libc
 
 MSR_IA32_SYSENTER_CS = 0x174
@@ -253,6 +255,9 @@ class Vcpu:
                     run.immediate_exit = 0
                     if self.fixup is not None and not vm.stopping:
                         self.fixup.refresh()
+                        if log.isEnabledFor(logging.DEBUG):
+                            r = self.get_regs()
+                            log.debug("vcpu%d at rip %#x", self.index, r.rip)
                     continue
                 raise VmExit(ExitCode.ERROR, f"vcpu{self.index}: KVM_RUN failed: "
                              f"{errno.errorcode.get(err, err)}")
