@@ -466,3 +466,18 @@ def test_random_accesses_keep_invariants(ops, feed) -> None:
         lsr = r.rd(u.LSR)
         assert lsr & (u.LSR_THRE | u.LSR_TEMT) == u.LSR_THRE | u.LSR_TEMT
         assert r.dev.rx_room() >= 0
+
+
+def test_break_is_a_nul_with_lsr_bi() -> None:
+    from vmrun.core.irq import RecordingIrqLine
+    from vmrun.devices.uart import Uart16550
+
+    irq = RecordingIrqLine()
+    u = Uart16550(irq, lambda b: None)
+    u.write(4, 1, 0x08)          # MCR.OUT2: the IRQ reaches the PIC
+    u.write(1, 1, 0x05)          # IER: received data + line status
+    u.send_break()
+    assert irq.level
+    assert u.read(5, 1) & 0x11 == 0x11     # LSR: BI and DR
+    assert u.read(0, 1) == 0
+    assert not u.read(5, 1) & 0x10         # BI clears when LSR is read

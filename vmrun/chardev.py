@@ -26,7 +26,8 @@ from typing import Callable, Protocol
 from vmrun.errors import VmrunError
 
 CTRL_A = 0x01
-ESCAPE_HELP = (b"\r\nC-a x    quit vmrun\r\nC-a C-a  send C-a\r\nC-a h    this help\r\n")
+ESCAPE_HELP = (b"\r\nC-a x    quit vmrun\r\nC-a b    send a BREAK (then a key: SysRq)\r\n"
+               b"C-a C-a  send C-a\r\nC-a h    this help\r\n")
 
 
 class Sink(Protocol):
@@ -144,6 +145,8 @@ class StdioBackend(Backend):
                 elif b in (ord("x"), ord("X")):
                     if self.on_quit is not None:
                         self.on_quit()
+                elif b in (ord("b"), ord("B")):
+                    self._send_break()
                 elif b in (ord("h"), ord("?")):
                     self.write(ESCAPE_HELP)
                 continue
@@ -152,6 +155,11 @@ class StdioBackend(Backend):
                 continue
             out.append(b)
         return bytes(out)
+
+    def _send_break(self) -> None:
+        brk = getattr(self.sink, "send_break", None)
+        if brk is not None:
+            brk()
 
     def restore_terminal(self) -> None:
         if self._saved is not None:

@@ -255,9 +255,6 @@ class Vcpu:
                     run.immediate_exit = 0
                     if self.fixup is not None and not vm.stopping:
                         self.fixup.refresh()
-                        if log.isEnabledFor(logging.DEBUG):
-                            r = self.get_regs()
-                            log.debug("vcpu%d at rip %#x", self.index, r.rip)
                     continue
                 raise VmExit(ExitCode.ERROR, f"vcpu{self.index}: KVM_RUN failed: "
                              f"{errno.errorcode.get(err, err)}")

@@ -140,6 +140,17 @@ class Uart16550:
                 self._update_irq()
             return max(n, 0)
 
+    def send_break(self) -> None:
+        """A BREAK on the line: a NUL character received with LSR.BI set (the console's
+        C-a b; Linux turns it plus the next key into a SysRq)."""
+        with self._lock:
+            if len(self._fifo) >= self._capacity:
+                self._fifo.pop()
+                self._lsr_errors |= LSR_OE
+            self._fifo.appendleft(0)
+            self._lsr_errors |= LSR_BI
+            self._update_irq()
+
     def rx_room(self) -> int:
         """How many more bytes ``feed`` would accept now."""
         with self._lock:
