@@ -102,7 +102,7 @@ def main() -> None:
                               str(kernel), "-initrd", str(initrd), "-append", cmdline,
                               "-serial", "stdio", "-display", "none"], Path(d) / f"qemu{i}.log")
                 theirs.append(t)
-                print(f"round {i}: qemu {'%.1fs' % t if t else 'did not reach init'}")
+                print(f"round {i}: qemu {f'{t:.1f}s' if t else 'did not reach init'}")
                 if t is None:
                     tail = (Path(d) / f"qemu{i}.log").read_bytes()[-300:].decode(errors="replace")
                     print(f"  qemu's last output: {tail.strip().splitlines()[-1:]}")
@@ -112,8 +112,9 @@ def main() -> None:
             ours.append(t)
             if ov is not None:
                 overheads.append(ov)
-            print(f"round {i}: vmrun {'%.1fs' % t if t else 'did not reach init'}"
-                  f"{'  VMM overhead %.1f MiB' % ov if ov is not None else ''}")
+            shown = f"{t:.1f}s" if t else "did not reach init"
+            extra = f"  VMM overhead {ov:.1f} MiB" if ov is not None else ""
+            print(f"round {i}: vmrun {shown}{extra}")
     good_ours = [t for t in ours if t]
     good_theirs = [t for t in theirs if t]
     if good_ours:

@@ -20,8 +20,9 @@ import termios
 import threading
 import time
 import tty
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 from vmrun.errors import VmrunError
 

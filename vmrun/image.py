@@ -62,7 +62,8 @@ def _inputs_key() -> str:
 
 def _need(path: Path, package: str) -> None:
     if not path.exists():
-        raise VmrunError(f"{path} is missing: install the Debian package {package} (make deps does)")
+        raise VmrunError(f"{path} is missing: install the Debian package {package} "
+                         "(make deps does)")
 
 
 def fragment_options(text: str) -> dict[str, str]:
@@ -137,7 +138,8 @@ class ImageBuilder:
             self._run(["make", "ARCH=x86_64", "tinyconfig"], src, env)
             frag_path = src / "vmrun.config"
             frag_path.write_text(fragment)
-            self._run(["scripts/kconfig/merge_config.sh", "-m", ".config", "vmrun.config"], src, env)
+            self._run(["scripts/kconfig/merge_config.sh", "-m", ".config", "vmrun.config"], src,
+                      env)
             self._run(["make", "ARCH=x86_64", "olddefconfig"], src, env)
             bad = check_config(fragment, (src / ".config").read_text())
             if bad:
@@ -172,7 +174,7 @@ class ImageBuilder:
             prog.update(task, completed=KERNEL_OBJECTS_ESTIMATE)
         if rc != 0:
             tail = log_path.read_text().splitlines()[-20:]
-            raise VmrunError("kernel build failed (log: %s):\n%s" % (log_path, "\n".join(tail)))
+            raise VmrunError(f"kernel build failed (log: {log_path}):\n" + "\n".join(tail))
 
     def _run(self, cmd: list[str], cwd: Path, env: dict[str, str]) -> None:
         res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
@@ -185,8 +187,8 @@ class ImageBuilder:
 
 
 # -- initramfs (cpio "newc") -----------------------------------------------
-def _cpio_entry(name: str, mode: int, data: bytes = b"", ino: int = 1, rdev: tuple[int, int] = (0, 0),
-                nlink: int = 1) -> bytes:
+def _cpio_entry(name: str, mode: int, data: bytes = b"", ino: int = 1,
+                rdev: tuple[int, int] = (0, 0), nlink: int = 1) -> bytes:
     namez = name.encode() + b"\0"
     hdr = "070701" + "".join(f"{v:08x}" for v in (
         ino, mode, 0, 0, nlink, 0, len(data), 0, 0, rdev[0], rdev[1], len(namez), 0))

@@ -16,7 +16,7 @@ import logging
 import signal
 import sys
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from vmrun.chardev import Backend, open_backend
 from vmrun.config import MachineConfig

@@ -79,7 +79,8 @@ def place_initrd(mem: GuestMemory, initrd: bytes, kernel_end: int, path: Path) -
     addr = (top - len(initrd)) & ~0xFFF
     if addr < kernel_end:
         raise VmrunError(f"{path}: initrd of {len(initrd)} bytes does not fit in guest RAM "
-                         f"above the kernel (ends at {kernel_end:#x}); give the machine more memory")
+                         f"above the kernel (ends at {kernel_end:#x}); give the machine more "
+                         "memory")
     mem.write(addr, initrd)
     return addr
 

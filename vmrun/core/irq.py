@@ -8,7 +8,8 @@ Edge-triggered ISA inputs latch the rising edge, so devices model the pin level 
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 
 class IrqLine(Protocol):

@@ -284,10 +284,8 @@ class PciRoot:
             gsi = intx_gsi(slot, dev.interrupt_pin)
             dev.config.data[INTERRUPT_LINE] = gsi
             dev.intx = self.vm.irq_line(gsi)
-        for (s, f), d in self.devices.items():
-            if s == slot and f != 0 and (s, 0) in self.devices:
-                self.devices[(s, 0)].config.data[HEADER_TYPE] |= 0x80  # multi-function
-        if func != 0 and (slot, 0) in self.devices:
+        # Function 0 says "multi-function" when any other function of its slot exists.
+        if (slot, 0) in self.devices and any(s == slot and f for s, f in self.devices):
             self.devices[(slot, 0)].config.data[HEADER_TYPE] |= 0x80
 
     def assign_bars(self) -> None:

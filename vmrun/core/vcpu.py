@@ -14,8 +14,7 @@ import struct
 import threading
 from typing import TYPE_CHECKING
 
-from vmrun.core import kvm
-from vmrun.core import layout
+from vmrun.core import kvm, layout
 from vmrun.core.boot import EntryState
 from vmrun.core.emulate import handle_emulation_failure
 from vmrun.core.exits import ExitCode, VmExit
@@ -334,7 +333,8 @@ class Vcpu:
         lines = []
         for i in range(0, len(names), 4):
             lines.append("  " + "  ".join(f"{n:>6}={getattr(r, n):016x}" for n in names[i:i + 4]))
-        lines.append(f"      cs={s.cs.selector:04x} (dpl {s.cs.dpl}, l {s.cs.l}) ss={s.ss.selector:04x}"
+        lines.append(f"      cs={s.cs.selector:04x} (dpl {s.cs.dpl}, l {s.cs.l}) "
+                     f"ss={s.ss.selector:04x}"
                      f"  cr0={s.cr0:x} cr2={s.cr2:x} cr3={s.cr3:x} cr4={s.cr4:x} efer={s.efer:x}")
         return "\n".join(lines)
 

@@ -30,7 +30,8 @@ modern PCI transport :class:`vmrun.core.virtio.pci.VirtioPciTransport` by their 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import pluggy
 
@@ -56,7 +57,8 @@ def vmrun_register_devices(register: Callable[[DeviceType], None]) -> None:
 
 @hookspec
 def vmrun_register_commands(cli: click.Group) -> None:
-    """Add commands to the ``vmrun`` command line (``cli.add_command(...)``)."""
+    """Add commands to the ``vmrun`` command line: call ``cli.add_command(...)`` with click
+    commands. Called once when the CLI is built; a failing plugin is logged, not fatal."""
 
 
 @hookspec

@@ -6,9 +6,10 @@ every problem as ``FILE: devices.ID.key: what is wrong (got VALUE)`` before anyt
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from vmrun.core.pci import PciDevice

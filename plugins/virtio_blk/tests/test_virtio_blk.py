@@ -9,12 +9,6 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from vmrun.block import RawFile, SparseSplitDisk
-from vmrun.core.virtio.device import STATUS_DEVICE_NEEDS_RESET
-from vmrun.core.virtio.pci import VirtioPciTransport
-from vmrun.core.virtio.queue import VIRTQ_DESC_F_NEXT
-from vmrun.testing import FakeVm, VirtioDriver
 from vmrun_virtio_blk.device import (
     VIRTIO_BLK_F_DISCARD,
     VIRTIO_BLK_F_RO,
@@ -29,6 +23,12 @@ from vmrun_virtio_blk.device import (
     VIRTIO_BLK_T_WRITE_ZEROES,
     VirtioBlk,
 )
+
+from vmrun.block import RawFile, SparseSplitDisk
+from vmrun.core.virtio.device import STATUS_DEVICE_NEEDS_RESET
+from vmrun.core.virtio.pci import VirtioPciTransport
+from vmrun.core.virtio.queue import VIRTQ_DESC_F_NEXT
+from vmrun.testing import FakeVm, VirtioDriver
 
 SLOT = 4
 
