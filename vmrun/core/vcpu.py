@@ -37,6 +37,8 @@ MSR_KERNEL_GS_BASE = 0xC0000102
 MSR_IA32_TSC = 0x10
 MSR_IA32_MISC_ENABLE = 0x1A0
 MSR_MTRR_DEF_TYPE = 0x2FF
+MSR_K7_HWCR = 0xC0010015
+HWCR_TSC_FREQ_SEL = 1 << 24
 APIC_LVT_LINT0 = 0x350
 APIC_LVT_LINT1 = 0x360
 APIC_MODE_EXTINT = 0x7
@@ -107,6 +109,14 @@ class Vcpu:
             MSR_IA32_MISC_ENABLE: 1,                # fast strings
             MSR_MTRR_DEF_TYPE: (1 << 11) | 6,       # MTRRs on, default write-back
         })
+
+    def setup_hwcr(self) -> None:
+        """AMD's HWCR.TscFreqSel: the TSC counts at the P0 frequency, as on real parts (Linux
+        reports a firmware bug otherwise). Hosts whose KVM refuses it keep the default."""
+        try:
+            self.set_msrs({MSR_K7_HWCR: self.get_msr(MSR_K7_HWCR) | HWCR_TSC_FREQ_SEL})
+        except OSError:
+            pass
 
     def setup_lapic(self) -> None:
         """LINT0 = ExtINT (the PIC), LINT1 = NMI, as firmware leaves them."""

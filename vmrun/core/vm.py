@@ -97,6 +97,7 @@ class Vm:
                 self.vcpus.append(vcpu)
                 vcpu.set_cpuid(shape_cpuid(supported, i, ncpus, features))
                 vcpu.setup_boot_msrs()
+                vcpu.setup_hwcr()
                 vcpu.setup_fpu()
                 if irqchip:
                     vcpu.setup_lapic()
