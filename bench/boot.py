@@ -57,6 +57,8 @@ def watch(cmd: list[str], log: Path, rss_pid: bool = False) -> tuple[float | Non
             if not chunk:
                 break
             buf += chunk
+            if b"KVM internal error" in buf:
+                break          # QEMU pauses on it and never gets further
             if FINISH.search(buf):
                 elapsed = time.monotonic() - t0
                 if rss_pid:
