@@ -1,0 +1,117 @@
+"""The runner and the CLI on KVM with synthetic kernels (milliseconds per boot): bhyve's exit
+codes, on_reboot, SIGTERM as a power-button press, Ctrl-A x, one-line errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from vmrun.config import load_machine
+from vmrun.core.exits import ExitCode
+from vmrun.runner import Runner
+from vmrun.testing import kernels
+
+pytestmark = pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK),
+                                reason="no /dev/kvm")
+
+
+def machine(tmp_path: Path, ending: str, on_reboot: str = "exit", extra: str = "",
+            kernel: bytes | None = None) -> Path:
+    k = tmp_path / "vmlinux"
+    k.write_bytes(kernel if kernel is not None else kernels.pvh_elf(ending))
+    f = tmp_path / "m.toml"
+    f.write_text(f'name = "t"\ncpus = 1\nmemory = "64M"\non_reboot = "{on_reboot}"\n'
+                 f'[boot]\nkernel = "{k}"\n[serial.com1]\nbackend = "null"\n{extra}')
+    return f
+
+
+@pytest.mark.parametrize("ending, code", [
+    ("poweroff", ExitCode.POWER_OFF),        # ACPI S5 through PM1a control
+    ("reset", ExitCode.RESET),               # 0xCF9
+    ("kbd_reset", ExitCode.RESET),           # i8042 pulse
+    ("triple_fault", ExitCode.TRIPLE_FAULT),
+    ("debug_exit_2", ExitCode.HALT),         # the debug-exit port, value 2
+])
+def test_guest_endings_map_to_bhyve_exit_codes(tmp_path: Path, ending: str, code: int) -> None:
+    info = Runner(load_machine(machine(tmp_path, ending)), log=lambda m: None).run()
+    assert info.code == code, info.reason
+
+
+def test_bzimage_boots_through_the_runner(tmp_path: Path) -> None:
+    f = machine(tmp_path, "", kernel=kernels.bzimage("poweroff"))
+    info = Runner(load_machine(f), log=lambda m: None).run()
+    assert info.code == ExitCode.POWER_OFF
+
+
+def test_on_reboot_restart_boots_again(tmp_path: Path) -> None:
+    runner = Runner(load_machine(machine(tmp_path, "reset", on_reboot="restart")),
+                    log=lambda m: None)
+
+    def stop_after_three() -> None:
+        while runner.boots < 3:
+            time.sleep(0.01)
+        runner.quit(ExitCode.POWER_OFF, "test")
+
+    t = threading.Thread(target=stop_after_three)
+    t.start()
+    info = runner.run()
+    t.join()
+    assert runner.boots >= 3 and info.code == ExitCode.POWER_OFF
+
+
+SPIN_PVH = kernels.pvh_elf("poweroff").replace(kernels.ENDINGS_32["poweroff"],
+                                               b"\xeb\xfe" + kernels.ENDINGS_32["poweroff"][2:])
+
+
+def _spawn(f: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "vmrun", "up", str(f)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+
+
+def test_sigterm_presses_the_power_button_then_ends_the_vm(tmp_path: Path) -> None:
+    # The synthetic kernel spins and never powers off: after the grace period vmrun ends it.
+    f = machine(tmp_path, "", kernel=SPIN_PVH)
+    runner = Runner(load_machine(f), log=lambda m: None, grace_s=0.5)
+    threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
+    info = runner.run()
+    assert info.code == ExitCode.POWER_OFF
+    assert "did not power off" in info.reason
+
+
+def test_ctrl_a_x_quits_from_the_console(tmp_path: Path) -> None:
+    k = tmp_path / "vmlinux"
+    k.write_bytes(SPIN_PVH)
+    f = tmp_path / "m.toml"
+    f.write_text(f'name = "t"\nmemory = "64M"\n[boot]\nkernel = "{k}"\n')
+    proc = _spawn(f)
+    time.sleep(1.0)
+    proc.stdin.write(b"\x01x")
+    proc.stdin.flush()
+    assert proc.wait(20) == ExitCode.POWER_OFF
+
+
+def test_bad_machine_file_is_one_red_line_and_exit_4(tmp_path: Path) -> None:
+    f = tmp_path / "bad.toml"
+    f.write_text('name = "t"\ncpus = 99\n[boot]\nkernel = "nope"\n')
+    out = subprocess.run([sys.executable, "-m", "vmrun", "up", str(f)], capture_output=True,
+                         text=True)
+    assert out.returncode == 4
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cpus: must be between 1 and 16 (got 99)" in lines[0]
+    assert str(f) in lines[0]
+
+
+def test_bad_kernel_image_is_one_line_and_exit_4(tmp_path: Path) -> None:
+    f = machine(tmp_path, "", kernel=b"not a kernel at all" * 50)
+    out = subprocess.run([sys.executable, "-m", "vmrun", "up", str(f)], capture_output=True,
+                         text=True)
+    assert out.returncode == 4
+    assert "not a Linux kernel" in out.stderr and len(out.stderr.strip().splitlines()) == 1
