@@ -5,7 +5,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-DEB_PACKAGES := linux-source-6.1 busybox-static acpica-tools e2fsprogs flex bison bc \
+DEB_PACKAGES := linux-source-6.1 busybox-static acpica-tools dmidecode e2fsprogs flex bison bc \
                 libelf-dev libssl-dev gcc make xz-utils
 MACHINE ?= machines/tiny.toml
 

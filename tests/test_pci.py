@@ -1,0 +1,126 @@
+"""PCI config space, BAR sizing and decoding, ECAM, and MSI-X table semantics."""
+
+from __future__ import annotations
+
+import pytest
+
+from vmrun.core import layout
+from vmrun.core.msix import MsixVectors
+from vmrun.core.pci import BAR_IO, BAR_MEM32, BAR_MEM64, BarSpec, Ecam, PciDevice
+from vmrun.testing import FakeVm, PciDriver
+
+
+class Dev(PciDevice):
+    vendor_id, device_id, class_code, interrupt_pin = 0x1234, 0xABCD, 0x020000, 1
+    bars = [BarSpec(0, 0x1000, BAR_MEM32), BarSpec(2, 0x100, BAR_IO),
+            BarSpec(4, 0x100000, BAR_MEM64)]
+
+    def __init__(self) -> None:
+        self.accesses: list[tuple] = []
+
+    def bar_read(self, index: int, offset: int, size: int) -> int:
+        self.accesses.append(("r", index, offset, size))
+        return 0x11223344 & ((1 << (8 * size)) - 1)
+
+    def bar_write(self, index: int, offset: int, size: int, value: int) -> None:
+        self.accesses.append(("w", index, offset, size, value))
+
+
+@pytest.fixture
+def vm():
+    v = FakeVm()
+    yield v
+    v.close()
+
+
+def test_enumeration_and_bar_sizing(vm: FakeVm) -> None:
+    dev = Dev()
+    vm.pci.add(dev, 3)
+    vm.pci.assign_bars()
+    drv = PciDriver(vm)
+    assert drv.scan() == {(3, 0): (0x1234, 0xABCD)}
+    assert drv.read(3, 0, 0x08) >> 8 == 0x020000
+    assert drv.bar_size(3, 0, 0) == 0x1000
+    assert drv.bar_size(3, 0, 2) == 0x100
+    assert drv.bar_size(3, 0, 4) == 0x100000
+    assert drv.read(3, 0, 0x10 + 16) & 0x6 == 0x4         # 64-bit memory BAR
+    assert drv.read(3, 0, 0x3C, 1) == 16 + (3 + 1 - 1) % 8  # INTA# routed like the _PRT says
+    assert drv.read(3, 0, 0x3D, 1) == 1
+    assert drv.read(7, 0, 0) == 0xFFFFFFFF                  # nothing there
+
+
+def test_bar_decoding_follows_command_and_moves(vm: FakeVm) -> None:
+    dev = Dev()
+    vm.pci.add(dev, 3)
+    vm.pci.assign_bars()
+    drv = PciDriver(vm)
+    base = drv.bar_address(3, 0, 0)
+    assert vm.mmio.read(base + 8, 4) == 0x11223344
+    assert dev.accesses[-1] == ("r", 0, 8, 4)
+    io = drv.bar_address(3, 0, 2)
+    vm.pio.write(io + 2, 1, 0x5A)
+    assert dev.accesses[-1] == ("w", 2, 2, 1, 0x5A)
+    drv.write(3, 0, 0x04, 2, 0)                             # decoding off
+    assert vm.mmio.read(base + 8, 4) == 0xFFFFFFFF
+    drv.write(3, 0, 0x10, 4, 0xD0000000)                    # the guest moves BAR0
+    drv.enable(3, 0)
+    assert vm.mmio.read(0xD0000000 + 4, 4) == 0x11223344
+    assert vm.mmio.read(base + 4, 4) == 0xFFFFFFFF
+
+
+def test_read_only_header_fields(vm: FakeVm) -> None:
+    vm.pci.add(Dev(), 3)
+    vm.pci.assign_bars()
+    drv = PciDriver(vm)
+    drv.write(3, 0, 0x00, 4, 0)
+    drv.write(3, 0, 0x08, 4, 0)
+    assert drv.read(3, 0, 0) == (0xABCD << 16) | 0x1234
+    assert drv.read(3, 0, 0x08) >> 8 == 0x020000
+
+
+def test_ecam_reaches_the_same_config_space(vm: FakeVm) -> None:
+    vm.pci.add(Dev(), 3)
+    ecam = Ecam(vm.pci)
+    assert ecam.read((3 << 15) | 0, 4) == (0xABCD << 16) | 0x1234
+    assert ecam.read((1 << 20) | (3 << 15), 4) == 0xFFFFFFFF   # bus 1: nothing
+    assert layout.ECAM_BASE % (1 << 28) == 0
+
+
+def test_slot_taken(vm: FakeVm) -> None:
+    vm.pci.add(Dev(), 3)
+    with pytest.raises(Exception, match="slot 3:0 is taken"):
+        vm.pci.add(Dev(), 3)
+
+
+def test_msix_masking_pending_and_delivery(vm: FakeVm) -> None:
+    m = MsixVectors(4, 1, 0, 1, 0x800, vm=vm)  # type: ignore[arg-type]
+
+    class Holder(PciDevice):
+        bars = [BarSpec(1, 0x1000, BAR_MEM32)]
+
+    h = Holder()
+    vm.pci.add(h, 4)
+    m.add_capability(h.config)
+    m.realize()
+    cap = m.cap_offset
+    ctrl = lambda: int.from_bytes(h.config.data[cap + 2:cap + 4], "little")  # noqa: E731
+    assert ctrl() & 0x7FF == 3                                # table size - 1
+    h.config.write(cap + 2, 2, 0x8000)                        # enable
+    m.notify(1)                                               # vector masked at reset
+    assert m.pba_read(0, 8) == 0b10 and vm.msi_count(m.gsis[1]) == 0
+    m.table_write(16 + 0, 4, 0xFEE00000)
+    m.table_write(16 + 8, 4, 0x41)
+    assert vm.msi_routes[m.gsis[1]] == (0xFEE00000, 0x41)
+    m.table_write(16 + 12, 4, 0)                              # unmask: pending delivered
+    assert vm.msi_count(m.gsis[1]) == 1 and m.pba_read(0, 8) == 0
+    m.notify(1)
+    assert vm.msi_count(m.gsis[1]) == 1
+    h.config.write(cap + 2, 2, 0xC000)                        # function mask
+    m.notify(1)
+    assert vm.msi_count(m.gsis[1]) == 0 and m.pba_read(0, 8) == 0b10
+    h.config.write(cap + 2, 2, 0x8000)
+    m.control_changed()
+    assert vm.msi_count(m.gsis[1]) == 1
+    m.notify(9)                                               # out of range: ignored
+    assert m.table_read(16 * 4, 4) == 0                       # beyond the table
+    m.close()
