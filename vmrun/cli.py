@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from vmrun.errors import VmrunError
 
@@ -19,7 +20,7 @@ err_console = Console(stderr=True, highlight=False)
 
 
 def fail(message: str, code: int = 4) -> None:
-    err_console.print(f"[bold red]vmrun: {message}[/]", markup=True, soft_wrap=True)
+    err_console.print(f"[bold red]vmrun: {escape(message)}[/]", markup=True, soft_wrap=True)
     sys.exit(code)
 
 
@@ -31,7 +32,7 @@ class VmrunGroup(click.Group):
             return super().invoke(ctx)
         except VmrunError as e:
             first, _, rest = str(e).partition("\n")
-            err_console.print(f"[bold red]vmrun: {first}[/]", soft_wrap=True)
+            err_console.print(f"[bold red]vmrun: {escape(first)}[/]", soft_wrap=True)
             if rest:
                 err_console.print(rest, markup=False, highlight=False, soft_wrap=True)
             sys.exit(e.exit_code)
@@ -67,12 +68,13 @@ def up(machine_file: Path, verbose: bool) -> None:
     level = logging.getLogger().level
     if info.code == 4:
         first, _, rest = info.reason.partition("\n")
-        err_console.print(f"[bold red]vmrun: {first}[/]", soft_wrap=True)
+        err_console.print(f"[bold red]vmrun: {escape(first)}[/]", soft_wrap=True)
         if rest or info.detail:
             err_console.print((rest + "\n" + info.detail).strip(), markup=False,
                               highlight=False, soft_wrap=True)
     elif info.code == 3:
-        err_console.print(f"[bold red]vmrun: {info.reason.splitlines()[0]}[/]", soft_wrap=True)
+        err_console.print(f"[bold red]vmrun: {escape(info.reason.splitlines()[0])}[/]",
+                          soft_wrap=True)
         if "\n" in info.reason:
             err_console.print(info.reason.partition("\n")[2], markup=False, highlight=False)
     elif level <= logging.DEBUG:

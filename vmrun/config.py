@@ -1,15 +1,25 @@
-"""The TOML machine file: loading and complete validation before anything is created.
+"""The TOML machine file: loading, and complete validation before anything is created.
 
-Every problem is one line, ``FILE: key.path: what is wrong (got VALUE)``, raised as
-:class:`ConfigError` (exit code 4). Paths are relative to the machine file; ``image:NAME/FILE``
-names a file of a guest image built by ``vmrun image build`` (see :mod:`vmrun.image`).
+A VM that fails half-way through start-up (after the serial socket exists, after guest memory
+is mapped) leaves debris and hides the real mistake, so every check that only needs the file
+happens here, up front. Every problem is one line, ``FILE: key.path: what is wrong (got
+VALUE)``, raised as :class:`ConfigError` (exit code 4); VALUE is written the way TOML would
+write what the user typed. Paths are relative to the machine file's directory, ``~`` is
+expanded, and ``image:NAME/FILE`` names a file of a guest image built by ``vmrun image build
+NAME`` (see :mod:`vmrun.image`). ``machines/reference.toml`` documents every key.
 """
 
 from __future__ import annotations
 
+import datetime
+import difflib
+import json
+import math
+import os
 import re
+import stat
 import uuid as uuidlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,26 +32,64 @@ except ModuleNotFoundError:  # Python < 3.11
 from vmrun.core.cpufeatures import FEATURES
 from vmrun.errors import VmrunError
 
+# Fixed forever: the default UUID (and the MAC addresses derived from it) of a machine must not
+# change between vmrun versions, or the guest would see a new NIC and a new SMBIOS identity.
 UUID_NAMESPACE = uuidlib.UUID("6f0c5d3e-6a0b-4f4e-9c1e-76d6e2b3a001")
-MiB = 1 << 20
+KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
+
+MAX_CPUS = 16
+MIN_MEMORY, MAX_MEMORY = 16 * MiB, TiB
+DEFAULT_MEMORY = "256M"            # xhyve's default
+MAX_CMDLINE = 4095                 # bytes, without the terminating NUL
+UNIX_PATH_MAX = 107                # sun_path is 108 bytes including the NUL
+NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+DEVICE_ID_RE = re.compile(r"[A-Za-z0-9_-]+")
+IMAGE_RE = re.compile(r"image:([A-Za-z0-9._-]+)/([A-Za-z0-9._/-]+)")
+
+RTC_MODES = ("utc", "localtime")
+ON_REBOOT = ("restart", "exit")
+ON_UNHANDLED_IO = ("ignore", "exit")
+CPU_PROFILES = ("host", "compat")
 SERIAL_PORTS = ("com1", "com2", "com3", "com4")
 SERIAL_BACKENDS = ("stdio", "file", "socket", "pty", "null")
-TOP_KEYS = {"name", "cpus", "memory", "uuid", "rtc", "on_reboot", "on_unhandled_io", "cpu",
-            "boot", "serial", "devices"}
+PATH_BACKENDS = ("file", "socket")
+
+# The keys each table accepts (machines/reference.toml must document all of them; a test
+# checks). [cpu.features] takes feature names, [devices.ID] also the model's own options.
+TOP_KEYS = ("name", "cpus", "memory", "uuid", "rtc", "on_reboot", "on_unhandled_io", "cpu",
+            "boot", "serial", "devices")
+CPU_KEYS = ("profile", "features")
+BOOT_KEYS = ("kernel", "initrd", "cmdline")
+SERIAL_KEYS = ("backend", "path")
+DEVICE_KEYS = ("model", "slot")
+
+DeviceValidator = Callable[[Path, str, str, dict[str, Any]], Any]
+DevicesChecker = Callable[[Path, dict[str, Any]], None]
 
 
 class ConfigError(VmrunError):
-    """A problem with a machine file: one line naming the file, the key path and the value."""
+    """A problem with a machine file: one line naming the file, the key path and the value.
+
+    Line breaks are escaped here, whoever builds the message, so that a value (or a file name)
+    containing one cannot split the error over several lines.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message.replace("\r", "\\r").replace("\n", "\\n"))
 
 
 @dataclass(frozen=True)
 class CpuConfig:
+    """``[cpu]``: the profile, then explicit per-feature overrides (applied last)."""
+
     profile: str = "host"
     features: dict[str, bool] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class BootConfig:
+    """``[boot]``: resolved, existing kernel and initrd files and the kernel command line."""
+
     kernel: Path
     initrd: Path | None = None
     cmdline: str = ""
@@ -49,12 +97,17 @@ class BootConfig:
 
 @dataclass(frozen=True)
 class SerialConfig:
+    """One ``[serial.comN]`` port: a backend, and the path for ``file`` and ``socket``."""
+
     backend: str
     path: Path | None = None
 
 
 @dataclass(frozen=True)
 class MachineConfig:
+    """A validated machine file. ``memory`` is in bytes; ``devices`` maps each ``[devices.ID]``
+    to what the device validator made of it (the raw table when there was none)."""
+
     path: Path
     name: str
     cpus: int
@@ -69,125 +122,194 @@ class MachineConfig:
     devices: dict[str, Any]
 
 
-def parse_size(value: str | int) -> int:
-    """"512M", "2G", "64K", "4096" or an int (bytes) -> bytes."""
-    if isinstance(value, bool):
-        raise ValueError("must be a size such as \"512M\" or \"2G\"")
-    if isinstance(value, int):
-        if value < 0:
+_UNITS = {"": 1, "K": KiB, "M": MiB, "G": GiB, "T": TiB}
+_SIZE_RE = re.compile(r"(\d+)\s*([KMGT]?)(?:i?B)?", re.IGNORECASE)
+
+
+def parse_size(text: str | int) -> int:
+    """``"512M"``, ``"2G"``, ``"64K"``, ``"1T"`` (also ``"2GiB"``, ``"2gb"``), ``"4096"`` or an
+    int -> bytes. Units are powers of 1024. Raises ValueError saying what a size looks like."""
+    if isinstance(text, bool) or not isinstance(text, int | str):
+        raise ValueError('must be a size such as "512M" or "2G"')
+    if isinstance(text, int):
+        if text < 0:
             raise ValueError("must not be negative")
-        return value
-    m = re.fullmatch(r"\s*(\d+)\s*([KMGTP]?)i?B?\s*", str(value), re.I)
+        return text
+    m = _SIZE_RE.fullmatch(text.strip())
     if not m:
-        raise ValueError("must be a size such as \"512M\" or \"2G\"")
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
-    return int(m.group(1)) * units[m.group(2).upper()]
+        raise ValueError('must be a size such as "512M" or "2G"')
+    return int(m.group(1)) * _UNITS[m.group(2).upper()]
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, str):
-        return '"' + value + '"'
+def format_value(value: Any, limit: int = 60) -> str:
+    """``value`` as it would be written in TOML, on one line, cut to about ``limit`` chars."""
+    text = _toml(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _toml(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, dict):
-        return "a table"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return ("inf" if value > 0 else "-inf") if math.isinf(value) else repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)   # JSON string escapes are valid TOML
+    if isinstance(value, datetime.date | datetime.time):
+        return value.isoformat()
     if isinstance(value, list):
-        return "an array"
-    return str(value)
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_key_part(k)} = {_toml(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+def _key_part(key: str) -> str:
+    """A key as TOML spells it in a dotted path: bare when it can be, quoted otherwise."""
+    return key if DEVICE_ID_RE.fullmatch(key) else json.dumps(key, ensure_ascii=False)
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{_key_part(key)}" if prefix else _key_part(key)
+
+
+def _alternatives(choices: Iterable[str]) -> str:
+    quoted = [f'"{c}"' for c in choices]
+    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
+
+
+_MISSING = object()
 
 
 class _Checker:
+    """Builds the one-line errors for one machine file and checks values against the schema."""
+
     def __init__(self, file: Path) -> None:
         self.file = file
 
-    def error(self, key: str, message: str, value: Any = None, show: bool = True) -> ConfigError:
-        got = f" (got {_fmt(value)})" if show else ""
+    def error(self, key: str, message: str, value: Any = _MISSING) -> ConfigError:
+        got = "" if value is _MISSING else f" (got {format_value(value)})"
         return ConfigError(f"{self.file}: {key}: {message}{got}")
 
-    def table(self, data: Any, key: str) -> dict[str, Any]:
-        if not isinstance(data, dict):
-            raise self.error(key, "must be a table", data)
-        return data
+    def table(self, value: Any, key: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.error(key, "must be a table", value)
+        return value
 
-    def unknown(self, data: dict[str, Any], allowed: set[str] | tuple[str, ...],
-                prefix: str) -> None:
-        for k in data:
+    def unknown(self, data: dict[str, Any], allowed: Iterable[str], prefix: str) -> None:
+        allowed = tuple(allowed)
+        for k, v in data.items():
             if k not in allowed:
-                where = f"{prefix}.{k}" if prefix else k
-                raise self.error(where, f"unknown key (allowed: {', '.join(sorted(allowed))})",
-                                 data[k])
+                near = difflib.get_close_matches(k.lower(), allowed, n=1)
+                hint = f'did you mean "{near[0]}"?' if near else \
+                    f"allowed: {', '.join(allowed)}"
+                raise self.error(_join(prefix, k), f"unknown key ({hint})", v)
 
     def string(self, data: dict[str, Any], key: str, path: str, default: Any = None,
-               required: bool = False) -> Any:
+               required: bool = False, empty_ok: bool = True) -> Any:
         if key not in data:
             if required:
-                raise self.error(path, "is required", show=False)
+                raise self.error(path, "is required")
             return default
         v = data[key]
         if not isinstance(v, str):
             raise self.error(path, "must be a string", v)
+        if not v and not empty_ok:
+            raise self.error(path, "must not be empty", v)
+        return v
+
+    def integer(self, data: dict[str, Any], key: str, path: str, default: int, low: int,
+                high: int) -> int:
+        v = data.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise self.error(path, "must be an integer", v)
+        if not low <= v <= high:
+            raise self.error(path, f"must be between {low} and {high}", v)
         return v
 
     def choice(self, data: dict[str, Any], key: str, path: str, choices: tuple[str, ...],
                default: str) -> str:
         v = self.string(data, key, path, default)
         if v not in choices:
-            raise self.error(path, f"must be one of {', '.join(choices)}", v)
+            raise self.error(path, f"must be {_alternatives(choices)}", v)
         return v
 
-    def file_path(self, value: str, path: str, what: str) -> Path:
-        if value.startswith("image:"):
-            from vmrun.image import resolve_image_path
-
-            p = resolve_image_path(value)
-            if not p.exists():
-                name = value.removeprefix("image:").split("/")[0]
-                raise self.error(path, f"{what} {p} is not built yet: run `vmrun image build "
-                                 f"{name}`", value)
-            return p
+    def local_path(self, value: str) -> Path:
+        """A path from the file: ``~`` expanded, relative to the machine file, absolute."""
         p = Path(value).expanduser()
         if not p.is_absolute():
             p = self.file.parent / p
+        return p.absolute()
+
+    def input_file(self, value: str, path: str, what: str) -> Path:
+        """An existing, readable file: a local path or ``image:NAME/FILE``."""
+        if value.startswith("image:"):
+            return self.image_file(value, path, what)
+        p = self.local_path(value)
         if not p.exists():
-            raise self.error(path, f"{what} does not exist", value)
+            raise self.error(path, f"{what} {p} does not exist", value)
         if p.is_dir():
-            raise self.error(path, f"{what} is a directory", value)
+            raise self.error(path, f"{what} {p} is a directory", value)
+        if not os.access(p, os.R_OK):
+            raise self.error(path, f"{what} {p} is not readable", value)
+        return p
+
+    def image_file(self, value: str, path: str, what: str) -> Path:
+        from vmrun.image import IMAGES, resolve_image_path
+
+        m = IMAGE_RE.fullmatch(value)
+        if not m or ".." in m.group(2).split("/"):
+            raise self.error(path, 'must look like "image:NAME/FILE"', value)
+        name = m.group(1)
+        if name not in IMAGES:
+            raise self.error(path, f"unknown image {name} (known: {', '.join(IMAGES)})", value)
+        p = resolve_image_path(value)
+        if not p.is_file():
+            raise self.error(path, f"{what} {p} is not built yet: run `vmrun image build "
+                             f"{name}`", value)
         return p
 
 
-def parse_machine(text: str, file: Path,
-                  device_validator: Callable[[Path, str, str, dict[str, Any]], Any] | None
-                  = None) -> MachineConfig:
+def _toml_error(file: Path, text: str, err: Exception) -> ConfigError:
+    """tomllib says "Invalid value (at line 3, column 7)"; we say "FILE: line 3: ..."."""
+    message = str(err)
+    m = re.fullmatch(r"(.*) \(at line (\d+), column (\d+)\)", message, re.S)
+    if m:
+        line, detail = m.group(2), f"{m.group(1)} (column {m.group(3)})"
+    else:
+        line = str(text.count("\n") + 1)
+        detail = message.replace(" (at end of document)", " (at the end of the file)")
+    # "Cannot declare ('boot', 'x') twice" -> "Cannot declare [boot.x] twice"
+    detail = re.sub(r"\(((?:'[^']*',? ?)+)\)",
+                    lambda k: "[" + ".".join(re.findall(r"'([^']*)'", k.group(1))) + "]", detail)
+    return ConfigError(f"{file}: line {line}: TOML syntax: {detail[:1].lower()}{detail[1:]}")
+
+
+def parse_machine(text: str, file: Path, device_validator: DeviceValidator | None = None,
+                  devices_checker: DevicesChecker | None = None) -> MachineConfig:
+    """Validate the machine file ``text`` (read from ``file``) into a :class:`MachineConfig`.
+
+    ``device_validator(file, "devices.ID", ID, table)`` turns each ``[devices.ID]`` table into
+    the object kept in ``MachineConfig.devices`` (raising ConfigError for bad options); without
+    one the tables stay dicts. ``devices_checker(file, devices)`` then runs the checks that
+    involve several devices; it defaults to the plugin system's when the validator is.
+    """
+    file = Path(file)
     c = _Checker(file)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{file}: {e}") from None
+        raise _toml_error(file, text, e) from None
     c.unknown(data, TOP_KEYS, "")
 
     name = c.string(data, "name", "name", required=True)
-    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name):
+    if not NAME_RE.fullmatch(name):
         raise c.error("name", "must be 1-64 characters of A-Z a-z 0-9 . _ -", name)
-
-    cpus = data.get("cpus", 1)
-    if isinstance(cpus, bool) or not isinstance(cpus, int):
-        raise c.error("cpus", "must be an integer", cpus)
-    if not 1 <= cpus <= 16:
-        raise c.error("cpus", "must be between 1 and 16", cpus)
-
-    mem_value = data.get("memory", "256M")
-    if isinstance(mem_value, int) and not isinstance(mem_value, bool):
-        memory = mem_value * MiB   # a bare number is MiB, as xhyve's -m
-    else:
-        try:
-            memory = parse_size(mem_value)
-        except ValueError as e:
-            raise c.error("memory", str(e), mem_value) from None
-    if not 16 * MiB <= memory <= 1 << 40:
-        raise c.error("memory", "must be between 16M and 1T", mem_value)
-    if memory % MiB:
-        raise c.error("memory", "must be a whole number of MiB", mem_value)
-
+    cpus = c.integer(data, "cpus", "cpus", 1, 1, MAX_CPUS)
+    memory = _memory(c, data.get("memory", DEFAULT_MEMORY))
     uuid_text = c.string(data, "uuid", "uuid")
     if uuid_text is None:
         machine_uuid = uuidlib.uuid5(UUID_NAMESPACE, name)
@@ -195,107 +317,165 @@ def parse_machine(text: str, file: Path,
         try:
             machine_uuid = uuidlib.UUID(uuid_text)
         except ValueError:
-            raise c.error("uuid", "is not a UUID", uuid_text) from None
+            raise c.error("uuid", "is not a UUID (such as "
+                          '"0b7f3a36-95a4-4d4e-a7a5-3cf8b9b2d9a1")', uuid_text) from None
+    rtc = c.choice(data, "rtc", "rtc", RTC_MODES, "utc")
+    on_reboot = c.choice(data, "on_reboot", "on_reboot", ON_REBOOT, "restart")
+    on_io = c.choice(data, "on_unhandled_io", "on_unhandled_io", ON_UNHANDLED_IO, "ignore")
 
-    rtc = c.choice(data, "rtc", "rtc", ("utc", "localtime"), "utc")
-    on_reboot = c.choice(data, "on_reboot", "on_reboot", ("restart", "exit"), "restart")
-    on_io = c.choice(data, "on_unhandled_io", "on_unhandled_io", ("ignore", "exit"), "ignore")
+    cpu = _cpu(c, data.get("cpu", {}))
+    boot = _boot(c, data)
+    serial = _serial(c, data)
+    devices = _devices(c, data.get("devices", {}), device_validator)
+    if devices_checker is None and device_validator is not None:
+        devices_checker = _plugin_checker(device_validator)
+    if devices_checker is not None:
+        devices_checker(file, devices)
 
-    cpu_t = c.table(data.get("cpu", {}), "cpu")
-    c.unknown(cpu_t, {"profile", "features"}, "cpu")
-    profile = c.choice(cpu_t, "profile", "cpu.profile", ("host", "compat"), "host")
-    feats_t = c.table(cpu_t.get("features", {}), "cpu.features")
-    features: dict[str, bool] = {}
-    for k, v in feats_t.items():
-        if k not in FEATURES:
-            raise c.error(f"cpu.features.{k}", "unknown CPU feature (names as in "
-                          "/proc/cpuinfo)", v)
-        if not isinstance(v, bool):
-            raise c.error(f"cpu.features.{k}", "must be true or false", v)
-        features[k] = v
+    return MachineConfig(file, name, cpus, memory, machine_uuid, rtc, on_reboot, on_io, cpu,
+                         boot, serial, devices)
 
-    if "boot" not in data:
-        raise c.error("boot", "is required (a [boot] table with kernel = ...)", show=False)
-    boot_t = c.table(data["boot"], "boot")
-    c.unknown(boot_t, {"kernel", "initrd", "cmdline"}, "boot")
-    kernel = c.file_path(c.string(boot_t, "kernel", "boot.kernel", required=True),
-                         "boot.kernel", "kernel")
-    initrd_text = c.string(boot_t, "initrd", "boot.initrd")
-    initrd = c.file_path(initrd_text, "boot.initrd", "initrd") if initrd_text else None
-    cmdline = c.string(boot_t, "cmdline", "boot.cmdline", "")
-    if len(cmdline.encode()) > 4095:
-        raise c.error("boot.cmdline", f"is {len(cmdline.encode())} bytes (max 4095)",
-                      show=False)
 
-    serial: dict[str, SerialConfig] = {}
-    if "serial" not in data:
-        serial["com1"] = SerialConfig("stdio")
+def _memory(c: _Checker, value: Any) -> int:
+    """A bare integer is MiB (as xhyve's ``-m 512``); a string needs its unit, because
+    ``"512"`` meaning 512 bytes would always be a mistake."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        memory = value * MiB
+    elif isinstance(value, str) and re.fullmatch(r"\s*\d+\s*", value):
+        raise c.error("memory", "needs a unit: K, M, G or T (a bare integer means MiB)", value)
     else:
-        ser_t = c.table(data["serial"], "serial")
-        c.unknown(ser_t, SERIAL_PORTS, "serial")
-        for port, t in ser_t.items():
-            t = c.table(t, f"serial.{port}")
-            c.unknown(t, {"backend", "path"}, f"serial.{port}")
-            backend = c.string(t, "backend", f"serial.{port}.backend", required=True)
-            if backend not in SERIAL_BACKENDS:
-                raise c.error(f"serial.{port}.backend",
-                              f"must be one of {', '.join(SERIAL_BACKENDS)}", backend)
-            path_text = c.string(t, "path", f"serial.{port}.path")
-            spath = None
-            if backend in ("file", "socket"):
-                if path_text is None:
-                    raise c.error(f"serial.{port}.path", f"is required for the {backend} "
-                                  "backend", show=False)
-                spath = Path(path_text).expanduser()
-                if not spath.is_absolute():
-                    spath = file.parent / spath
-                if not spath.parent.is_dir():
-                    raise c.error(f"serial.{port}.path", "its directory does not exist",
-                                  path_text)
-            elif path_text is not None:
-                raise c.error(f"serial.{port}.path", f"is not used by the {backend} backend",
-                              path_text)
-            serial[port] = SerialConfig(backend, spath)
-        stdio = [p for p, s in serial.items() if s.backend == "stdio"]
-        if len(stdio) > 1:
-            raise c.error(f"serial.{stdio[1]}.backend", f"only one port can use stdio "
-                          f"({stdio[0]} already does)", "stdio")
+        try:
+            memory = parse_size(value)
+        except ValueError:
+            raise c.error("memory", 'must be a size such as "512M" or "2G", or an integer '
+                          "number of MiB", value) from None
+    if not MIN_MEMORY <= memory <= MAX_MEMORY:
+        raise c.error("memory", "must be between 16M and 1T", value)
+    if memory % MiB:
+        raise c.error("memory", "must be a whole number of MiB", value)
+    return memory
 
+
+def _cpu(c: _Checker, value: Any) -> CpuConfig:
+    t = c.table(value, "cpu")
+    c.unknown(t, CPU_KEYS, "cpu")
+    profile = c.choice(t, "profile", "cpu.profile", CPU_PROFILES, "host")
+    features: dict[str, bool] = {}
+    for k, v in c.table(t.get("features", {}), "cpu.features").items():
+        key = _join("cpu.features", k)
+        if k not in FEATURES:
+            near = difflib.get_close_matches(k.lower(), FEATURES, n=1)
+            hint = f', did you mean "{near[0]}"?' if near else " (names as in /proc/cpuinfo)"
+            raise c.error(key, f"unknown CPU feature{hint}", v)
+        if not isinstance(v, bool):
+            raise c.error(key, "must be true or false", v)
+        features[k] = v
+    return CpuConfig(profile, features)
+
+
+def _boot(c: _Checker, data: dict[str, Any]) -> BootConfig:
+    if "boot" not in data:
+        raise c.error("boot", 'is required (a [boot] table with kernel = "...")')
+    t = c.table(data["boot"], "boot")
+    c.unknown(t, BOOT_KEYS, "boot")
+    kernel_text = c.string(t, "kernel", "boot.kernel", required=True, empty_ok=False)
+    kernel = c.input_file(kernel_text, "boot.kernel", "kernel")
+    initrd_text = c.string(t, "initrd", "boot.initrd", empty_ok=False)
+    initrd = None if initrd_text is None else c.input_file(initrd_text, "boot.initrd", "initrd")
+    cmdline = c.string(t, "cmdline", "boot.cmdline", "")
+    size = len(cmdline.encode())
+    if size > MAX_CMDLINE:
+        raise c.error("boot.cmdline", f"is {size} bytes long (at most {MAX_CMDLINE})", cmdline)
+    if "\0" in cmdline:
+        raise c.error("boot.cmdline", "must not contain a NUL character", cmdline)
+    return BootConfig(kernel, initrd, cmdline)
+
+
+def _serial(c: _Checker, data: dict[str, Any]) -> dict[str, SerialConfig]:
+    if "serial" not in data:
+        return {"com1": SerialConfig("stdio")}
+    ports = c.table(data["serial"], "serial")
+    c.unknown(ports, SERIAL_PORTS, "serial")
+    serial: dict[str, SerialConfig] = {}
+    stdio: str | None = None
+    used: dict[Path, str] = {}
+    for port, value in ports.items():
+        prefix = f"serial.{port}"
+        t = c.table(value, prefix)
+        c.unknown(t, SERIAL_KEYS, prefix)
+        backend = c.string(t, "backend", f"{prefix}.backend", required=True)
+        if backend not in SERIAL_BACKENDS:
+            raise c.error(f"{prefix}.backend", f"must be {_alternatives(SERIAL_BACKENDS)}",
+                          backend)
+        if backend == "stdio":
+            if stdio is not None:
+                raise c.error(f"{prefix}.backend", f"only one port can use stdio (serial."
+                              f"{stdio} does)", backend)
+            stdio = port
+        path_text = c.string(t, "path", f"{prefix}.path", empty_ok=False)
+        path = None
+        if backend in PATH_BACKENDS:
+            if path_text is None:
+                raise c.error(f"{prefix}.path", f"is required for the {backend} backend")
+            path = _serial_path(c, backend, path_text, f"{prefix}.path")
+            if path in used:
+                raise c.error(f"{prefix}.path", f"serial.{used[path]} already uses it",
+                              path_text)
+            used[path] = port
+        elif path_text is not None:
+            raise c.error(f"{prefix}.path", f"is only for the file and socket backends, not "
+                          f"{backend}", path_text)
+        serial[port] = SerialConfig(backend, path)
+    return serial
+
+
+def _serial_path(c: _Checker, backend: str, text: str, key: str) -> Path:
+    """Where a file backend writes or a socket backend listens: its directory must exist (we
+    create no directories), and an existing non-socket is never replaced by a socket."""
+    p = c.local_path(text)
+    if not p.parent.is_dir():
+        raise c.error(key, f"directory {p.parent} does not exist", text)
+    if p.is_dir():
+        raise c.error(key, f"{p} is a directory", text)
+    if backend == "socket":
+        if len(os.fsencode(p)) > UNIX_PATH_MAX:
+            raise c.error(key, f"unix socket paths are at most {UNIX_PATH_MAX} bytes, {p} is "
+                          f"{len(os.fsencode(p))}", text)
+        if p.exists() and not stat.S_ISSOCK(p.stat().st_mode):
+            raise c.error(key, f"{p} exists and is not a socket", text)
+    elif not os.access(p if p.exists() else p.parent, os.W_OK):
+        raise c.error(key, f"{p} is not writable", text)
+    return p
+
+
+def _devices(c: _Checker, value: Any, validator: DeviceValidator | None) -> dict[str, Any]:
     devices: dict[str, Any] = {}
     taken: dict[tuple[int, int], str] = {}
-    dev_t = c.table(data.get("devices", {}), "devices")
-    for dev_id, t in dev_t.items():
-        prefix = f"devices.{dev_id}"
-        if not re.fullmatch(r"[A-Za-z0-9_-]+", dev_id):
+    for dev_id, t in c.table(value, "devices").items():
+        prefix = _join("devices", dev_id)
+        if not DEVICE_ID_RE.fullmatch(dev_id):
             raise c.error(prefix, "device ids are letters, digits, _ and -", dev_id)
         t = c.table(t, prefix)
-        c.string(t, "model", f"{prefix}.model", required=True)
+        c.string(t, "model", f"{prefix}.model", required=True, empty_ok=False)
         if "slot" in t:
             slot = _parse_slot(c, t["slot"], f"{prefix}.slot")
             if slot in taken:
                 raise c.error(f"{prefix}.slot", f"slot {slot[0]}:{slot[1]} is taken by "
                               f"devices.{taken[slot]}", t["slot"])
             taken[slot] = dev_id
-        devices[dev_id] = device_validator(file, prefix, dev_id, t) if device_validator \
-            else dict(t)
-    if device_validator is not None:
-        from vmrun.plugins.placement import check_devices
-
-        check_devices(file, devices)
-
-    return MachineConfig(file, name, cpus, memory, machine_uuid, rtc, on_reboot, on_io,
-                         CpuConfig(profile, features), BootConfig(kernel, initrd, cmdline),
-                         serial, devices)
+        devices[dev_id] = validator(c.file, prefix, dev_id, t) if validator else dict(t)
+    return devices
 
 
 def _parse_slot(c: _Checker, value: Any, key: str) -> tuple[int, int]:
+    """``3`` or ``"3"`` is slot 3 function 0; ``"3:1"`` is slot 3 function 1."""
     if isinstance(value, int) and not isinstance(value, bool):
         slot, func = value, 0
-    elif isinstance(value, str) and re.fullmatch(r"\d+(:\d+)?", value):
+    elif isinstance(value, str) and re.fullmatch(r"\d{1,3}(:\d{1,3})?", value):
         s, _, f = value.partition(":")
         slot, func = int(s), int(f or 0)
     else:
-        raise c.error(key, "must be a slot number or \"slot:func\"", value)
+        raise c.error(key, 'must be a slot number or "slot:function"', value)
     if not 0 <= slot <= 31:
         raise c.error(key, "slot must be between 0 and 31", value)
     if not 0 <= func <= 7:
@@ -303,20 +483,35 @@ def _parse_slot(c: _Checker, value: Any, key: str) -> tuple[int, int]:
     return slot, func
 
 
-def load_machine(path: str | Path,
-                 device_validator: Callable[[Path, str, str, dict[str, Any]], Any] | None
-                 = None, *, validate_devices: bool = True) -> MachineConfig:
-    """Load and validate a machine file. Devices are checked against the installed plugins
-    unless ``validate_devices`` is False (then they stay raw tables)."""
+def _plugin_checker(validator: DeviceValidator) -> DevicesChecker | None:
+    """The plugin system's validator comes with cross-device checks (one image per device);
+    any other validator brings its own or none."""
+    from vmrun.plugins import placement
+
+    return placement.check_devices if validator is placement.validate_device else None
+
+
+def load_machine(path: str | Path, device_validator: DeviceValidator | None = None, *,
+                 validate_devices: bool = True,
+                 devices_checker: DevicesChecker | None = None) -> MachineConfig:
+    """Read and validate the machine file at ``path``.
+
+    Devices are checked against the installed device plugins (so ``MachineConfig.devices``
+    holds placed devices ready for the machine) unless another ``device_validator`` is given,
+    or ``validate_devices`` is False, which keeps them as raw tables.
+    """
     file = Path(path)
     try:
-        text = file.read_text()
+        text = file.read_bytes().decode()
     except FileNotFoundError:
         raise ConfigError(f"{file}: machine file does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{file}: cannot read machine file: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{file}: machine file is not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{file}: cannot read machine file: {e.strerror}") from None
     if device_validator is None and validate_devices:
-        from vmrun.plugins.placement import validate_device
+        from vmrun.plugins.placement import check_devices, validate_device
 
         device_validator = validate_device
-    return parse_machine(text, file, device_validator)
+        devices_checker = devices_checker or check_devices
+    return parse_machine(text, file, device_validator, devices_checker)

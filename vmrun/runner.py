@@ -101,8 +101,11 @@ class Runner:
                     for line in machine.stats():
                         logging.getLogger("vmrun").debug("%s", line)
                     machine.close()
-                if info.code == ExitCode.RESET and self.cfg.on_reboot == "restart" \
-                        and self._quit is None:
+                if self._quit is not None:
+                    # The host asked (C-a x, SIGTERM): that is how this VM ended, even if the
+                    # guest was resetting at the same moment.
+                    return ExitInfo(*self._quit)
+                if info.code == ExitCode.RESET and self.cfg.on_reboot == "restart":
                     self.log("guest reset: booting again")
                     continue
                 return info
