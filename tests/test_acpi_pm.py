@@ -108,8 +108,6 @@ def test_s5_with_byte_write_of_high_half() -> None:
 
 @pytest.mark.parametrize("slp_typ", [0, 1, 3, 7])
 def test_other_sleep_types_wake_at_once(slp_typ: int) -> None:
-    if slp_typ == layout.SLP_TYP_S5:
-        pytest.skip("S5")
     rig = Rig()
     rig.bus.write(CNT, 2, slp_typ << pm.SLP_TYP_SHIFT | pm.SLP_EN)
     assert rig.power_offs == 0

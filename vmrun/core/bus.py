@@ -24,6 +24,33 @@ class BusDevice(Protocol):
     def write(self, offset: int, size: int, value: int) -> None: ...
 
 
+class ByteWideDevice:
+    """Base for byte-wide ISA devices (UART, i8042): a wider access is split into byte cycles,
+    lowest address first, as the ISA bus does. Subclasses implement ``_read_byte`` and
+    ``_write_byte``."""
+
+    def _read_byte(self, offset: int) -> int:
+        raise NotImplementedError
+
+    def _write_byte(self, offset: int, value: int) -> None:
+        raise NotImplementedError
+
+    def read(self, offset: int, size: int) -> int:
+        if size == 1:
+            return self._read_byte(offset)
+        value = 0
+        for i in range(size):
+            value |= self._read_byte(offset + i) << (8 * i)
+        return value
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if size == 1:
+            self._write_byte(offset, value & 0xFF)
+            return
+        for i in range(size):
+            self._write_byte(offset + i, (value >> (8 * i)) & 0xFF)
+
+
 class BusConflict(VmrunError):
     pass
 

@@ -31,6 +31,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
+from vmrun.core.bus import ByteWideDevice
 from vmrun.core.irq import IrqLine
 
 DATA = 0          # port 0x60
@@ -166,7 +167,7 @@ def translate_set2(data: bytes) -> bytes:
     return bytes(out)
 
 
-class I8042:
+class I8042(ByteWideDevice):
     """8042 PS/2 controller + MF2 keyboard + PS/2 mouse; one device at 0x60, five ports."""
 
     def __init__(self, kbd_irq: IrqLine, aux_irq: IrqLine, on_reset: Callable[[], None]) -> None:
@@ -263,19 +264,7 @@ class I8042:
             self._refill()
             return True
 
-    # -- bus device ----------------------------------------------------------------------
-    def read(self, offset: int, size: int) -> int:
-        if size == 1:
-            return self._read_byte(offset)
-        value = 0
-        for i in range(size):
-            value |= self._read_byte(offset + i) << (8 * i)
-        return value
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        for i in range(size):
-            self._write_byte(offset + i, (value >> (8 * i)) & 0xFF)
-
+    # -- bus device (read/write from ByteWideDevice) -------------------------------------
     def _read_byte(self, offset: int) -> int:
         if offset == DATA:
             with self._lock:

@@ -31,6 +31,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
+from vmrun.core.bus import ByteWideDevice
 from vmrun.core.irq import IrqLine
 
 # Register offsets.
@@ -98,7 +99,7 @@ RX_BACKLOG = 64 * 1024   # host input waiting beyond the FIFO (a large paste)
 MODEM_INPUTS = MSR_CTS | MSR_DSR | MSR_DCD
 
 
-class Uart16550:
+class Uart16550(ByteWideDevice):
     """One 16550A at an 8-port I/O range; ``irq`` is its IRQ pin.
 
     ``out2_gates_irq`` models the PC's ISA wiring (the default); a UART behind a PCI function
@@ -157,22 +158,6 @@ class Uart16550:
             return max(self._backlog_max - len(self._backlog), 0)
 
     # -- bus device ----------------------------------------------------------------------
-    def read(self, offset: int, size: int) -> int:
-        if size == 1:
-            return self._read_byte(offset)
-        # The UART is byte-wide: a wider access is split into byte cycles, as on ISA.
-        value = 0
-        for i in range(size):
-            value |= self._read_byte(offset + i) << (8 * i)
-        return value
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        if size == 1:
-            self._write_byte(offset, value & 0xFF)
-            return
-        for i in range(size):
-            self._write_byte(offset + i, (value >> (8 * i)) & 0xFF)
-
     def _read_byte(self, offset: int) -> int:
         with self._lock:
             if offset == RBR:
