@@ -1,12 +1,13 @@
-"""PCI config space, BAR sizing and decoding, ECAM, and MSI-X table semantics."""
+"""PCI config space, BAR sizing and decoding, ECAM, MSI-X table and MSI capability semantics."""
 
 from __future__ import annotations
 
 import pytest
 
 from vmrun.core import layout
+from vmrun.core.msi import MSI_64BIT, MSI_PER_VECTOR_MASK, MsiCapability
 from vmrun.core.msix import MsixVectors
-from vmrun.core.pci import BAR_IO, BAR_MEM32, BAR_MEM64, BarSpec, Ecam, PciDevice
+from vmrun.core.pci import BAR_IO, BAR_MEM32, BAR_MEM64, CAP_ID_MSI, BarSpec, Ecam, PciDevice
 from vmrun.testing import FakeVm, PciDriver
 
 
@@ -124,3 +125,58 @@ def test_msix_masking_pending_and_delivery(vm: FakeVm) -> None:
     m.notify(9)                                               # out of range: ignored
     assert m.table_read(16 * 4, 4) == 0                       # beyond the table
     m.close()
+
+
+class MsiDev(PciDevice):
+    """A device with a 4-vector MSI capability and INTA# (for the fallback)."""
+
+    vendor_id, device_id, class_code, interrupt_pin = 0x1234, 0x5678, 0xFF0000, 1
+
+    def realize(self) -> None:
+        self.msi = MsiCapability(4, vm=self.vm)
+        self.msi.add_capability(self.config)
+        self.msi.realize()
+
+
+def test_msi_capability_routes_masks_and_pending(vm: FakeVm) -> None:
+    dev = MsiDev()
+    vm.pci.add(dev, 5)
+    dev.realize()
+    drv = PciDriver(vm)
+    cap = {cap_id: off for off, cap_id in drv.capabilities(5, 0)}[CAP_ID_MSI]
+    ctrl = drv.read(5, 0, cap + 2, 2)
+    assert ctrl & MSI_64BIT and ctrl & MSI_PER_VECTOR_MASK and (ctrl >> 1) & 7 == 2  # 4 vectors
+    msi = dev.msi
+    msi.notify(0)                                               # not enabled: dropped
+    assert [vm.msi_count(g) for g in msi.gsis] == [0, 0, 0, 0]
+    drv.write(5, 0, cap + 4, 4, 0xFEE01003)                     # low 2 bits are reserved
+    drv.write(5, 0, cap + 8, 4, 0)
+    drv.write(5, 0, cap + 12, 2, 0x4000 | 0x50)
+    drv.write(5, 0, cap + 2, 2, 0x0021 | 0x000E)               # enable, MME=2 (4); MMC is RO
+    assert (drv.read(5, 0, cap + 2, 2) >> 1) & 7 == 2
+    assert [vm.msi_routes[g] for g in msi.gsis] == [(0xFEE01000, 0x4050 + v) for v in range(4)]
+    msi.notify(2)
+    assert vm.msi_count(msi.gsis[2]) == 1
+    drv.write(5, 0, cap + 16, 4, 0b0010)                        # mask vector 1
+    msi.notify(1)
+    assert vm.msi_count(msi.gsis[1]) == 0 and drv.read(5, 0, cap + 20, 4) == 0b0010
+    drv.write(5, 0, cap + 20, 4, 0)                             # pending bits are read-only
+    assert drv.read(5, 0, cap + 20, 4) == 0b0010
+    drv.write(5, 0, cap + 16, 4, 0)                             # unmask: the pending one fires
+    assert vm.msi_count(msi.gsis[1]) == 1 and drv.read(5, 0, cap + 20, 4) == 0
+    drv.write(5, 0, cap + 2, 2, 0x0011)                         # MME=1: only 2 vectors now
+    assert vm.msi_routes[msi.gsis[1]] == (0xFEE01000, 0x4051)
+    msi.notify(3)
+    msi.notify(-1)
+    assert vm.msi_count(msi.gsis[3]) == 0
+    vm.pci.reset()                                              # machine reset: disabled, clean
+    assert not msi.enabled and drv.read(5, 0, cap + 4, 4) == 0
+    assert (drv.read(5, 0, cap + 2, 2) >> 1) & 7 == 2
+
+
+def test_msi_vector_counts_are_checked() -> None:
+    with pytest.raises(ValueError):
+        MsiCapability(3)
+    m = MsiCapability(1)
+    m.notify(0)                                                 # no config space yet: nothing
+    assert m.fired == []

@@ -1,20 +1,21 @@
 """MSI-X: the capability, the vector table and the pending-bit array (PCI 3.0, 6.8.2).
 
 Each vector owns a KVM GSI routed to the message the guest wrote in its table entry and an
-eventfd registered as an irqfd, so a device thread raises an interrupt with one
-``eventfd_write`` — no exit, no ioctl, no GIL-heavy work. A masked vector (per-vector mask or
-the function mask) sets its pending bit instead; unmasking delivers it.
+eventfd registered as an irqfd (:class:`vmrun.core.msi.MessageRoutes`, shared with plain MSI),
+so a device thread raises an interrupt with one ``eventfd_write`` — no exit, no ioctl. A
+masked vector (per-vector mask or the function mask) sets its pending bit instead; unmasking
+delivers it.
 
 For tests and VMs without KVM, ``MsixVectors(vm=None)`` records deliveries in ``fired``.
 """
 
 from __future__ import annotations
 
-import os
 import struct
 import threading
 from typing import TYPE_CHECKING
 
+from vmrun.core.msi import MessageRoutes
 from vmrun.core.pci import CAP_ID_MSIX, ConfigSpace
 
 if TYPE_CHECKING:
@@ -34,17 +35,29 @@ class MsixVectors:
         self.n = nvectors
         self.table_bar, self.table_offset = table_bar, table_offset
         self.pba_bar, self.pba_offset = pba_bar, pba_offset
-        self.vm = vm
+        self.routes = MessageRoutes(nvectors, vm)
         self.table = bytearray(ENTRY_SIZE * nvectors)
         self.pending = [False] * nvectors
         self.cap_offset = -1
         self.config: ConfigSpace | None = None
         self.lock = threading.Lock()
-        self.fired: list[int] = []
-        self.gsis: list[int] = []
-        self.eventfds: list[int] = []
-        self.routes: list[tuple[int, int] | None] = [None] * nvectors
         self.reset()
+
+    @property
+    def vm(self) -> Vm | None:
+        return self.routes.vm
+
+    @vm.setter
+    def vm(self, vm: Vm | None) -> None:
+        self.routes.vm = vm
+
+    @property
+    def fired(self) -> list[int]:
+        return self.routes.fired
+
+    @property
+    def gsis(self) -> list[int]:
+        return self.routes.gsis
 
     @property
     def table_size(self) -> int:
@@ -64,19 +77,10 @@ class MsixVectors:
 
     def realize(self) -> None:
         """Allocate one GSI and one irqfd per vector (needs a VM)."""
-        if self.vm is None or self.gsis:
-            return
-        for _ in range(self.n):
-            gsi = self.vm.allocate_msi_gsi()
-            fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-            self.vm.register_irqfd(fd, gsi)
-            self.gsis.append(gsi)
-            self.eventfds.append(fd)
+        self.routes.realize()
 
     def close(self) -> None:
-        for fd in self.eventfds:
-            os.close(fd)
-        self.eventfds = []
+        self.routes.close()
 
     def reset(self) -> None:
         with self.lock:
@@ -115,12 +119,13 @@ class MsixVectors:
         with self.lock:
             was_masked = self._masked(vector)
             self.table[offset:offset + size] = value.to_bytes(size, "little")
-            self._update_route(vector)
+            addr, data, _ctrl = self.entry(vector)
+            self.routes.route(vector, addr, data)
             deliver = was_masked and not self._masked(vector) and self.pending[vector]
             if deliver:
                 self.pending[vector] = False
         if deliver:
-            self._signal(vector)
+            self.routes.signal(vector)
 
     def pba_read(self, offset: int, size: int) -> int:
         value = 0
@@ -139,7 +144,7 @@ class MsixVectors:
                 if deliver:
                     self.pending[v] = False
             if deliver:
-                self._signal(v)
+                self.routes.signal(v)
 
     # -- device side -------------------------------------------------------------------
     def notify(self, vector: int) -> None:
@@ -150,19 +155,4 @@ class MsixVectors:
             if self._masked(vector):
                 self.pending[vector] = True
                 return
-        self._signal(vector)
-
-    def _update_route(self, vector: int) -> None:
-        if self.vm is None or not self.gsis:
-            return
-        addr, data, _ctrl = self.entry(vector)
-        route = (addr, data)
-        if self.routes[vector] != route:
-            self.routes[vector] = route
-            self.vm.set_msi_route(self.gsis[vector], addr, data)
-
-    def _signal(self, vector: int) -> None:
-        if self.eventfds:
-            os.eventfd_write(self.eventfds[vector], 1)
-        else:
-            self.fired.append(vector)
+        self.routes.signal(vector)

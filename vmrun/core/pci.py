@@ -86,6 +86,14 @@ class PciDevice:
       - ``bar_moved(index, old, new)``: the guest (re)placed a BAR (e.g. to re-register
         ioeventfds); ``old``/``new`` are guest addresses or None when decoding is off;
       - ``reset()``: bring the device to its power-on state (machine reset, FLR).
+
+    Interrupts: INTA# through :meth:`set_intx` (routed over IOAPIC pins 16-23, described by
+    ``_PRT``); plain MSI by setting ``self.msi`` to a :class:`vmrun.core.msi.MsiCapability` and
+    calling its ``add_capability(self.config)`` and ``realize()`` in :meth:`realize` — the core
+    then keeps its routes in step with the guest's config writes and resets it with the
+    device; MSI-X through :class:`vmrun.core.msix.MsixVectors` (its table and PBA live in a
+    BAR the device forwards to it). A device raises ``msi.notify(vector)`` when
+    ``msi.enabled``, else INTx.
     The core gives the device, before the guest runs: ``self.config`` (its
     :class:`ConfigSpace`), ``self.intx`` (an IrqLine for INTA#, or None), ``self.vm`` and
     ``self.address`` (bus, slot, function).
@@ -103,6 +111,7 @@ class PciDevice:
 
     config: ConfigSpace
     intx = None
+    msi = None
     vm: Vm | None = None
     address: tuple[int, int, int] = (0, 0, 0)
 
@@ -126,6 +135,8 @@ class PciDevice:
         MSI-X capability's enable bits, or the command register)."""
         if offset <= COMMAND + 1 and offset + size > COMMAND:
             self.set_intx(bool(self.config.status & STATUS_INTERRUPT))
+        if self.msi is not None and self.msi.overlaps(offset, size):
+            self.msi.config_changed()
 
     def set_intx(self, level: bool) -> None:
         """Drive INTA#: the status bit always follows, the pin only when not disabled."""
@@ -382,10 +393,14 @@ class PciRoot:
 
     def reset(self) -> None:
         for dev in self.devices.values():
+            if dev.msi is not None:
+                dev.msi.reset()
             dev.reset()
 
     def close(self) -> None:
         for dev in self.devices.values():
+            if dev.msi is not None:
+                dev.msi.close()
             dev.close()
 
 

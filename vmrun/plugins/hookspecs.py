@@ -21,7 +21,9 @@ The PCI device contract that a device factory returns is :class:`vmrun.core.pci.
   capabilities; ``config_changed`` follows guest writes to generic config space;
 - ``bar_moved(index, old, new)``: re-register ioeventfds and the like;
 - MSI-X: :class:`vmrun.core.msix.MsixVectors` (table and PBA in a BAR, masking, pending bits,
-  delivery through KVM GSI routes + irqfd); INTx: ``set_intx(level)``;
+  delivery through KVM GSI routes + irqfd); MSI: set ``self.msi`` to a
+  :class:`vmrun.core.msi.MsiCapability` (1-32 vectors, 64-bit address, per-vector masks; the
+  core follows the guest's config writes to it and resets it); INTx: ``set_intx(level)``;
 - ``realize()`` once placed, ``reset()`` on machine reset, ``close()`` at the end.
 
 Virtio devices implement :class:`vmrun.core.virtio.device.VirtioDevice` and are wrapped in the

@@ -2,7 +2,8 @@
 
 They spend almost no time in guest kernel mode, so they run fast even where KVM emulates
 kernel code. :func:`long_mode_vm` sets up identity page tables, a GDT and an IDT whose
-vectors all point at the ``handlers`` given, loads ``code`` at :data:`CODE` and points RIP at it.
+vectors (the 32 exceptions, and any interrupt vector a handler is given for) point at the
+``handlers`` given, loads ``code`` at :data:`CODE` and points RIP at it.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def long_mode_vm(code: bytes, handlers: dict[int, bytes] | None = None, *, irqch
     assert mem is not None
     mem.write(CODE, code)
     entries = bytearray()
-    for vector in range(32):
+    for vector in range(max(32, max(handlers or {0: b""}) + 1)):
         body = (handlers or {}).get(vector)
         target = HANDLERS + vector * 0x100
         if body is not None:
