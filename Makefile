@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 DEB_PACKAGES := linux-source-6.1 busybox-static acpica-tools dmidecode e2fsprogs flex bison bc \
-                libelf-dev libssl-dev gcc make xz-utils
+                libelf-dev libssl-dev gcc libc6-dev make xz-utils
 MACHINE ?= machines/tiny.toml
 
 .PHONY: run test deps venv image lint bench clean

@@ -14,6 +14,7 @@ import pytest
 
 from vmrun.core import acpi, aml, layout
 from vmrun.core.acpi import AcpiPlatform, AcpiTables, build_acpi
+from vmrun.core.pci_acpi import ecam_reservation_aml
 
 IASL = shutil.which("iasl")
 ACPIEXEC = shutil.which("acpiexec")
@@ -55,8 +56,8 @@ def pci_root_fragment() -> bytes:
 
 @pytest.fixture
 def platform() -> AcpiPlatform:
-    return AcpiPlatform(ncpus=2, serial_ports=list(SERIAL), dsdt_extra=[pci_root_fragment()],
-                        ecam=ECAM)
+    return AcpiPlatform(ncpus=2, serial_ports=list(SERIAL),
+                        dsdt_extra=[pci_root_fragment(), ecam_reservation_aml()], ecam=ECAM)
 
 
 @pytest.fixture
@@ -438,8 +439,11 @@ def test_iasl_dsdt_roundtrip(tables: AcpiTables, tmp_path: Path) -> None:
                  'Device (RTC)', 'EisaId ("PNP0B00")', 'Device (KBD)', 'EisaId ("PNP0303")',
                  'Device (MOU)', 'EisaId ("PNP0F13")', 'IRQNoFlags ()',
                  'Device (PCI0)', 'EisaId ("PNP0A08")', 'EisaId ("PNP0A03")', 'Name (_PRT',
-                 'WordBusNumber (ResourceProducer', 'QWordMemory (ResourceProducer']:
+                 'WordBusNumber (ResourceProducer', 'QWordMemory (ResourceProducer',
+                 'Device (MRES)', 'EisaId ("PNP0C02")']:
         assert text in dsl, text
+    # The ECAM window is claimed as a motherboard resource (Linux checks MCFG against it).
+    assert re.search(r"Memory32Fixed \(ReadWrite,\s+0xE0000000,[^\n]*\n\s+0x10000000,", dsl), dsl
     assert "0x03F8,             // Range Minimum" in dsl
     text = run_tool([str(IASL), "dsdt.dsl"], tmp_path)
     assert not error_lines(text), text
@@ -496,11 +500,12 @@ def test_acpiexec_loads_and_evaluates(tables: AcpiTables, tmp_path: Path) -> Non
         (tmp_path / names[-1]).write_bytes(tables.tables[sig][1])
     commands = ["evaluate \\_S5", "resources \\_SB.COM1", "resources \\_SB.COM2",
                 "resources \\_SB.RTC", "resources \\_SB.KBD", "resources \\_SB.MOU",
-                "resources \\_SB.PCI0", "evaluate \\_SB.PCI0._PRT"]
+                "resources \\_SB.PCI0", "resources \\_SB.MRES", "evaluate \\_SB.PCI0._PRT"]
     text = run_tool([str(ACPIEXEC), "-b", "; ".join(commands), *names], tmp_path)
-    assert "7 Devices" not in text and "6 Devices" in text
+    assert "8 Devices" not in text and "7 Devices" in text
     assert "ACPI Error" not in text and "ACPI Warning" not in text, text
     assert "ACPI Exception" not in text and "mismatch" not in text, text
     assert "[Integer] = 0000000000000005" in text            # \_S5 SLP_TYP
     assert "Interrupt List : 4" in text and "Interrupt List : C" in text
     assert "Address Minimum : 03F8" in text
+    assert "Address : E0000000" in text and "Address Length : 10000000" in text   # MRES

@@ -1,11 +1,12 @@
 """Build the default guest ("tiny"): a small kernel and a busybox initramfs.
 
 The kernel comes from Debian's ``linux-source-6.1`` with ``guest/tiny.config`` merged on top of
-``tinyconfig``; the initramfs holds Debian's static busybox and ``guest/init``. Both are cached
-outside the repository (``$XDG_CACHE_HOME/vmrun``, default ``~/.cache/vmrun``) under a key made
-of their inputs, so a rebuild only happens when the config fragment, the init script or the
-source package changes. Machine files name them as ``image:tiny/vmlinux`` and
-``image:tiny/initramfs.cpio.gz``.
+``tinyconfig``; the initramfs holds Debian's static busybox, ``guest/init`` and ``blkbench``
+(``guest/blkbench.c`` built static: the block benchmark's fio stand-in). Both are cached
+outside the repository (``$XDG_CACHE_HOME/vmrun``, default ``~/.cache/vmrun``) under keys made
+of their inputs: the kernel is only rebuilt when the config fragment or the source package
+changes, the initramfs when one of its files or this builder does. Machine files name them as
+``image:tiny/vmlinux`` and ``image:tiny/initramfs.cpio.gz``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import shutil
 import stat
 import subprocess
 import tarfile
+import tempfile
 from pathlib import Path
 
 from rich.console import Console
@@ -50,14 +52,24 @@ def resolve_image_path(spec: str) -> Path:
     return cache_dir() / "images" / rest
 
 
-def _inputs_key() -> str:
-    h = hashlib.sha256()
-    for p in (GUEST_DIR / "tiny.config", GUEST_DIR / "init", Path(__file__)):
+def _key(files: tuple[Path, ...], packages: tuple[Path, ...], salt: str = "") -> str:
+    """A short hash of file contents and of installed packages' files (size and mtime)."""
+    h = hashlib.sha256(salt.encode())
+    for p in files:
         h.update(p.read_bytes())
-    for p in (KERNEL_SOURCE, BUSYBOX):
+    for p in packages:
         st = p.stat()
         h.update(f"{p}:{st.st_size}:{int(st.st_mtime)}".encode())
     return h.hexdigest()[:16]
+
+
+def _kernel_key() -> str:
+    return _key((GUEST_DIR / "tiny.config",), (KERNEL_SOURCE,))
+
+
+def _inputs_key() -> str:
+    return _key((GUEST_DIR / "init", GUEST_DIR / "blkbench.c", Path(__file__)), (BUSYBOX,),
+                _kernel_key())
 
 
 def _need(path: Path, package: str) -> None:
@@ -112,11 +124,18 @@ class ImageBuilder:
                 self.console.print(f"[green]image {name} is up to date[/] ({out})")
                 return out
         out.mkdir(parents=True, exist_ok=True)
-        vmlinux = self.build_kernel(key)
-        tmp = out / "vmlinux.tmp"
-        shutil.copyfile(vmlinux, tmp)
-        os.replace(tmp, out / "vmlinux")
-        data = build_initramfs(BUSYBOX, (GUEST_DIR / "init").read_bytes())
+        kernel_key = _kernel_key()
+        kernel_stamp = out / "kernel-key"
+        if force or not (out / "vmlinux").exists() or not kernel_stamp.exists() or \
+                kernel_stamp.read_text().strip() != kernel_key:
+            vmlinux = self.build_kernel(kernel_key)
+            tmp = out / "vmlinux.tmp"
+            shutil.copyfile(vmlinux, tmp)
+            os.replace(tmp, out / "vmlinux")
+            kernel_stamp.write_text(kernel_key + "\n")
+        self.console.print("building initramfs (busybox, init, blkbench)")
+        data = build_initramfs(BUSYBOX, (GUEST_DIR / "init").read_bytes(),
+                               {"bin/blkbench": compile_static(GUEST_DIR / "blkbench.c")})
         tmp = out / "initramfs.tmp"
         tmp.write_bytes(data)
         os.replace(tmp, out / "initramfs.cpio.gz")
@@ -187,6 +206,20 @@ class ImageBuilder:
 
 
 # -- initramfs (cpio "newc") -----------------------------------------------
+def compile_static(source: Path) -> bytes:
+    """Build one C file into a static x86-64 executable (the guest has no libc)."""
+    if shutil.which("gcc") is None:
+        raise VmrunError("gcc is missing: install the Debian packages gcc and libc6-dev "
+                         "(make deps does)")
+    with tempfile.TemporaryDirectory() as d:
+        exe = Path(d) / source.stem
+        res = subprocess.run(["gcc", "-static", "-O2", "-Wall", "-o", str(exe), str(source)],
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            raise VmrunError(f"{source.name} did not compile:\n{res.stderr[-2000:]}")
+        return exe.read_bytes()
+
+
 def _cpio_entry(name: str, mode: int, data: bytes = b"", ino: int = 1,
                 rdev: tuple[int, int] = (0, 0), nlink: int = 1) -> bytes:
     namez = name.encode() + b"\0"

@@ -18,7 +18,7 @@ from vmrun.core.acpi import AcpiPlatform, build_acpi
 from vmrun.core.boot import load_kernel
 from vmrun.core.exits import ExitCode
 from vmrun.core.pci import ConfigMechanism1, Ecam, PciRoot
-from vmrun.core.pci_acpi import pci_root_aml
+from vmrun.core.pci_acpi import ecam_reservation_aml, pci_root_aml
 from vmrun.core.smbios import build_smbios
 from vmrun.core.syscall_fixup import needed as syscall_fixup_needed
 from vmrun.core.vm import ExitInfo, Vm
@@ -114,7 +114,7 @@ class Machine:
 
         mem = vm.memory
         assert mem is not None
-        dsdt_extra = [pci_root_aml(self.pci)]
+        dsdt_extra = [pci_root_aml(self.pci), ecam_reservation_aml()]
         for frags in get_registry().pm.hook.vmrun_dsdt(devices=self.placed):
             dsdt_extra.extend(frags or [])
         tables = build_acpi(AcpiPlatform(ncpus=cfg.cpus, serial_ports=ports,

@@ -1,4 +1,5 @@
-"""The PCI root bridge in the DSDT: identity, decoded windows, and INTx routing (_PRT).
+"""The PCI root bridge in the DSDT: identity, decoded windows, and INTx routing (_PRT); and
+the ECAM window reserved as a motherboard resource.
 
 Only slots that hold a device with an interrupt pin get _PRT entries: the guest's AML
 interpreter walks every entry, and a short table is a fast one.
@@ -36,4 +37,19 @@ def pci_root_aml(root: PciRoot) -> bytes:
         aml.name("_UID", aml.integer(0)),
         aml.name("_CRS", crs),
         aml.name("_PRT", aml.package(*prt)),
+    )
+
+
+def ecam_reservation_aml(base: int = layout.ECAM_BASE, size: int = layout.ECAM_SIZE) -> bytes:
+    """A PNP0C02 "motherboard resources" device that claims the ECAM window.
+
+    The PCI Firmware spec asks firmware to reserve the MCFG range this way; without it Linux
+    says "MMCONFIG ... not reserved in ACPI motherboard resources" and, on some kernels,
+    falls back to port-I/O configuration access.
+    """
+    return aml.device(
+        "MRES",
+        aml.name("_HID", aml.integer(aml.eisa_id("PNP0C02"))),
+        aml.name("_UID", aml.integer(1)),
+        aml.name("_CRS", aml.resource_template(aml.memory32_fixed(base, size))),
     )
