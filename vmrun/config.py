@@ -50,7 +50,7 @@ RTC_MODES = ("utc", "localtime")
 ON_REBOOT = ("restart", "exit")
 ON_UNHANDLED_IO = ("ignore", "exit")
 CPU_PROFILES = ("host", "compat")
-SERIAL_PORTS = ("com1", "com2", "com3", "com4")
+SERIAL_PORTS = ("com1", "com2", "com3", "com4", "debugcon")
 SERIAL_BACKENDS = ("stdio", "file", "socket", "pty", "null")
 PATH_BACKENDS = ("file", "socket")
 
@@ -97,7 +97,8 @@ class BootConfig:
 
 @dataclass(frozen=True)
 class SerialConfig:
-    """One ``[serial.comN]`` port: a backend, and the path for ``file`` and ``socket``."""
+    """One ``[serial.comN]`` port (or ``[serial.debugcon]``, the output-only debug console at
+    port 0xE9): a backend, and the path for ``file`` and ``socket``."""
 
     backend: str
     path: Path | None = None

@@ -39,6 +39,16 @@ COM_PORTS = {
 }
 
 
+class _DiscardInput:
+    """The input side of the output-only debug console: typed bytes go nowhere."""
+
+    def feed(self, data: bytes) -> int:
+        return len(data)
+
+
+_DISCARD_INPUT = _DiscardInput()
+
+
 @dataclass
 class BootLog:
     """Milestones the guest reported on the boot-marker port, seconds since process start."""
@@ -74,6 +84,10 @@ class Machine:
         ports = []
         self.uart_irqs = {}
         for name, backend in serial.items():
+            if name == "debugcon":
+                backend.attach(_DISCARD_INPUT)
+                debug_out = backend.write
+                continue
             label, port, irq = COM_PORTS[name]
             line = vm.irq_line(irq)
             self.uart_irqs[name] = line

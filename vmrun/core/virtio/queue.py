@@ -6,6 +6,12 @@ longer than the queue (so a loop ends as an error), an indirect table is a whole
 descriptors, never nested, never combined with NEXT, and every buffer must lie inside guest
 RAM; device-readable buffers must come before device-writable ones. A violation raises
 :class:`VirtqueueError`; the transport then marks the device DEVICE_NEEDS_RESET.
+
+The ring words the driver and device share while both run (the indices, flags, used
+elements and event indices) are read and written through typed memoryviews: one load or
+store each. ``struct.pack_into`` is not safe there: it zero-fills its target before writing
+the value, so a driver polling the used index could see it drop to 0 for a moment (a native
+test guest did, and a real driver would take that as thousands of completions).
 """
 
 from __future__ import annotations
@@ -25,8 +31,6 @@ DESC_SIZE = 16
 MAX_INDIRECT = 1024   # descriptors in one indirect table (Linux uses at most the queue size)
 
 _desc = struct.Struct("<QIHH")
-_u16 = struct.Struct("<H")
-_used_elem = struct.Struct("<II")
 
 
 class VirtqueueError(Exception):
@@ -72,8 +76,10 @@ class Virtqueue:
         self.signalled_used: int | None = None
         self.mem: GuestMemory | None = None
         self._desc_view: memoryview | None = None
-        self._avail_view: memoryview | None = None
-        self._used_view: memoryview | None = None
+        self._avail: memoryview | None = None        # u16: flags, idx, ring[n], used_event
+        self._used_hdr: memoryview | None = None     # u16: flags, idx
+        self._used_elems: memoryview | None = None   # u32: id, len, id, len, ...
+        self._avail_event: memoryview | None = None  # u16: the used ring's avail_event
 
     # -- set-up ------------------------------------------------------------------------
     def activate(self, mem: GuestMemory, event_idx: bool) -> None:
@@ -86,8 +92,12 @@ class Virtqueue:
             raise VirtqueueError(f"queue {self.index}: misaligned ring address")
         try:
             self._desc_view = mem.view(self.desc_addr, DESC_SIZE * n)
-            self._avail_view = mem.view(self.avail_addr, 6 + 2 * n)
-            self._used_view = mem.view(self.used_addr, 6 + 8 * n)
+            avail = mem.view(self.avail_addr, 6 + 2 * n)
+            used = mem.view(self.used_addr, 6 + 8 * n)
+            self._avail = avail.cast("H")
+            self._used_hdr = used[:4].cast("H")
+            self._used_elems = used[4:4 + 8 * n].cast("I")
+            self._avail_event = used[4 + 8 * n:].cast("H")
         except GuestMemoryError as e:
             raise VirtqueueError(f"queue {self.index}: ring outside guest RAM ({e})") from None
         self.mem = mem
@@ -97,28 +107,28 @@ class Virtqueue:
 
     # -- driver -> device ------------------------------------------------------------------
     def avail_idx(self) -> int:
-        assert self._avail_view is not None
-        return _u16.unpack_from(self._avail_view, 2)[0]
+        assert self._avail is not None
+        return self._avail[1]
 
     def has_available(self) -> bool:
         return self.avail_idx() != self.last_avail
 
     def pop(self) -> DescriptorChain | None:
         """The next available chain, validated; None when the ring is empty."""
-        avail = self._avail_view
+        avail = self._avail
         assert avail is not None
-        idx = _u16.unpack_from(avail, 2)[0]
+        idx = avail[1]
         pending = (idx - self.last_avail) & 0xFFFF
         if pending == 0:
             return None
         if pending > self.size:
             raise VirtqueueError(f"queue {self.index}: available index {idx} is {pending} "
                                  f"entries ahead (queue size {self.size})")
-        head = _u16.unpack_from(avail, 4 + 2 * (self.last_avail % self.size))[0]
+        head = avail[2 + self.last_avail % self.size]
         self.last_avail = (self.last_avail + 1) & 0xFFFF
         if self.event_idx:
             # avail_event in the used ring: tell the driver where we are.
-            _u16.pack_into(self._used_view, 4 + 8 * self.size, self.last_avail)  # type: ignore[arg-type]
+            self._avail_event[0] = self.last_avail  # type: ignore[index]
         return self._walk(head)
 
     def _walk(self, head: int) -> DescriptorChain:
@@ -183,24 +193,25 @@ class Virtqueue:
     # -- device -> driver ------------------------------------------------------------------
     def push_used(self, head: int, written: int) -> None:
         """Return a chain to the driver; ``written`` = bytes the device wrote into it."""
-        used = self._used_view
-        assert used is not None
+        elems = self._used_elems
+        assert elems is not None and self._used_hdr is not None
         slot = self.next_used % self.size
-        _used_elem.pack_into(used, 4 + 8 * slot, head, written)
+        elems[2 * slot] = head
+        elems[2 * slot + 1] = written
         self.next_used = (self.next_used + 1) & 0xFFFF
-        _u16.pack_into(used, 2, self.next_used)
+        self._used_hdr[1] = self.next_used      # publish: one 16-bit store, after the element
 
     def needs_interrupt(self) -> bool:
         """After push_used: should the driver be interrupted (EVENT_IDX or NO_INTERRUPT)?"""
-        avail = self._avail_view
+        avail = self._avail
         assert avail is not None
         new = self.next_used
         if not self.event_idx:
-            return not _u16.unpack_from(avail, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
+            return not avail[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
         old = self.signalled_used
         self.signalled_used = new
         if old is None:
             return True
-        used_event = _u16.unpack_from(avail, 4 + 2 * self.size)[0]
+        used_event = avail[2 + self.size]
         # vring_need_event(): did new pass used_event since old?
         return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
