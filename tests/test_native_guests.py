@@ -62,8 +62,10 @@ path = "{disk}"
     return out.returncode, log.read_text() + out.stderr
 
 
-def test_vblk_guest_reads_and_writes_where_it_says(tmp_path: Path) -> None:
-    rc, text = run_vblk(tmp_path, "seq_mib=8 rand_ios=4000 qd=32")
+@pytest.mark.parametrize("nocache", [False, True], ids=["threads", "native-aio"])
+def test_vblk_guest_reads_and_writes_where_it_says(tmp_path: Path, nocache: bool) -> None:
+    rc, text = run_vblk(tmp_path, "seq_mib=8 rand_ios=4000 qd=32",
+                        "nocache = true" if nocache else "")
     assert "vblk: done" in text, text[-2000:]
     assert rc == 0, text[-2000:]                       # debug-exit 0 with on_reboot = "exit"
     assert f"vblk: capacity={SECTORS} " in text

@@ -159,6 +159,11 @@ class RawFile(BlockBackend):
 
     # -- data path ---------------------------------------------------------------------
 
+    def direct_io(self) -> tuple[int, int] | None:
+        """``(O_DIRECT fd, alignment)`` for callers that queue their own I/O on the file
+        (native AIO), or None when the file is not opened with ``nocache``."""
+        return (self._fd, self._align) if self.nocache else None
+
     def readv(self, offset: int, bufs: Buffers) -> int:
         total = buffers_len(bufs)
         check_range(self.path, offset, total, self._read_limit)

@@ -118,3 +118,13 @@ class GuestMemory:
         from vmrun.core.kvm import ffi
 
         return int(ffi.cast("uintptr_t", ffi.from_buffer(slot.mm)))
+
+    def host_address_of(self, gpa: int, length: int) -> int:
+        """The host virtual address of guest range ``gpa``..``gpa+length`` (checked), for
+        I/O the kernel does straight into guest RAM (native AIO)."""
+        s = self._slot(gpa, length)
+        bases = self.__dict__.setdefault("_host_bases", {})
+        base = bases.get(s.index)
+        if base is None:
+            base = bases[s.index] = self.host_address(s)
+        return base + gpa - s.gpa

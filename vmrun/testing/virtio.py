@@ -59,17 +59,18 @@ class MockVirtqueue:
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
         self.mem.write_u16(self.avail + 2, self.avail_idx)
 
-    def add(self, readable: list[bytes], writable: list[int], indirect: bool = False) -> \
-            tuple[int, list[int]]:
-        """Post one chain; returns (head, [guest addresses of the writable buffers])."""
+    def add(self, readable: list[bytes], writable: list[int], indirect: bool = False,
+            align: int = 16) -> tuple[int, list[int]]:
+        """Post one chain; returns (head, [guest addresses of the writable buffers]).
+        Buffers of a sector or more are aligned to ``align`` (O_DIRECT paths care)."""
         bufs = []
         for data in readable:
-            a = self.alloc.alloc(max(len(data), 1))
+            a = self.alloc.alloc(max(len(data), 1), align if len(data) >= 512 else 16)
             self.mem.write(a, data)
             bufs.append((a, len(data), 0))
         out = []
         for n in writable:
-            a = self.alloc.alloc(max(n, 1))
+            a = self.alloc.alloc(max(n, 1), align if n >= 512 else 16)
             self.mem.fill(a, n, 0xEE)
             bufs.append((a, n, VIRTQ_DESC_F_WRITE))
             out.append(a)
