@@ -2,13 +2,13 @@
 
 Requests are taken off the queue on the transport's I/O thread. On a raw image opened with
 ``nocache`` (O_DIRECT), reads and writes go out in batches through Linux native AIO
-(``io_submit``, QEMU's ``aio=native``) straight from/into guest RAM, and a completion thread
-finishes them; everything else (flush, discard, GET_ID, unaligned buffers, other backends)
-runs on a small pool of worker threads (bhyve's block_if uses 8) with ``preadv``/``pwritev``
-on memoryviews of the guest mapping. No copies either way. Every request is checked: a header of 16
-readable bytes, a 1-byte writable status at the end, data lengths that are whole sectors,
-sectors inside the disk; a malformed request gets VIRTIO_BLK_S_IOERR (or UNSUPP), a malformed
-chain marks the device DEVICE_NEEDS_RESET.
+(``io_submit``, QEMU's ``aio=native``) straight from/into guest RAM, and their completions are
+collected on that same thread (``io_fds``/``io_ready``). Everything else (flush, discard,
+GET_ID, unaligned buffers, other backends) runs on a small pool of worker threads (bhyve's
+block_if uses 8) with ``preadv``/``pwritev`` on memoryviews of the guest mapping. No copies
+either way. Every request is checked: a header of 16 readable bytes, a 1-byte writable status
+at the end, data lengths that are whole sectors, sectors inside the disk; a malformed request
+gets VIRTIO_BLK_S_IOERR (or UNSUPP), a malformed chain marks the device DEVICE_NEEDS_RESET.
 """
 
 from __future__ import annotations
@@ -16,9 +16,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import select
 import struct
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from vmrun.block.aio import AioContext, AioError
@@ -84,19 +82,13 @@ class VirtioBlk(VirtioDevice):
         self.requests = 0
         self.aio_requests = 0
         self.aio: AioContext | None = None
-        self._aio_thread: threading.Thread | None = None
         direct = getattr(backend, "direct_io", lambda: None)()
         if direct is not None:
             try:
                 self.aio = AioContext(queue_size)
+                self._direct_fd, self._direct_align = direct
             except AioError as e:   # no AIO in this kernel: the worker threads do it all
                 log.info("%s: native AIO unavailable (%s): using threads", self.name, e)
-        if self.aio is not None:
-            self._direct_fd, self._direct_align = direct
-            self._stop_r, self._stop_w = os.pipe()
-            self._aio_thread = threading.Thread(target=self._aio_loop, daemon=True,
-                                                name="virtio-blk-aio")
-            self._aio_thread.start()
 
     # -- configuration -------------------------------------------------------------------
     def config_bytes(self) -> bytes:
@@ -174,32 +166,30 @@ class VirtioBlk(VirtioDevice):
         token = (index, chain, status_addr, total, total if rtype == VIRTIO_BLK_T_IN else 0)
         return token, self._direct_fd, rtype == VIRTIO_BLK_T_OUT, offset, iov
 
-    def _aio_loop(self) -> None:
+    def io_fds(self) -> list[int]:
+        return [self.aio.eventfd] if self.aio is not None else []
+
+    def io_ready(self, fd: int) -> None:
+        """AIO completions, on the transport's I/O thread: status byte, used ring."""
         aio = self.aio
-        assert aio is not None
-        poller = select.poll()
-        poller.register(aio.eventfd, select.POLLIN)
-        poller.register(self._stop_r, select.POLLIN)
-        while True:
-            for fd, _ev in poller.poll():
-                if fd == self._stop_r:
-                    return
-            for (index, chain, status_addr, expected, n), res in aio.reap():
-                if res == -errno.EINVAL:
-                    # The O_DIRECT alignment guess was too small: the threads re-align.
-                    self.pool.submit(self._serve, index, chain)
-                    continue
-                status = VIRTIO_BLK_S_OK
-                if res != expected:
-                    log.warning("%s: I/O error: %s", self.name,
-                                os.strerror(-res) if res < 0 else f"short transfer {res}")
-                    status, n = VIRTIO_BLK_S_IOERR, 0
-                try:
-                    self.mem.write(status_addr, bytes([status]))
-                except GuestMemoryError:
-                    self.transport.broken(f"status byte of head {chain.head} left guest RAM")
-                    continue
-                self.transport.complete(index, chain.head, n + 1)
+        if aio is None:
+            return
+        for (index, chain, status_addr, expected, n), res in aio.reap():
+            if res == -errno.EINVAL:
+                # The O_DIRECT alignment guess was too small: the threads re-align.
+                self.pool.submit(self._serve, index, chain)
+                continue
+            status = VIRTIO_BLK_S_OK
+            if res != expected:
+                log.warning("%s: I/O error: %s", self.name,
+                            os.strerror(-res) if res < 0 else f"short transfer {res}")
+                status, n = VIRTIO_BLK_S_IOERR, 0
+            try:
+                self.mem.write(status_addr, bytes([status]))
+            except GuestMemoryError:
+                self.transport.broken(f"status byte of head {chain.head} left guest RAM")
+                continue
+            self.transport.complete(index, chain.head, n + 1)
 
     def _serve(self, index: int, chain: DescriptorChain) -> None:
         try:
@@ -314,12 +304,6 @@ class VirtioBlk(VirtioDevice):
         pass
 
     def close(self) -> None:
-        if self._aio_thread is not None:
-            os.write(self._stop_w, b"x")
-            self._aio_thread.join(5)
-            os.close(self._stop_r)
-            os.close(self._stop_w)
-            self._aio_thread = None
         if self.aio is not None:
             self.aio.close()     # waits for requests still in flight
             self.aio = None

@@ -64,6 +64,14 @@ class VirtioDevice:
     def queue_notify(self, index: int) -> None:
         """The driver made buffers available in queue ``index`` (called on the I/O thread)."""
 
+    def io_fds(self) -> list[int]:
+        """File descriptors the transport's I/O thread should also watch for this device
+        (e.g. an AIO completion eventfd), so completions need no thread of their own."""
+        return []
+
+    def io_ready(self, fd: int) -> None:
+        """One of :meth:`io_fds` is readable (called on the I/O thread)."""
+
     def reset(self) -> None:
         """The driver wrote 0 to device_status: stop, forget negotiated state."""
 

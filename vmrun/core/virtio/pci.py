@@ -143,10 +143,16 @@ class VirtioPciTransport(PciDevice):
             poller.register(fd, select.POLLIN)
         poller.register(self._stop_r, select.POLLIN)
         index = {fd: i for i, fd in enumerate(self.eventfds)}
+        extra = set(self.device.io_fds())
+        for fd in extra:
+            poller.register(fd, select.POLLIN)
         while True:
             for fd, _ev in poller.poll():
                 if fd == self._stop_r:
                     return
+                if fd in extra:
+                    self.device.io_ready(fd)
+                    continue
                 try:
                     os.eventfd_read(fd)
                 except BlockingIOError:
