@@ -228,3 +228,30 @@ def test_random_requests_match_a_model(tmp_path_factory, ops) -> None:
             assert status == (VIRTIO_BLK_S_OK if in_range else VIRTIO_BLK_S_IOERR)
     finally:
         vm.close()
+
+
+class SlowDisk(RawFile):
+    """A raw file whose reads take a while, to have requests in flight at a reset."""
+
+    def readv(self, offset, bufs):
+        time.sleep(0.2)
+        return super().readv(offset, bufs)
+
+
+def test_reset_drains_requests_in_flight(vm: FakeVm, image: Path) -> None:
+    d = Disk(vm, SlowDisk(image))
+    for i in range(4):
+        hdr = struct.pack("<IIQ", VIRTIO_BLK_T_IN, 0, i)
+        d.q.add([hdr], [512, 1])
+    d.drv.kick(0)
+    time.sleep(0.05)                                    # the workers have them now
+    start = time.monotonic()
+    d.drv.common_write(0x14, 1, 0)                      # reset while 4 reads are running
+    assert time.monotonic() - start >= 0.1              # it waited for them
+    assert d.transport.device._inflight == 0
+    d.drv.setup()                                       # new rings: nothing old lands there
+    d.q = d.drv.queues[0]
+    time.sleep(0.3)
+    assert d.q.used_idx() == 0
+    status, data, _ = d.request(VIRTIO_BLK_T_IN, 0, read_len=512)
+    assert status == VIRTIO_BLK_S_OK and data == bytes(range(256)) * 2

@@ -17,6 +17,7 @@ import errno
 import logging
 import os
 import struct
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from vmrun.block.aio import AioContext, AioError
@@ -81,6 +82,8 @@ class VirtioBlk(VirtioDevice):
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="virtio-blk")
         self.requests = 0
         self.aio_requests = 0
+        self._inflight = 0
+        self._idle = threading.Condition()
         self.aio: AioContext | None = None
         direct = getattr(backend, "direct_io", lambda: None)()
         if direct is not None:
@@ -113,6 +116,7 @@ class VirtioBlk(VirtioDevice):
             if chain is None:
                 break
             self.requests += 1
+            self._started(1)
             req = self._aio_request(index, chain) if self.aio is not None else None
             if req is None:
                 self.pool.submit(self._serve, index, chain)
@@ -123,6 +127,25 @@ class VirtioBlk(VirtioDevice):
             self.aio_requests += len(batch)
             for token in self.aio.submit(batch):
                 self.pool.submit(self._serve, token[0], token[1])   # type: ignore[index]
+
+    # -- requests in flight (a reset waits for them) ---------------------------------------
+    def _started(self, n: int) -> None:
+        with self._idle:
+            self._inflight += n
+
+    def _finished(self) -> None:
+        with self._idle:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.notify_all()
+
+    def reset(self) -> None:
+        """Drain: every request in flight finishes (its completion is dropped by the
+        transport) before the driver can set up new rings."""
+        with self._idle:
+            if not self._idle.wait_for(lambda: self._inflight == 0, timeout=30):
+                log.warning("%s: %d requests still in flight after a reset", self.name,
+                            self._inflight)
 
     # -- native AIO: plain aligned reads and writes ---------------------------------------
     def _aio_request(self, index: int, chain: DescriptorChain):
@@ -179,6 +202,11 @@ class VirtioBlk(VirtioDevice):
                 # The O_DIRECT alignment guess was too small: the threads re-align.
                 self.pool.submit(self._serve, index, chain)
                 continue
+            self._finish_aio(index, chain, status_addr, expected, n, res)
+
+    def _finish_aio(self, index: int, chain: DescriptorChain, status_addr: int, expected: int,
+                    n: int, res: int) -> None:
+        try:
             status = VIRTIO_BLK_S_OK
             if res != expected:
                 log.warning("%s: I/O error: %s", self.name,
@@ -188,10 +216,18 @@ class VirtioBlk(VirtioDevice):
                 self.mem.write(status_addr, bytes([status]))
             except GuestMemoryError:
                 self.transport.broken(f"status byte of head {chain.head} left guest RAM")
-                continue
+                return
             self.transport.complete(index, chain.head, n + 1)
+        finally:
+            self._finished()
 
     def _serve(self, index: int, chain: DescriptorChain) -> None:
+        try:
+            self._serve_one(index, chain)
+        finally:
+            self._finished()
+
+    def _serve_one(self, index: int, chain: DescriptorChain) -> None:
         try:
             status_addr, written = self._status_slot(chain)
         except RequestError as e:
@@ -299,9 +335,6 @@ class VirtioBlk(VirtioDevice):
 
     def _views(self, bufs: list[tuple[int, int]]) -> list[memoryview]:
         return [self.mem.view(a, n) for a, n in bufs if n]
-
-    def reset(self) -> None:
-        pass
 
     def close(self) -> None:
         if self.aio is not None:

@@ -253,6 +253,9 @@ class VirtioPciTransport(PciDevice):
         return 0
 
     def _common_write(self, offset: int, size: int, value: int) -> None:
+        if offset == 0x14 and value & 0xFF == 0:
+            self._reset_device()
+            return
         with self.lock:
             q = self._queue()
             if offset == 0x00:
@@ -289,12 +292,21 @@ class VirtioPciTransport(PciDevice):
                         setattr(q, attr, (cur & ~mask) | ((value << shift) & mask))
 
     # -- status machine ------------------------------------------------------------------
-    def _set_status(self, value: int) -> None:
-        if value == 0:
-            self.device.reset()
+    def _reset_device(self) -> None:
+        """The driver wrote 0 to device_status. Completions stop counting first, then the
+        device drains what it has in flight (outside our lock: a request finishing meanwhile
+        may need it), so nothing from before the reset lands in the rings set up after it."""
+        with self.lock:
+            self.active = False
+        self.device.reset()
+        with self.lock:
             self._reset_state()
             self.msix.reset()
             self.set_intx(False)
+
+    def _set_status(self, value: int) -> None:
+        if value == 0:
+            self._reset_device()
             return
         old = self.status
         if value & STATUS_FEATURES_OK and not old & STATUS_FEATURES_OK:
