@@ -14,7 +14,7 @@ import pytest
 
 from vmrun.core import acpi, aml, layout
 from vmrun.core.acpi import AcpiPlatform, AcpiTables, build_acpi
-from vmrun.core.pci_acpi import ecam_reservation_aml
+from vmrun.core.pci_acpi import ecam_allocation, ecam_reservation_aml
 
 IASL = shutil.which("iasl")
 ACPIEXEC = shutil.which("acpiexec")
@@ -509,3 +509,13 @@ def test_acpiexec_loads_and_evaluates(tables: AcpiTables, tmp_path: Path) -> Non
     assert "Interrupt List : 4" in text and "Interrupt List : C" in text
     assert "Address Minimum : 03F8" in text
     assert "Address : E0000000" in text and "Address Length : 10000000" in text   # MRES
+
+
+def test_ecam_allocation_matches_the_window_and_the_root_bridge() -> None:
+    """MCFG, the PNP0C02 reservation and PCI0's bus range must agree (a last bus of 0 made
+    Linux log "MMCONFIG ... only partially covers this bridge")."""
+    base, segment, first, last = ecam_allocation()
+    assert (base, segment, first) == (layout.ECAM_BASE, 0, 0)
+    assert (last + 1) << 20 == layout.ECAM_SIZE and last == 255
+    res = ecam_reservation_aml()
+    assert struct.pack("<II", layout.ECAM_BASE, layout.ECAM_SIZE) in res

@@ -18,7 +18,7 @@ from vmrun.core.acpi import AcpiPlatform, build_acpi
 from vmrun.core.boot import load_kernel
 from vmrun.core.exits import ExitCode
 from vmrun.core.pci import ConfigMechanism1, Ecam, PciRoot
-from vmrun.core.pci_acpi import ecam_reservation_aml, pci_root_aml
+from vmrun.core.pci_acpi import ecam_allocation, ecam_reservation_aml, pci_root_aml
 from vmrun.core.smbios import build_smbios
 from vmrun.core.syscall_fixup import needed as syscall_fixup_needed
 from vmrun.core.vm import ExitInfo, Vm
@@ -133,7 +133,7 @@ class Machine:
             dsdt_extra.extend(frags or [])
         tables = build_acpi(AcpiPlatform(ncpus=cfg.cpus, serial_ports=ports,
                                          dsdt_extra=dsdt_extra,
-                                         ecam=(layout.ECAM_BASE, 0, 0, 0)))
+                                         ecam=ecam_allocation()))
         mem.write(layout.ACPI_BASE, tables.blob)
         mem.write(layout.SMBIOS_BASE, build_smbios(cfg.uuid, cfg.cpus, cfg.memory))
         entry = load_kernel(mem, cfg.boot.kernel, cfg.boot.initrd, cfg.boot.cmdline,

@@ -128,7 +128,7 @@ model = "virtio-rnd"
                      b"sync; echo 3 > /proc/sys/vm/drop_caches; "
                      b"dd if=/dev/vda bs=4096 skip=4096 count=16 2>/dev/null | md5sum; "
                      b"md5sum /tmp/blob\r")
-            run.wait_for(rb"([0-9a-f]{32})\s+-\s+\1\s+/tmp/blob", 120)
+            run.wait_for(rb"([0-9a-f]{32})\s+-\s+\1\s+/tmp/blob", 300)
             run.send(b"poweroff\r")
         else:
             fm = re.search(r"init\[1\]: segfault[^\r\n]*|Attempted to kill init[^\r\n]*",

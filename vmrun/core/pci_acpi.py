@@ -40,6 +40,13 @@ def pci_root_aml(root: PciRoot) -> bytes:
     )
 
 
+def ecam_allocation() -> tuple[int, int, int, int]:
+    """The MCFG entry for our ECAM window: (base, segment, first bus, last bus). It must
+    span the buses of PCI0's _CRS (0-255) and match the PNP0C02 reservation, or Linux says
+    MMCONFIG "only partially covers this bridge"."""
+    return layout.ECAM_BASE, 0, 0, (layout.ECAM_SIZE >> 20) - 1
+
+
 def ecam_reservation_aml(base: int = layout.ECAM_BASE, size: int = layout.ECAM_SIZE) -> bytes:
     """A PNP0C02 "motherboard resources" device that claims the ECAM window.
 
