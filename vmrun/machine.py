@@ -66,10 +66,14 @@ class Machine:
         self.cfg = cfg
         self.boot_log = boot_log or BootLog()
         self._timer_stop = threading.Event()
+        # kvm-pvm (a software-assisted KVM: the probe finds SYSCALL broken) needs the syscall
+        # fix-up; there guest RAM also stays on small pages: with transparent huge pages one
+        # end-to-end boot saw guest user space compute garbage (not proven to be the cause).
+        kvm_pvm = syscall_fixup_needed()
         self.vm = Vm(cfg.memory, cfg.cpus, cpu_profile=cfg.cpu.profile,
                      cpu_features=cfg.cpu.features,
                      exit_on_unhandled_io=cfg.on_unhandled_io == "exit",
-                     syscall_fixup=syscall_fixup_needed())
+                     syscall_fixup=kvm_pvm, huge_pages=not kvm_pvm)
         try:
             self._build(serial, debug_out)
         except BaseException:

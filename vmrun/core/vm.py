@@ -52,7 +52,8 @@ def _unhandled_port(port: int, size: int, value: int | None) -> None:
 class Vm:
     def __init__(self, memory_size: int, ncpus: int = 1, *, irqchip: bool = True,
                  cpu_profile: str = "host", cpu_features: dict[str, bool] | None = None,
-                 exit_on_unhandled_io: bool = False, syscall_fixup: bool = False) -> None:
+                 exit_on_unhandled_io: bool = False, syscall_fixup: bool = False,
+                 huge_pages: bool = True) -> None:
         self.kvm_fd = kvm.open_kvm()
         self.fd = -1
         self.vcpus: list[Vcpu] = []
@@ -82,7 +83,7 @@ class Vm:
                 pit = kvm.ffi.new("struct kvm_pit_config *")
                 pit.flags = kvm.KVM_PIT_SPEAKER_DUMMY
                 kvm.ioctl(self.fd, kvm.KVM_CREATE_PIT2, pit)
-            self.memory = GuestMemory.for_size(memory_size)
+            self.memory = GuestMemory.for_size(memory_size, huge_pages)
             for slot in self.memory.slots:
                 region = kvm.ffi.new("struct kvm_userspace_memory_region *")
                 region.slot = slot.index
