@@ -125,10 +125,20 @@ model = "virtio-rnd"
             run.wait_for(r"\b16\b", 60)
             run.send(b"dd if=/dev/urandom of=/tmp/blob bs=4096 count=16 2>/dev/null; "
                      b"dd if=/tmp/blob of=/dev/vda bs=4096 seek=4096 conv=fsync 2>/dev/null; "
-                     b"sync; echo 3 > /proc/sys/vm/drop_caches; "
-                     b"dd if=/dev/vda bs=4096 skip=4096 count=16 2>/dev/null | md5sum; "
-                     b"md5sum /tmp/blob\r")
-            run.wait_for(rb"([0-9a-f]{32})\s+-\s+\1\s+/tmp/blob", 300)
+                     b"sync; echo 3 > /proc/sys/vm/drop_caches\r")
+            readback = (b"dd if=/dev/vda bs=4096 skip=4096 count=16 2>/dev/null | md5sum; "
+                        b"md5sum /tmp/blob\r")
+            run.send(readback)
+            same = rb"([0-9a-f]{32})\s+-\s+\1\s+/tmp/blob"
+            answer = run.wait_for(same + rb"|\S{32}\s+-\s+\S{32}\s+/tmp/blob", 300)
+            if not re.fullmatch(same, answer.group(0)):
+                # On kvm-pvm, guest user space has printed garbage for md5sum's hex digits
+                # (32 '%') once in a while under load, with the disk data intact (e2fsck
+                # checks that on the other boots). Read back once more: a second mismatch
+                # is a real one.
+                seen["readback_retried"] = answer.group(0)
+                run.send(readback)
+                run.wait_for(same, 300)
             run.send(b"poweroff\r")
         else:
             fm = re.search(r"init\[1\]: segfault[^\r\n]*|Attempted to kill init[^\r\n]*",
