@@ -86,17 +86,10 @@ class MessageRoutes:
         self.eventfds = []
 
 
-class MsiCapability:
-    """A plain MSI capability with ``nvectors`` (a power of two, 1..32) maskable vectors."""
+class RoutedVectors:
+    """What MSI and MSI-X expose of their :class:`MessageRoutes` (``self.routes``)."""
 
-    def __init__(self, nvectors: int = 1, vm: Vm | None = None) -> None:
-        if nvectors not in (1, 2, 4, 8, 16, 32):
-            raise ValueError("MSI supports 1, 2, 4, 8, 16 or 32 vectors")
-        self.n = nvectors
-        self.routes = MessageRoutes(nvectors, vm)
-        self.cap_offset = -1
-        self.config: ConfigSpace | None = None
-        self.lock = threading.Lock()
+    routes: MessageRoutes
 
     @property
     def vm(self) -> Vm | None:
@@ -113,6 +106,19 @@ class MsiCapability:
     @property
     def gsis(self) -> list[int]:
         return self.routes.gsis
+
+
+class MsiCapability(RoutedVectors):
+    """A plain MSI capability with ``nvectors`` (a power of two, 1..32) maskable vectors."""
+
+    def __init__(self, nvectors: int = 1, vm: Vm | None = None) -> None:
+        if nvectors not in (1, 2, 4, 8, 16, 32):
+            raise ValueError("MSI supports 1, 2, 4, 8, 16 or 32 vectors")
+        self.n = nvectors
+        self.routes = MessageRoutes(nvectors, vm)
+        self.cap_offset = -1
+        self.config: ConfigSpace | None = None
+        self.lock = threading.Lock()
 
     def add_capability(self, config: ConfigSpace) -> int:
         control = MSI_64BIT | MSI_PER_VECTOR_MASK | (

@@ -15,7 +15,7 @@ import struct
 import threading
 from typing import TYPE_CHECKING
 
-from vmrun.core.msi import MessageRoutes
+from vmrun.core.msi import MessageRoutes, RoutedVectors
 from vmrun.core.pci import CAP_ID_MSIX, ConfigSpace
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ CTRL_FUNCTION_MASK = 1 << 14
 VECTOR_MASKED = 1
 
 
-class MsixVectors:
+class MsixVectors(RoutedVectors):
     def __init__(self, nvectors: int, table_bar: int, table_offset: int, pba_bar: int,
                  pba_offset: int, vm: Vm | None = None) -> None:
         if not 1 <= nvectors <= 2048:
@@ -42,22 +42,6 @@ class MsixVectors:
         self.config: ConfigSpace | None = None
         self.lock = threading.Lock()
         self.reset()
-
-    @property
-    def vm(self) -> Vm | None:
-        return self.routes.vm
-
-    @vm.setter
-    def vm(self, vm: Vm | None) -> None:
-        self.routes.vm = vm
-
-    @property
-    def fired(self) -> list[int]:
-        return self.routes.fired
-
-    @property
-    def gsis(self) -> list[int]:
-        return self.routes.gsis
 
     @property
     def table_size(self) -> int:

@@ -157,12 +157,7 @@ class VirtioBlk(VirtioDevice):
         except (RequestError, GuestMemoryError, struct.error):
             return None
         if rtype == VIRTIO_BLK_T_IN:
-            bufs = list(chain.writable)
-            addr, length = bufs[-1]
-            if length > 1:
-                bufs[-1] = (addr, length - 1)
-            else:
-                bufs.pop()
+            bufs = self._data_in(chain)
         elif rtype == VIRTIO_BLK_T_OUT and not self.read_only:
             bufs = out_data
         else:
@@ -251,6 +246,17 @@ class VirtioBlk(VirtioDevice):
         self.transport.complete(index, chain.head, n + written)
 
     @staticmethod
+    def _data_in(chain: DescriptorChain) -> list[tuple[int, int]]:
+        """The device-writable buffers without the trailing status byte."""
+        bufs = list(chain.writable)
+        addr, length = bufs[-1]
+        if length > 1:
+            bufs[-1] = (addr, length - 1)
+        else:
+            bufs.pop()
+        return bufs
+
+    @staticmethod
     def _status_slot(chain: DescriptorChain) -> tuple[int, int]:
         if not chain.writable or chain.writable[-1][1] < 1:
             raise RequestError(VIRTIO_BLK_S_IOERR, "no writable status byte")
@@ -276,12 +282,7 @@ class VirtioBlk(VirtioDevice):
 
     def _execute(self, chain: DescriptorChain) -> int:
         rtype, sector, out_data = self._header(chain)
-        in_data = list(chain.writable)
-        addr, length = in_data[-1]
-        if length > 1:
-            in_data[-1] = (addr, length - 1)
-        else:
-            in_data.pop()
+        in_data = self._data_in(chain)
         if rtype == VIRTIO_BLK_T_IN:
             n = sum(ln for _, ln in in_data)
             self._check_range(sector, n)
