@@ -32,6 +32,7 @@ from vmrun.config import (
     load_machine,
     parse_machine,
     parse_size,
+    parse_slot,
 )
 from vmrun.core.cpufeatures import ALIASES, COMPAT_PROFILE, FEATURES, feature_names
 from vmrun.errors import VmrunError
@@ -286,16 +287,43 @@ def test_memory_sizes(tmp_path: Path, memory: str, size: int) -> None:
 @pytest.mark.parametrize("text, size", [
     ("0", 0), ("4096", 4096), ("64K", 64 << 10), ("512M", 512 * MiB), ("2G", 2 << 30),
     ("1T", 1 << 40), ("3m", 3 * MiB), ("8KiB", 8192), ("1GB", 1 << 30), (" 2G ", 2 << 30),
-    (4096, 4096),
+    (4096, 4096), (" 3 MB ", 3 * MiB), ("512B", 512), ("20g", 20 << 30), (0, 0),
 ])
 def test_parse_size(text: str | int, size: int) -> None:
     assert parse_size(text) == size
 
 
-@pytest.mark.parametrize("text", ["", "G", "1.5G", "-1", "1X", "1 G B", "0x10", True, -1, 1.0])
+@pytest.mark.parametrize("text", ["", "G", "1.5G", "-1", "1X", "1 G B", "0x10", True, -1, 1.0,
+                                  "1P", "1iB", "1KK", "\u0661K", None, "2G2"])
 def test_parse_size_rejects(text: Any) -> None:
     with pytest.raises(ValueError):
         parse_size(text)
+
+
+@pytest.mark.parametrize("text", ["12X", "1.5G", "", True, -7])
+def test_parse_size_errors_name_the_bad_text(text: Any) -> None:
+    with pytest.raises(ValueError) as e:
+        parse_size(text)
+    assert str(text) in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("value, slot", [
+    (3, (3, 0)), ("3", (3, 0)), ("3:1", (3, 1)), (0, (0, 0)), ("31:7", (31, 7)), ("007", (7, 0)),
+])
+def test_parse_slot(value: Any, slot: tuple[int, int]) -> None:
+    assert parse_slot(value) == slot
+
+
+@pytest.mark.parametrize("value, message", [
+    ("0x3", 'must be a slot number or "slot:function"'), ("", "must be a slot number"),
+    ("3:", "must be a slot number"), (":1", "must be a slot number"), (True, "slot number"),
+    (3.0, "slot number"), ("1234", "slot number"), (" 3", "slot number"),
+    (32, "slot must be between 0 and 31"), (-1, "slot must be between 0 and 31"),
+    ("32:0", "slot must be between 0 and 31"), ("3:8", "function must be between 0 and 7"),
+])
+def test_parse_slot_rejects(value: Any, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_slot(value)
 
 
 def test_paths_are_relative_to_the_machine_file(tmp_path: Path,

@@ -149,6 +149,15 @@ def test_parse_size() -> None:
     assert parse_size("4KiB") == 4096
     assert parse_size(" 3 MB ") == 3 << 20
     assert parse_size(42) == 42
-    for bad in ("", "G", "1.5G", "-1", "12X"):
-        with pytest.raises(ValueError):
+    for bad in ("", "G", "1.5G", "-1", "12X", "1 G B", "0x10", "1P", True, -1, 1.0):
+        with pytest.raises(ValueError) as e:
             parse_size(bad)
+        assert str(bad) in str(e.value)   # the message names the bad text
+
+
+def test_parse_size_is_the_config_loaders() -> None:
+    """One set of rules for disk sizes, memory sizes and size options."""
+    from vmrun.block import image_tools
+    from vmrun.config import parse_size as config_parse_size
+
+    assert parse_size is image_tools.parse_size is config_parse_size

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from vmrun.errors import VmrunError
+from vmrun.units import parse_size
 
 err_console = Console(stderr=True, highlight=False)
 
@@ -113,8 +114,6 @@ def image_build(name: str, force: bool) -> None:
 def _size(ctx, param, value):
     if value is None:
         return None
-    from vmrun.block import parse_size
-
     try:
         return parse_size(value)
     except ValueError as e:

@@ -30,12 +30,19 @@ except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib  # type: ignore[no-redef]
 
 from vmrun.core.cpufeatures import FEATURES
-from vmrun.errors import VmrunError
+from vmrun.errors import ConfigError
+from vmrun.plugins import placement
+from vmrun.units import GiB as GiB
+from vmrun.units import KiB as KiB
+from vmrun.units import MiB, TiB, parse_size, parse_slot
+
+# ConfigError, parse_size and parse_slot live in the leaf modules vmrun.errors and vmrun.units
+# (so that vmrun.plugins and vmrun.block never need this module); they, and the size constants,
+# stay importable from here under their old names.
 
 # Fixed forever: the default UUID (and the MAC addresses derived from it) of a machine must not
 # change between vmrun versions, or the guest would see a new NIC and a new SMBIOS identity.
 UUID_NAMESPACE = uuidlib.UUID("6f0c5d3e-6a0b-4f4e-9c1e-76d6e2b3a001")
-KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 
 MAX_CPUS = 16
 MIN_MEMORY, MAX_MEMORY = 16 * MiB, TiB
@@ -65,17 +72,6 @@ DEVICE_KEYS = ("model", "slot")
 
 DeviceValidator = Callable[[Path, str, str, dict[str, Any]], Any]
 DevicesChecker = Callable[[Path, dict[str, Any]], None]
-
-
-class ConfigError(VmrunError):
-    """A problem with a machine file: one line naming the file, the key path and the value.
-
-    Line breaks are escaped here, whoever builds the message, so that a value (or a file name)
-    containing one cannot split the error over several lines.
-    """
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message.replace("\r", "\\r").replace("\n", "\\n"))
 
 
 @dataclass(frozen=True)
@@ -121,25 +117,6 @@ class MachineConfig:
     boot: BootConfig
     serial: dict[str, SerialConfig]
     devices: dict[str, Any]
-
-
-_UNITS = {"": 1, "K": KiB, "M": MiB, "G": GiB, "T": TiB}
-_SIZE_RE = re.compile(r"(\d+)\s*([KMGT]?)(?:i?B)?", re.IGNORECASE)
-
-
-def parse_size(text: str | int) -> int:
-    """``"512M"``, ``"2G"``, ``"64K"``, ``"1T"`` (also ``"2GiB"``, ``"2gb"``), ``"4096"`` or an
-    int -> bytes. Units are powers of 1024. Raises ValueError saying what a size looks like."""
-    if isinstance(text, bool) or not isinstance(text, int | str):
-        raise ValueError('must be a size such as "512M" or "2G"')
-    if isinstance(text, int):
-        if text < 0:
-            raise ValueError("must not be negative")
-        return text
-    m = _SIZE_RE.fullmatch(text.strip())
-    if not m:
-        raise ValueError('must be a size such as "512M" or "2G"')
-    return int(m.group(1)) * _UNITS[m.group(2).upper()]
 
 
 def format_value(value: Any, limit: int = 60) -> str:
@@ -470,25 +447,15 @@ def _devices(c: _Checker, value: Any, validator: DeviceValidator | None) -> dict
 
 def _parse_slot(c: _Checker, value: Any, key: str) -> tuple[int, int]:
     """``3`` or ``"3"`` is slot 3 function 0; ``"3:1"`` is slot 3 function 1."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        slot, func = value, 0
-    elif isinstance(value, str) and re.fullmatch(r"\d{1,3}(:\d{1,3})?", value):
-        s, _, f = value.partition(":")
-        slot, func = int(s), int(f or 0)
-    else:
-        raise c.error(key, 'must be a slot number or "slot:function"', value)
-    if not 0 <= slot <= 31:
-        raise c.error(key, "slot must be between 0 and 31", value)
-    if not 0 <= func <= 7:
-        raise c.error(key, "function must be between 0 and 7", value)
-    return slot, func
+    try:
+        return parse_slot(value)
+    except ValueError as e:
+        raise c.error(key, str(e), value) from None
 
 
 def _plugin_checker(validator: DeviceValidator) -> DevicesChecker | None:
     """The plugin system's validator comes with cross-device checks (one image per device);
     any other validator brings its own or none."""
-    from vmrun.plugins import placement
-
     return placement.check_devices if validator is placement.validate_device else None
 
 
@@ -511,8 +478,6 @@ def load_machine(path: str | Path, device_validator: DeviceValidator | None = No
     except OSError as e:
         raise ConfigError(f"{file}: cannot read machine file: {e.strerror}") from None
     if device_validator is None and validate_devices:
-        from vmrun.plugins.placement import check_devices, validate_device
-
-        device_validator = validate_device
-        devices_checker = devices_checker or check_devices
+        device_validator = placement.validate_device
+        devices_checker = devices_checker or placement.check_devices
     return parse_machine(text, file, device_validator, devices_checker)

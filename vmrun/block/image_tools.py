@@ -8,7 +8,6 @@ never leaves a half-written image behind, and an existing image is never overwri
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,23 +21,12 @@ from vmrun.block.sparse import (
     is_split_image,
 )
 from vmrun.errors import VmrunError
+from vmrun.units import parse_size as parse_size  # its home is vmrun.units; kept importable
 
 FORMATS = ("raw", "sparse")
 BLOCK = 4096  # hole granularity when copying: a host filesystem block
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
-_SIZE = re.compile(r"\s*(\d+)\s*([KMGTP]?)(?:I?B)?\s*", re.IGNORECASE)
 
 Progress = Callable[[int, int], None]
-
-
-def parse_size(text: str | int) -> int:
-    """``20G``, ``512M``, ``4096`` (binary units) to bytes; ValueError names the bad text."""
-    if isinstance(text, int):
-        return text
-    m = _SIZE.fullmatch(text)
-    if not m:
-        raise ValueError(f"size {text!r} is not a number with an optional K/M/G/T/P suffix")
-    return int(m.group(1)) * _UNITS[m.group(2).upper()]
 
 
 def image_exists(path: Path) -> bool:

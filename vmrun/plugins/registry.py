@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vmrun.units import parse_size
+
 if TYPE_CHECKING:
     from vmrun.core.pci import PciDevice
 
@@ -93,9 +95,11 @@ class OptionError(ValueError):
 
 
 def _parse_size(value: Any) -> int:
-    from vmrun.config import parse_size
-
-    return parse_size(value)
+    """A "size" option: bytes as an int, or a string with a binary K/M/G/T suffix."""
+    try:
+        return parse_size(value)
+    except ValueError:   # the caller adds the value ("got ..."): say what a size looks like
+        raise ValueError('must be a size such as 512, "64M" or "20G"') from None
 
 
 def validate_options(dtype: DeviceType, table: dict[str, Any], base_dir: Path) -> dict[str, Any]:
