@@ -165,20 +165,20 @@ def test_msi_and_msix_reach_the_guest_through_irqfd(kind: str) -> None:
     """A device's MSI / MSI-X vector, routed by a KVM GSI route and raised through its irqfd,
     arrives in the guest as the interrupt vector the message names (vector number in the MSI
     data's low bits for plain MSI)."""
-    from vmrun.core.msi import MsiCapability
-    from vmrun.core.msix import MsixVectors
     from vmrun.core.pci import BAR_MEM32, BarSpec, PciDevice, PciRoot
 
     class Dev(PciDevice):
         vendor_id, device_id = 0x1234, 0x5678
         bars = [BarSpec(0, 0x1000, BAR_MEM32)]
+        msi_vectors = 2 if kind == "msi" else 0
+        msix_vectors, msix_bar = (2, 1) if kind == "msix" else (0, None)
 
     seen: list[int] = []
 
     class Ready(Recorder):
         def write(self, offset: int, size: int, value: int) -> None:
             # The guest enabled its LAPIC and interrupts: raise vector 1 from "the device".
-            (dev.msi.notify(1) if kind == "msi" else msix.notify(1))
+            dev.irq.trigger(1)
 
     class Got(Recorder):
         def write(self, offset: int, size: int, value: int) -> None:
@@ -196,22 +196,18 @@ def test_msi_and_msix_reach_the_guest_through_irqfd(kind: str) -> None:
     root = PciRoot(vm)
     dev = Dev()
     root.add(dev, 3)
-    cap_addr = None
+    root.assign_bars()                                       # the core wires the vectors
     if kind == "msi":
-        dev.msi = MsiCapability(2, vm=vm)
-        cap = dev.msi.add_capability(dev.config)
-        dev.msi.realize()
+        cap = dev.irq.msi.cap_offset
         root.config_write(3, 0, cap + 4, 4, 0xFEE00000)
         root.config_write(3, 0, cap + 12, 2, 0x0050)
         root.config_write(3, 0, cap + 2, 2, 0x0011)          # enable, 2 vectors
     else:
-        msix = MsixVectors(2, 0, 0, 0, 0x800, vm=vm)
-        cap_addr = msix.add_capability(dev.config)
-        msix.realize()
+        msix = dev.irq.msix
         msix.table_write(16 + 0, 4, 0xFEE00000)
         msix.table_write(16 + 8, 4, 0x0051)
         msix.table_write(16 + 12, 4, 0)                       # unmask vector 1
-        root.config_write(3, 0, cap_addr + 2, 2, 0x8000)      # enable
+        root.config_write(3, 0, msix.cap_offset + 2, 2, 0x8000)      # enable
     vm.pio.insert(Ready(), 0xF7, 1)
     vm.pio.insert(Got(), 0xF6, 1)
     info = run(vm, timeout=30)

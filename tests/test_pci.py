@@ -128,25 +128,22 @@ def test_msix_masking_pending_and_delivery(vm: FakeVm) -> None:
 
 
 class MsiDev(PciDevice):
-    """A device with a 4-vector MSI capability and INTA# (for the fallback)."""
+    """A device with a 4-vector MSI capability and INTA# (for the fallback): it declares the
+    vectors, the core builds and wires them."""
 
     vendor_id, device_id, class_code, interrupt_pin = 0x1234, 0x5678, 0xFF0000, 1
-
-    def realize(self) -> None:
-        self.msi = MsiCapability(4, vm=self.vm)
-        self.msi.add_capability(self.config)
-        self.msi.realize()
+    msi_vectors = 4
 
 
 def test_msi_capability_routes_masks_and_pending(vm: FakeVm) -> None:
     dev = MsiDev()
     vm.pci.add(dev, 5)
-    dev.realize()
+    vm.pci.assign_bars()
     drv = PciDriver(vm)
     cap = {cap_id: off for off, cap_id in drv.capabilities(5, 0)}[CAP_ID_MSI]
     ctrl = drv.read(5, 0, cap + 2, 2)
     assert ctrl & MSI_64BIT and ctrl & MSI_PER_VECTOR_MASK and (ctrl >> 1) & 7 == 2  # 4 vectors
-    msi = dev.msi
+    msi = dev.irq.msi
     msi.notify(0)                                               # not enabled: dropped
     assert [vm.msi_count(g) for g in msi.gsis] == [0, 0, 0, 0]
     drv.write(5, 0, cap + 4, 4, 0xFEE01003)                     # low 2 bits are reserved
@@ -180,3 +177,69 @@ def test_msi_vector_counts_are_checked() -> None:
     m = MsiCapability(1)
     m.notify(0)                                                 # no config space yet: nothing
     assert m.fired == []
+
+
+class MsixDev(PciDevice):
+    """Three MSI-X vectors and plain MSI, INTA# as the last resort."""
+
+    vendor_id, device_id, class_code, interrupt_pin = 0x1234, 0x5679, 0xFF0000, 1
+    bars = [BarSpec(0, 0x1000, BAR_MEM32)]
+    msix_vectors, msix_bar, msi_vectors = 3, 2, 1
+
+
+def _msix_table(vm: FakeVm, drv: PciDriver, slot: int) -> tuple[int, int]:
+    cap = {cap_id: off for off, cap_id in drv.capabilities(slot, 0)}[0x11]
+    bir = drv.read(slot, 0, cap + 4) & 7
+    return cap, drv.bar_address(slot, 0, bir)
+
+
+def test_interrupt_source_falls_back_msix_msi_intx(vm: FakeVm) -> None:
+    dev = MsixDev()
+    vm.pci.add(dev, 6)
+    vm.pci.assign_bars()
+    drv = PciDriver(vm)
+    irq = dev.irq
+    assert irq is not None and irq.mode == "intx"
+    intx = vm.irq_lines[dev.config.data[0x3C]]
+    irq.trigger(1)                                       # nothing enabled: INTA#
+    assert intx.level and dev.config.status & 0x8
+    irq.deassert()
+    assert not intx.level
+    msi_cap = {cap_id: off for off, cap_id in drv.capabilities(6, 0)}[CAP_ID_MSI]
+    drv.write(6, 0, msi_cap + 4, 4, 0xFEE00000)
+    drv.write(6, 0, msi_cap + 12, 2, 0x41)
+    drv.write(6, 0, msi_cap + 2, 2, 0x0001)              # MSI on
+    assert irq.mode == "msi"
+    irq.trigger(2)                                       # folded onto the one MSI vector
+    assert vm.msi_count(irq.msi.gsis[0]) == 1 and not intx.level
+    cap, table = _msix_table(vm, drv, 6)
+    drv.write(6, 0, cap + 2, 2, 0x8000)                  # MSI-X wins over MSI
+    assert irq.mode == "msix"
+    for v in range(3):
+        vm.mmio.write(table + 16 * v, 4, 0xFEE00000)
+        vm.mmio.write(table + 16 * v + 8, 4, 0x50 + v)
+        vm.mmio.write(table + 16 * v + 12, 4, 0)
+    irq.trigger(2)
+    assert vm.msi_count(irq.msix.gsis[2]) == 1
+    assert dev.bars[-1].index == 2                       # the core added the MSI-X BAR
+    vm.pci.reset()
+    assert irq.mode == "intx"
+
+
+def test_msix_qword_write_spanning_two_entries_updates_both(vm: FakeVm) -> None:
+    """An 8-byte write at entry 0's vector control (offset 12) also carries entry 1's
+    address low: both entries change, and entry 1 is re-routed."""
+    dev = MsixDev()
+    vm.pci.add(dev, 7)
+    vm.pci.assign_bars()
+    drv = PciDriver(vm)
+    cap, table = _msix_table(vm, drv, 7)
+    drv.write(7, 0, cap + 2, 2, 0x8000)
+    m = dev.irq.msix
+    vm.mmio.write(table + 16 + 8, 4, 0x61)               # entry 1 data
+    vm.mmio.write(table + 12, 8, (0xFEE01000 << 32) | 0)  # unmask 0 + entry 1 address
+    assert m.entry(0)[2] == 0
+    assert m.entry(1)[0] == 0xFEE01000
+    assert vm.msi_routes[m.gsis[1]] == (0xFEE01000, 0x61)
+    vm.mmio.write(table + 2, 4, 0xFFFFFFFF)              # misaligned: ignored
+    assert m.entry(0)[0] == 0

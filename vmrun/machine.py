@@ -17,6 +17,7 @@ from vmrun.core import layout
 from vmrun.core.acpi import AcpiPlatform, build_acpi
 from vmrun.core.boot import load_kernel
 from vmrun.core.exits import ExitCode
+from vmrun.core.host import HostContext
 from vmrun.core.pci import ConfigMechanism1, Ecam, PciRoot
 from vmrun.core.pci_acpi import ecam_allocation, ecam_reservation_aml, pci_root_aml
 from vmrun.core.smbios import build_smbios
@@ -25,6 +26,7 @@ from vmrun.core.vm import ExitInfo, Vm
 from vmrun.devices.acpi_pm import AcpiPm, ResetControl
 from vmrun.devices.debug import BootMarker, DebugCon, DebugExit
 from vmrun.devices.i8042 import I8042
+from vmrun.devices.ps2_input import Ps2InputSink
 from vmrun.devices.rtc import CmosRtc
 from vmrun.devices.uart import Uart16550
 from vmrun.plugins import get_registry
@@ -61,11 +63,18 @@ class BootLog:
 
 
 class Machine:
+    """One boot. ``host`` is the run's host side (event loop, input hub, host resources that
+    outlive a reboot); without one the machine makes and owns its own."""
+
     def __init__(self, cfg: MachineConfig, serial: dict[str, Backend],
-                 boot_log: BootLog | None = None, debug_out=None) -> None:
+                 boot_log: BootLog | None = None, debug_out=None,
+                 host: HostContext | None = None) -> None:
         self.cfg = cfg
         self.boot_log = boot_log or BootLog()
         self._timer_stop = threading.Event()
+        self._own_host = host is None
+        self.host = host or HostContext()
+        self.host.start()
         # kvm-pvm (a software-assisted KVM: the probe finds SYSCALL broken) needs the syscall
         # fix-up; there guest RAM also stays on small pages: with transparent huge pages one
         # end-to-end boot saw guest user space compute garbage (not proven to be the cause).
@@ -105,6 +114,8 @@ class Machine:
         pio.insert(self.rtc, layout.RTC_PORT, 2)
         self.i8042 = I8042(vm.irq_line(layout.I8042_KBD_IRQ), vm.irq_line(layout.I8042_AUX_IRQ),
                            on_reset=self._guest_reset)
+        self.ps2_input = Ps2InputSink(self.i8042)
+        self.host.input.attach(self.ps2_input)
         pio.insert(self.i8042, layout.I8042_DATA_PORT, 5)
         self.pm = AcpiPm(vm.irq_line(layout.SCI_IRQ), on_power_off=self._guest_power_off)
         pio.insert(self.pm.event_block, layout.PM1A_EVT_PORT, layout.PM1A_EVT_LEN)
@@ -116,7 +127,7 @@ class Machine:
         pio.insert(DebugCon(debug_out or (lambda data: None)), layout.DEBUGCON_PORT, 1)
 
         # PCI: the root bus, its two config mechanisms, then every device of the file.
-        self.pci = PciRoot(vm)
+        self.pci = PciRoot(vm, self.host.loop)
         self.pci.next_mem64 = self.pci.next_mem64_base = _align_up(
             layout.HIGH_RAM_START + max(0, cfg.memory - layout.LOW_RAM_END), layout.GiB)
         pio.insert(ConfigMechanism1(self.pci, reset), layout.PCI_CONFIG_ADDRESS, 8)
@@ -124,7 +135,8 @@ class Machine:
         self.placed = place_devices(cfg)
         self.devices = []
         for placed in self.placed:
-            ctx = DeviceContext(placed.id, vm, cfg, placed.slot or 0, placed.func)
+            ctx = DeviceContext(placed.id, cfg.name, str(cfg.uuid), self.host,
+                                cfg.path.parent, placed.slot or 0, placed.func)
             dev = placed.type.factory(ctx, placed.options)
             self.pci.add(dev, placed.slot or 0, placed.func)
             self.devices.append(dev)
@@ -200,9 +212,14 @@ class Machine:
 
     def close(self) -> None:
         self._timer_stop.set()
+        if hasattr(self, "ps2_input"):
+            self.host.input.detach(self.ps2_input)
         if hasattr(self, "pci"):
             self.pci.close()
-        self.vm.close()
+        if hasattr(self, "vm"):
+            self.vm.close()
+        if self._own_host:
+            self.host.close()
 
 
 def _align_up(value: int, alignment: int) -> int:

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from vmrun.chardev import Backend, open_backend
 from vmrun.config import MachineConfig
 from vmrun.core.exits import ExitCode
+from vmrun.core.host import HostContext
 from vmrun.core.vm import ExitInfo
 from vmrun.machine import BootLog, Machine
 
@@ -76,6 +77,7 @@ class Runner:
 
     def run(self) -> ExitInfo:
         serial = self._open_serial()
+        self.host = HostContext()
         old = {}
         in_main = threading.current_thread() is threading.main_thread()
         if in_main:
@@ -83,7 +85,7 @@ class Runner:
                 old[sig] = signal.signal(sig, self._on_sigterm)
         try:
             while True:
-                machine = Machine(self.cfg, serial, self.boot_log)
+                machine = Machine(self.cfg, serial, self.boot_log, host=self.host)
                 with self._lock:
                     self.machine = machine
                     pending = self._quit
@@ -114,3 +116,4 @@ class Runner:
                 signal.signal(sig, handler)
             for b in serial.values():
                 b.close()
+            self.host.close()

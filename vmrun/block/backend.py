@@ -12,17 +12,25 @@ from __future__ import annotations
 import errno
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
 from types import TracebackType
+
+from vmrun.core.dma import (  # noqa: F401  (re-exported: the backends' buffer helpers)
+    CHUNK,
+    ZEROS,
+    BufferCursor,
+    Buffers,
+    as_bytes_view,
+    buffers_len,
+    copy_in,
+    copy_out,
+    is_zero,
+    zero_fill,
+)
 
 # The kernel refuses a preadv/pwritev with more iovecs than this (EINVAL), so we batch.
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 MIN_SECTOR = 512
 MAX_SECTOR = 65536
-CHUNK = 1 << 20
-ZEROS = bytes(CHUNK)
-
-Buffers = Sequence[memoryview]
 
 
 class BlockBackend(ABC):
@@ -36,7 +44,15 @@ class BlockBackend(ABC):
     logical_sector_size: int = 512
     physical_sector_size: int = 512
     read_only: bool = False
+    #: Set by the backend's constructor from what the image supports and what the user asked
+    #: (``discard=False`` turns it off); never changed afterwards.
     supports_discard: bool = False
+
+    def direct_io(self) -> tuple[int, int] | None:
+        """``(fd, alignment)`` when aligned reads and writes may be queued straight on an
+        O_DIRECT file descriptor (native AIO, :mod:`vmrun.block.queue`), else None: then every
+        request goes through :meth:`readv`/:meth:`writev` on a worker thread."""
+        return None
 
     @abstractmethod
     def readv(self, offset: int, bufs: Buffers) -> int:
@@ -91,79 +107,11 @@ def parse_sectorsize(text: str) -> tuple[int, int]:
     return check_sector_sizes(logical, physical)
 
 
-def as_bytes_view(buf: memoryview | bytes | bytearray) -> memoryview:
-    """A flat unsigned-byte view, so lengths are byte counts whatever the source format."""
-    mv = buf if isinstance(buf, memoryview) else memoryview(buf)
-    if mv.format != "B" or mv.ndim != 1:
-        mv = mv.cast("B")
-    return mv
-
-
-def buffers_len(bufs: Buffers) -> int:
-    return sum(b.nbytes for b in bufs)
-
-
 def check_range(path: object, offset: int, length: int, limit: int) -> None:
     """Refuse a request outside the disk: the device reports it as an I/O error."""
     if offset < 0 or length < 0 or offset + length > limit:
         raise OSError(errno.EINVAL, f"{path}: request {offset}+{length} is outside the disk "
                                     f"({limit} bytes)")
-
-
-class BufferCursor:
-    """Walks a list of buffers, handing out the next N bytes as (zero-copy) slices."""
-
-    def __init__(self, bufs: Buffers) -> None:
-        self._bufs = [as_bytes_view(b) for b in bufs if b.nbytes]
-        self._index = 0
-        self._pos = 0
-
-    def take(self, n: int) -> list[memoryview]:
-        out: list[memoryview] = []
-        while n > 0:
-            if self._index >= len(self._bufs):
-                raise ValueError("buffers are shorter than the request")
-            buf = self._bufs[self._index]
-            piece = min(n, len(buf) - self._pos)
-            out.append(buf[self._pos:self._pos + piece])
-            self._pos += piece
-            n -= piece
-            if self._pos == len(buf):
-                self._index += 1
-                self._pos = 0
-        return out
-
-
-def zero_fill(bufs: Buffers) -> None:
-    """Clear guest buffers (unwritten sectors, reads past the end of a raw file)."""
-    for b in bufs:
-        for start in range(0, len(b), CHUNK):
-            n = min(CHUNK, len(b) - start)
-            b[start:start + n] = ZEROS[:n]
-
-
-def is_zero(bufs: Buffers) -> bool:
-    """True when every byte is zero; a memcmp against a zero block, no Python loop per byte."""
-    for b in bufs:
-        for start in range(0, len(b), CHUNK):
-            if not ZEROS.startswith(b[start:start + CHUNK]):
-                return False
-    return True
-
-
-def copy_out(src: memoryview | bytes | bytearray, bufs: Buffers) -> None:
-    """Scatter ``src`` into ``bufs`` (bounce buffers and partial sectors only)."""
-    pos = 0
-    for b in bufs:
-        b[:] = src[pos:pos + len(b)]
-        pos += len(b)
-
-
-def copy_in(bufs: Buffers, dst: memoryview | bytearray, at: int = 0) -> None:
-    """Gather ``bufs`` into ``dst`` starting at ``at``."""
-    for b in bufs:
-        dst[at:at + len(b)] = b
-        at += len(b)
 
 
 def _advance(bufs: list[memoryview], n: int) -> list[memoryview]:

@@ -37,7 +37,7 @@ def image_exists(path: Path) -> bool:
 def open_disk(path: str | os.PathLike[str], *, read_only: bool = False, nocache: bool = False,
               sync: bool = False, sector_size: int | tuple[int, int] = 512,
               size: int | None = None, split: int | None = None,
-              sparse: bool = False) -> BlockBackend:
+              sparse: bool = False, discard: bool = True) -> BlockBackend:
     """Open (or, given ``size``, create) the image at ``path`` with the right backend.
 
     A path whose ``.lut`` or ``.0000`` exists, or a request for ``split``/``sparse``, means the
@@ -47,14 +47,13 @@ def open_disk(path: str | os.PathLike[str], *, read_only: bool = False, nocache:
     logical, physical = (sector_size, sector_size) if isinstance(sector_size, int) \
         else sector_size
     if sparse or split is not None or is_split_image(path):
-        disk = SparseSplitDisk(path, size=size, split=split, sparse=sparse, sector_size=logical,
-                               read_only=read_only, sync=sync, nocache=nocache)
-        disk.physical_sector_size = max(physical, logical)
-        return disk
+        return SparseSplitDisk(path, size=size, split=split, sparse=sparse, sector_size=logical,
+                               read_only=read_only, sync=sync, nocache=nocache,
+                               discard=discard, physical_sector_size=physical)
     if size is not None and not read_only and not path.exists():
         _create_raw(path, size)
     disk = RawFile(path, read_only=read_only, nocache=nocache, sync=sync,
-                   sector_size=(logical, physical))
+                   sector_size=(logical, physical), discard=discard)
     if size is not None and disk.size != size:
         disk.close()
         raise VmrunError(f"{path}: image is {disk.size} bytes but size={size}")

@@ -121,7 +121,7 @@ class RawFile(BlockBackend):
 
     def __init__(self, path: str | os.PathLike[str], read_only: bool = False,
                  nocache: bool = False, sync: bool = False,
-                 sector_size: tuple[int, int] = (512, 512)) -> None:
+                 sector_size: tuple[int, int] = (512, 512), discard: bool = True) -> None:
         self.path = Path(path)
         try:
             self.logical_sector_size, self.physical_sector_size = check_sector_sizes(*sector_size)
@@ -150,7 +150,7 @@ class RawFile(BlockBackend):
                 if self.size % max(self._align, PAGE):
                     # O_DIRECT cannot touch the final partial block without growing the file.
                     self._buffered_fd = open_image_file(self.path, flags & ~os.O_DIRECT)
-            self.supports_discard = (not read_only and not self.is_block_device
+            self.supports_discard = (discard and not read_only and not self.is_block_device
                                      and probe_punch_hole(self._fd, self.size))
         except BaseException:
             self.close()

@@ -144,11 +144,14 @@ class SparseSplitDisk(BlockBackend):
 
     def __init__(self, path: str | os.PathLike[str], size: int | None = None,
                  split: int | None = None, sparse: bool = False, sector_size: int = 512,
-                 read_only: bool = False, sync: bool = False, nocache: bool = False) -> None:
+                 read_only: bool = False, sync: bool = False, nocache: bool = False,
+                 discard: bool = True, physical_sector_size: int | None = None) -> None:
         self.base = Path(path)
         self.read_only = read_only
         self.sector_size = sector_size
-        self.logical_sector_size = self.physical_sector_size = sector_size
+        self.logical_sector_size = sector_size
+        self.physical_sector_size = max(physical_sector_size or sector_size, sector_size)
+        self._discard = discard
         self._raw: list[RawFile] = []
         self._seg_fds: list[int] = []
         self._lut_fd = -1
@@ -200,7 +203,7 @@ class SparseSplitDisk(BlockBackend):
         for p in paths:
             self._raw.append(RawFile(p, read_only=self.read_only, nocache=nocache, sync=sync,
                                      sector_size=(self.sector_size, self.sector_size)))
-        self.supports_discard = all(r.supports_discard for r in self._raw)
+        self.supports_discard = self._discard and all(r.supports_discard for r in self._raw)
 
     def _open_sparse(self, size: int | None, split: int | None, sync: bool) -> None:
         """Sparse image: map the LUT, open the segments, find each one's next free slot."""
@@ -251,7 +254,7 @@ class SparseSplitDisk(BlockBackend):
         self._rmw_lock = threading.Lock()
         self._dirty_lock = threading.Lock()
         self._dirty: set[int] = set()
-        self.supports_discard = not self.read_only
+        self.supports_discard = self._discard and not self.read_only
 
     # -- data path ---------------------------------------------------------------------
 

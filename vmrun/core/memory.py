@@ -15,7 +15,15 @@ from dataclasses import dataclass
 from vmrun.core.layout import HIGH_RAM_START, LOW_RAM_END
 
 
-class GuestMemoryError(Exception):
+class GuestError(Exception):
+    """The guest handed a device something invalid: an address, a length, an index, a ring.
+
+    The one guest-error type: every device catches it and breaks only itself (virtio:
+    DEVICE_NEEDS_RESET); it never reaches a vCPU or the event loop.
+    """
+
+
+class GuestMemoryError(GuestError):
     """A guest-physical range that is not entirely inside guest RAM."""
 
 

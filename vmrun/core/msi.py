@@ -21,10 +21,11 @@ import struct
 import threading
 from typing import TYPE_CHECKING
 
-from vmrun.core.pci import CAP_ID_MSI, ConfigSpace
-
 if TYPE_CHECKING:
+    from vmrun.core.pci import ConfigSpace
     from vmrun.core.vm import Vm
+
+CAP_ID_MSI = 0x05
 
 # Message Control bits.
 MSI_ENABLE = 1 << 0

@@ -16,11 +16,12 @@ import threading
 from typing import TYPE_CHECKING
 
 from vmrun.core.msi import MessageRoutes, RoutedVectors
-from vmrun.core.pci import CAP_ID_MSIX, ConfigSpace
 
 if TYPE_CHECKING:
+    from vmrun.core.pci import ConfigSpace
     from vmrun.core.vm import Vm
 
+CAP_ID_MSIX = 0x11
 ENTRY_SIZE = 16
 CTRL_ENABLE = 1 << 15
 CTRL_FUNCTION_MASK = 1 << 14
@@ -97,12 +98,23 @@ class MsixVectors(RoutedVectors):
         return int.from_bytes(self.table[offset:offset + size], "little")
 
     def table_write(self, offset: int, size: int, value: int) -> None:
-        if offset + size > self.table_size or size not in (4, 8):
+        """A guest write to the table: DWORD or aligned QWORD (PCI 3.0, 6.8.2); anything
+        else is ignored. A QWORD is two DWORD writes, each applied to its own entry, so one
+        that spans two entries (a vector's control word and the next one's address) updates
+        both."""
+        if size not in (4, 8) or offset % 4 or offset + size > self.table_size:
             return
+        if size == 8:
+            self._table_dword(offset, value & 0xFFFFFFFF)
+            self._table_dword(offset + 4, value >> 32)
+        else:
+            self._table_dword(offset, value)
+
+    def _table_dword(self, offset: int, value: int) -> None:
         vector = offset // ENTRY_SIZE
         with self.lock:
             was_masked = self._masked(vector)
-            self.table[offset:offset + size] = value.to_bytes(size, "little")
+            self.table[offset:offset + 4] = (value & 0xFFFFFFFF).to_bytes(4, "little")
             addr, data, _ctrl = self.entry(vector)
             self.routes.route(vector, addr, data)
             deliver = was_masked and not self._masked(vector) and self.pending[vector]

@@ -1,17 +1,18 @@
 """virtio-rnd (virtio entropy device, virtio spec 5.4): the host's getrandom() for the guest.
 
-One queue; every device-writable buffer the driver posts is filled from ``os.getrandom``. An
-optional byte-rate limit (a token bucket refilled ``rate`` bytes per second) keeps a guest from
-draining the host's entropy at will; when the bucket is empty the request waits, and a timer
-serves it when enough tokens have accumulated.
+One queue; every device-writable buffer the driver posts is filled from ``os.getrandom``, at
+most ``MAX_REQUEST`` bytes per chain. An optional byte-rate limit (a token bucket refilled
+``rate`` bytes per second) keeps a guest from draining the host's entropy at will; when the
+bucket is empty the request waits, and a timer on the devices' event loop serves the queue
+again when enough tokens have accumulated.
 """
 
 from __future__ import annotations
 
 import os
-import threading
 import time
 
+from vmrun.core.eventloop import Timer
 from vmrun.core.virtio.device import VIRTIO_ID_RNG, VirtioDevice
 
 MAX_REQUEST = 64 * 1024   # bytes filled per chain at most (Linux asks for 64 bytes or less)
@@ -28,9 +29,12 @@ class VirtioRng(VirtioDevice):
         self.clock = clock
         self.tokens = float(rate)
         self.last = clock()
-        self.lock = threading.Lock()
-        self.timer: threading.Timer | None = None
+        self.timer: Timer | None = None
         self.bytes_served = 0
+
+    def setup(self) -> None:
+        if self.rate and self.loop is not None:
+            self.timer = self.loop.timer(lambda: self.transport.kick(0), owner=self)
 
     def _take(self, want: int) -> int:
         if not self.rate:
@@ -43,41 +47,36 @@ class VirtioRng(VirtioDevice):
         return n
 
     def queue_notify(self, index: int) -> None:
+        """On the event loop, under the transport's lock."""
         q = self.queues[index]
-        with self.lock:
-            served = False
+        served = False
+        try:
             while True:
                 chain = q.pop()
                 if chain is None:
                     break
-                want = min(chain.writable_len, MAX_REQUEST)
+                writer = self.writer(chain)         # checked before anything is taken
+                want = min(writer.remaining, MAX_REQUEST)
                 n = self._take(want)
                 if want and n == 0:
                     q.undo_pop()
-                    self._retry_later(index)
+                    if self.timer is not None:
+                        self.timer.arm(max(0.01, 1.0 / self.rate))
                     break
-                left = n
-                for addr, length in chain.writable:
-                    if left == 0:
-                        break
-                    k = min(length, left)
-                    self.mem.write(addr, os.getrandom(k))
-                    left -= k
+                if n:
+                    writer.write(os.getrandom(n))
                 self.bytes_served += n
-                self.transport.complete(index, chain.head, n, notify=False)
+                self.transport.complete(index, chain, n, notify=False)
                 served = True
-        if served:
-            self.transport.notify_queue(index)
-
-    def _retry_later(self, index: int) -> None:
-        if self.timer is not None and self.timer.is_alive():
-            return
-        self.timer = threading.Timer(max(0.01, 1.0 / self.rate), self.transport.kick, (index,))
-        self.timer.daemon = True
-        self.timer.start()
+        finally:
+            if served:
+                self.transport.notify_queue(index)
 
     def reset(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
 
-    close = reset
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.close()
+            self.timer = None

@@ -14,6 +14,9 @@ from typing import TYPE_CHECKING, Any
 from vmrun.units import parse_size
 
 if TYPE_CHECKING:
+    from vmrun.core.eventloop import EventLoop
+    from vmrun.core.host import HostContext
+    from vmrun.core.input import InputHub
     from vmrun.core.pci import PciDevice
 
 OPTION_TYPES = ("str", "bool", "int", "size", "path", "choice")
@@ -46,14 +49,35 @@ class Option:
 
 @dataclass
 class DeviceContext:
-    """What a device factory gets besides its options."""
+    """What a device factory gets besides its options — not the whole VM.
+
+    ``id``: the ``[devices.ID]`` key; ``machine_name`` and ``uuid``: the machine's identity
+    (a MAC address or a disk serial derived from them stays stable); ``loop``: the devices'
+    event loop; ``input``: the input hub (sources and sinks of keys and pointer events);
+    ``host``: the run's :class:`~vmrun.core.host.HostContext`, for host-side things that
+    outlive a guest reboot (``ctx.host.get(key, create)``); ``base_dir``: the machine file's
+    folder; ``slot``/``func``: where the device sits on bus 0.
+    """
 
     id: str
-    vm: Any                   # vmrun.core.vm.Vm
-    machine: Any              # vmrun.config.MachineConfig
+    machine_name: str
+    uuid: str
+    host: HostContext
+    base_dir: Path = Path(".")
     slot: int = 0
     func: int = 0
-    serial_backend: Any = None  # for devices that take a console backend
+
+    @property
+    def loop(self) -> EventLoop:
+        return self.host.loop
+
+    @property
+    def input(self) -> InputHub:
+        return self.host.input
+
+    def host_resource(self, name: str, create: Callable[[], Any]) -> Any:
+        """A host-side resource of this device, kept across reboots (keyed by device id)."""
+        return self.host.get(f"{self.id}:{name}", create)
 
 
 @dataclass

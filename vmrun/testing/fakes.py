@@ -6,6 +6,7 @@ import os
 
 from vmrun.core import layout
 from vmrun.core.bus import MmioBus, PortBus
+from vmrun.core.host import HostContext
 from vmrun.core.irq import RecordingIrqLine
 from vmrun.core.memory import GuestMemory
 from vmrun.core.pci import ConfigMechanism1, PciRoot
@@ -16,10 +17,15 @@ class FakeVm:
 
     MSI-X vectors still get real eventfds (``irqfds`` maps GSI -> fd) so a test can see an
     interrupt as a counter; ioeventfds are only recorded (a write to a notify address reaches
-    the device through the bus instead, on the calling thread).
+    the device through the bus instead, which hands the work to the event loop). The devices'
+    event loop runs on its own thread, as in a real VM; :meth:`sync` waits until it has done
+    everything queued so far.
     """
 
     def __init__(self, memory: int = 16 * layout.MiB) -> None:
+        self.host = HostContext()
+        self.loop = self.host.loop
+        self.loop.start()
         self.memory = GuestMemory.for_size(memory)
         self.pio = PortBus()
         self.mmio = MmioBus()
@@ -28,7 +34,7 @@ class FakeVm:
         self.irqfds: dict[int, int] = {}
         self.ioeventfds: list[tuple[int, int, int]] = []
         self._next_gsi = 24
-        self.pci = PciRoot(self)  # type: ignore[arg-type]
+        self.pci = PciRoot(self, self.loop)  # type: ignore[arg-type]
         self.pio.insert(ConfigMechanism1(self.pci), layout.PCI_CONFIG_ADDRESS, 8)
 
     def irq_line(self, gsi: int) -> RecordingIrqLine:
@@ -65,6 +71,12 @@ class FakeVm:
         except BlockingIOError:
             return 0
 
+    def sync(self, timeout: float = 5.0) -> None:
+        """Wait until the event loop has run everything queued before this call."""
+        if not self.loop.sync(timeout):
+            raise TimeoutError("the event loop did not get through its queue")
+
     def close(self) -> None:
         self.pci.close()
+        self.host.close()
         self.memory.close()

@@ -206,7 +206,10 @@ class VirtioDriver:
                           | STATUS_DRIVER_OK)
         return want
 
-    def kick(self, queue: int) -> None:
+    def kick(self, queue: int, wait: bool = True) -> None:
+        """Notify ``queue``; with ``wait``, return once the event loop has served it."""
         self.common_write(0x16, 2, queue)
         off = self.common_read(0x1E, 2)
         self.vm.mmio.write(self._addr(2, off * self.notify_mult), 2, queue)
+        if wait and hasattr(self.vm, "sync"):
+            self.vm.sync()

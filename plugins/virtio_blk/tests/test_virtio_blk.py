@@ -110,7 +110,7 @@ def test_nocache_uses_native_aio_when_aligned(vm: FakeVm, image: Path) -> None:
     (and flushes) through the worker threads; both give the same results."""
     d = Disk(vm, RawFile(image, nocache=True))
     dev = d.transport.device
-    assert dev.aio is not None
+    assert dev.io.aio is not None
     payload = bytes(range(256)) * 16                         # 4 KiB
     assert d.request(VIRTIO_BLK_T_OUT, 8, data=payload[::-1], align=4096)[0] == VIRTIO_BLK_S_OK
     assert dev.aio_requests == 1
@@ -248,7 +248,7 @@ def test_reset_drains_requests_in_flight(vm: FakeVm, image: Path) -> None:
     start = time.monotonic()
     d.drv.common_write(0x14, 1, 0)                      # reset while 4 reads are running
     assert time.monotonic() - start >= 0.1              # it waited for them
-    assert d.transport.device._inflight == 0
+    assert d.transport.device.io.inflight == 0
     d.drv.setup()                                       # new rings: nothing old lands there
     d.q = d.drv.queues[0]
     time.sleep(0.3)

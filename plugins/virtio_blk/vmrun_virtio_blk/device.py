@@ -1,32 +1,32 @@
-"""virtio-blk (virtio spec 5.2): a block device over any :class:`vmrun.block.BlockBackend`.
+"""virtio-blk (virtio spec 5.2): a block device over any :class:`vmrun.api.BlockBackend`.
 
-Requests are taken off the queue on the transport's I/O thread. On a raw image opened with
-``nocache`` (O_DIRECT), reads and writes go out in batches through Linux native AIO
-(``io_submit``, QEMU's ``aio=native``) straight from/into guest RAM, and their completions are
-collected on that same thread (``io_fds``/``io_ready``). Everything else (flush, discard,
-GET_ID, unaligned buffers, other backends) runs on a small pool of worker threads (bhyve's
-block_if uses 8) with ``preadv``/``pwritev`` on memoryviews of the guest mapping. No copies
-either way. Every request is checked: a header of 16 readable bytes, a 1-byte writable status
-at the end, data lengths that are whole sectors, sectors inside the disk; a malformed request
-gets VIRTIO_BLK_S_IOERR (or UNSUPP), a malformed chain marks the device DEVICE_NEEDS_RESET.
+Requests are taken off the queue on the devices' event loop and handed to the platform's
+:class:`vmrun.api.BlockQueue`, which does the I/O (native AIO for an O_DIRECT image, worker
+threads otherwise, zero-copy both ways) and hands each completion back on the loop. Every
+request is checked before anything is read: a header of 16 readable bytes, a 1-byte writable
+status at the end, data lengths that are whole sectors, sectors inside the disk, a discard
+payload of whole 16-byte segments and at most ``MAX_DISCARD_SEG`` of them (checked from the
+chain's lengths, so a huge payload is never copied). A malformed request gets
+VIRTIO_BLK_S_IOERR (or UNSUPP); a malformed chain raises a GuestError and the transport marks
+the device DEVICE_NEEDS_RESET — requests already submitted still complete.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-import os
 import struct
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
-from vmrun.block.aio import AioContext, AioError
-from vmrun.core.memory import GuestMemoryError
-from vmrun.core.virtio.device import VIRTIO_ID_BLOCK, VirtioDevice
-from vmrun.core.virtio.queue import DescriptorChain
+from vmrun.api import (
+    BlockQueue,
+    DescriptorChain,
+    GuestError,
+    VirtioDevice,
+)
 
 log = logging.getLogger("vmrun.virtio-blk")
 
+VIRTIO_ID_BLOCK = 2
 VIRTIO_BLK_F_SIZE_MAX = 1 << 1
 VIRTIO_BLK_F_SEG_MAX = 1 << 2
 VIRTIO_BLK_F_RO = 1 << 5
@@ -51,6 +51,8 @@ SEG_MAX = 126
 SIZE_MAX = 1 << 20
 MAX_DISCARD_SECTORS = (1 << 32) - 1 & ~7
 MAX_DISCARD_SEG = 32
+_HEADER = struct.Struct("<IIQ")
+_DISCARD_SEG = struct.Struct("<QII")
 
 
 class RequestError(Exception):
@@ -71,6 +73,8 @@ class VirtioBlk(VirtioDevice):
         self.backend = backend
         self.serial = serial.encode()[:VIRTIO_BLK_ID_BYTES]
         self.queue_sizes = [queue_size]
+        self.queue_size = queue_size
+        self.workers = workers
         self.read_only = backend.read_only
         self.sectors = backend.size // SECTOR
         self.features = (VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_SIZE_MAX | VIRTIO_BLK_F_BLK_SIZE
@@ -79,19 +83,16 @@ class VirtioBlk(VirtioDevice):
             self.features |= VIRTIO_BLK_F_RO
         elif backend.supports_discard:
             self.features |= VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="virtio-blk")
         self.requests = 0
-        self.aio_requests = 0
-        self._inflight = 0
-        self._idle = threading.Condition()
-        self.aio: AioContext | None = None
-        direct = getattr(backend, "direct_io", lambda: None)()
-        if direct is not None:
-            try:
-                self.aio = AioContext(queue_size)
-                self._direct_fd, self._direct_align = direct
-            except AioError as e:   # no AIO in this kernel: the worker threads do it all
-                log.info("%s: native AIO unavailable (%s): using threads", self.name, e)
+        self.io: BlockQueue | None = None
+
+    def setup(self) -> None:
+        self.io = BlockQueue(self.backend, self.loop, depth=self.queue_size,
+                             workers=self.workers, owner=self, name=self.name)
+
+    @property
+    def aio_requests(self) -> int:
+        return self.io.aio_submitted if self.io is not None else 0
 
     # -- configuration -------------------------------------------------------------------
     def config_bytes(self) -> bytes:
@@ -109,223 +110,103 @@ class VirtioBlk(VirtioDevice):
     # -- requests --------------------------------------------------------------------------
     def queue_notify(self, index: int) -> None:
         q = self.queues[index]
-        batch = []
-        while True:
-            with q.lock:
+        io = self.io
+        assert io is not None
+        try:
+            while True:
                 chain = q.pop()
-            if chain is None:
-                break
-            self.requests += 1
-            self._started(1)
-            req = self._aio_request(index, chain) if self.aio is not None else None
-            if req is None:
-                self.pool.submit(self._serve, index, chain)
-            else:
-                batch.append(req)
-        if batch:
-            assert self.aio is not None
-            self.aio_requests += len(batch)
-            for token in self.aio.submit(batch):
-                self.pool.submit(self._serve, token[0], token[1])   # type: ignore[index]
-
-    # -- requests in flight (a reset waits for them) ---------------------------------------
-    def _started(self, n: int) -> None:
-        with self._idle:
-            self._inflight += n
-
-    def _finished(self) -> None:
-        with self._idle:
-            self._inflight -= 1
-            if self._inflight == 0:
-                self._idle.notify_all()
-
-    def reset(self) -> None:
-        """Drain: every request in flight finishes (its completion is dropped by the
-        transport) before the driver can set up new rings."""
-        with self._idle:
-            if not self._idle.wait_for(lambda: self._inflight == 0, timeout=30):
-                log.warning("%s: %d requests still in flight after a reset", self.name,
-                            self._inflight)
-
-    # -- native AIO: plain aligned reads and writes ---------------------------------------
-    def _aio_request(self, index: int, chain: DescriptorChain):
-        """An AIO request for a well-formed, aligned read or write; None sends the chain to
-        the worker threads (which also give malformed requests their error status)."""
-        try:
-            status_addr, _ = self._status_slot(chain)
-            rtype, sector, out_data = self._header(chain)
-        except (RequestError, GuestMemoryError, struct.error):
-            return None
-        if rtype == VIRTIO_BLK_T_IN:
-            bufs = self._data_in(chain)
-        elif rtype == VIRTIO_BLK_T_OUT and not self.read_only:
-            bufs = out_data
-        else:
-            return None
-        align = self._direct_align
-        offset = sector * SECTOR
-        total = 0
-        iov = []
-        try:
-            for gpa, length in bufs:
-                if not length:
-                    continue
-                hva = self.mem.host_address_of(gpa, length)
-                if hva % align or length % align:
-                    return None
-                iov.append((hva, length))
-                total += length
-        except GuestMemoryError:
-            return None
-        if not iov or offset % align or sector + total // SECTOR > self.sectors or \
-                offset + total > self.backend.size:
-            return None
-        # (queue, chain, status byte, bytes to move, bytes the device writes into the chain)
-        token = (index, chain, status_addr, total, total if rtype == VIRTIO_BLK_T_IN else 0)
-        return token, self._direct_fd, rtype == VIRTIO_BLK_T_OUT, offset, iov
-
-    def io_fds(self) -> list[int]:
-        return [self.aio.eventfd] if self.aio is not None else []
-
-    def io_ready(self, fd: int) -> None:
-        """AIO completions, on the transport's I/O thread: status byte, used ring."""
-        aio = self.aio
-        if aio is None:
-            return
-        for (index, chain, status_addr, expected, n), res in aio.reap():
-            if res == -errno.EINVAL:
-                # The O_DIRECT alignment guess was too small: the threads re-align.
-                self.pool.submit(self._serve, index, chain)
-                continue
-            self._finish_aio(index, chain, status_addr, expected, n, res)
-
-    def _finish_aio(self, index: int, chain: DescriptorChain, status_addr: int, expected: int,
-                    n: int, res: int) -> None:
-        try:
-            status = VIRTIO_BLK_S_OK
-            if res != expected:
-                log.warning("%s: I/O error: %s", self.name,
-                            os.strerror(-res) if res < 0 else f"short transfer {res}")
-                status, n = VIRTIO_BLK_S_IOERR, 0
-            try:
-                self.mem.write(status_addr, bytes([status]))
-            except GuestMemoryError:
-                self.transport.broken(f"status byte of head {chain.head} left guest RAM")
-                return
-            self.transport.complete(index, chain.head, n + 1)
+                if chain is None:
+                    break
+                self.requests += 1
+                self._start(index, chain)
         finally:
-            self._finished()
+            io.submit()      # what was taken before a bad chain still goes out
 
-    def _serve(self, index: int, chain: DescriptorChain) -> None:
+    def _start(self, index: int, chain: DescriptorChain) -> None:
+        """Check one request and hand it to the block queue (or answer it at once)."""
+        if not chain.writable or chain.readable_len < _HEADER.size:
+            raise GuestError(f"request at head {chain.head}: no 16-byte header or no "
+                             "writable status byte")
+        writer_bufs = list(chain.writable)
+        addr, length = writer_bufs[-1]
+        status = self.dma.sg([(addr + length - 1, 1)])
+        writer_bufs[-1] = (addr, length - 1)
+        reader = self.reader(chain)
+        rtype, _reserved, sector = reader.read_struct(_HEADER)
+        done = self._completion(index, chain, status)
         try:
-            self._serve_one(index, chain)
-        finally:
-            self._finished()
-
-    def _serve_one(self, index: int, chain: DescriptorChain) -> None:
-        try:
-            status_addr, written = self._status_slot(chain)
-        except RequestError as e:
-            # No place to put a status: the chain itself is broken.
-            self.transport.broken(f"request at head {chain.head}: {e}")
-            return
-        try:
-            n = self._execute(chain)
-            status = VIRTIO_BLK_S_OK
+            self._dispatch(rtype, sector, reader, writer_bufs, done)
         except RequestError as e:
             log.debug("request at head %d: %s", chain.head, e)
-            status, n = e.status, 0
-        except OSError as e:
-            log.warning("%s: I/O error: %s", self.name, e)
-            status, n = VIRTIO_BLK_S_IOERR, 0
-        try:
-            self.mem.write(status_addr, bytes([status]))
-        except GuestMemoryError:
-            self.transport.broken(f"status byte of head {chain.head} left guest RAM")
-            return
-        self.transport.complete(index, chain.head, n + written)
+            done(-errno.EIO if e.status == VIRTIO_BLK_S_IOERR else -errno.EOPNOTSUPP)
 
-    @staticmethod
-    def _data_in(chain: DescriptorChain) -> list[tuple[int, int]]:
-        """The device-writable buffers without the trailing status byte."""
-        bufs = list(chain.writable)
-        addr, length = bufs[-1]
-        if length > 1:
-            bufs[-1] = (addr, length - 1)
-        else:
-            bufs.pop()
-        return bufs
-
-    @staticmethod
-    def _status_slot(chain: DescriptorChain) -> tuple[int, int]:
-        if not chain.writable or chain.writable[-1][1] < 1:
-            raise RequestError(VIRTIO_BLK_S_IOERR, "no writable status byte")
-        if chain.readable_len < 16:
-            raise RequestError(VIRTIO_BLK_S_IOERR, "header shorter than 16 bytes")
-        addr, length = chain.writable[-1]
-        return addr + length - 1, 1
-
-    def _header(self, chain: DescriptorChain) -> tuple[int, int, list[tuple[int, int]]]:
-        """(type, sector, data buffers after the header) from the readable part."""
-        raw = bytearray()
-        rest: list[tuple[int, int]] = []
-        for addr, length in chain.readable:
-            if len(raw) < 16:
-                take = min(16 - len(raw), length)
-                raw += self.mem.read(addr, take)
-                if take < length:
-                    rest.append((addr + take, length - take))
+    def _completion(self, index: int, chain: DescriptorChain, status):
+        def done(result: int, data_in: int = 0) -> None:
+            if result == -errno.EOPNOTSUPP:
+                code, n = VIRTIO_BLK_S_UNSUPP, 0
+            elif result < 0:
+                code, n = VIRTIO_BLK_S_IOERR, 0
             else:
-                rest.append((addr, length))
-        rtype, _reserved, sector = struct.unpack("<IIQ", raw)
-        return rtype, sector, rest
+                code, n = VIRTIO_BLK_S_OK, data_in
+            status.views[0][0] = code
+            self.transport.complete(index, chain, n + 1)
+        return done
 
-    def _execute(self, chain: DescriptorChain) -> int:
-        rtype, sector, out_data = self._header(chain)
-        in_data = self._data_in(chain)
+    def _dispatch(self, rtype: int, sector: int, reader, writable, done) -> None:
+        io = self.io
+        assert io is not None
         if rtype == VIRTIO_BLK_T_IN:
-            n = sum(ln for _, ln in in_data)
-            self._check_range(sector, n)
-            self.backend.readv(sector * SECTOR, self._views(in_data))
-            return n
-        if rtype == VIRTIO_BLK_T_OUT:
+            data = self.dma.sg(writable)
+            self._check_range(sector, data.nbytes)
+            io.read(sector * SECTOR, data, lambda r: done(r, data.nbytes))
+        elif rtype == VIRTIO_BLK_T_OUT:
             if self.read_only:
                 raise RequestError(VIRTIO_BLK_S_IOERR, "write to a read-only disk")
-            n = sum(ln for _, ln in out_data)
-            self._check_range(sector, n)
-            self.backend.writev(sector * SECTOR, self._views(out_data))
-            return 0
-        if rtype == VIRTIO_BLK_T_FLUSH:
-            self.backend.flush()
-            return 0
-        if rtype == VIRTIO_BLK_T_GET_ID:
-            total = sum(ln for _, ln in in_data)
-            ident = self.serial.ljust(VIRTIO_BLK_ID_BYTES, b"\0")[:max(0, total)]
-            off = 0
-            for a, ln in in_data:
-                chunk = ident[off:off + ln]
-                if not chunk:
-                    break
-                self.mem.write(a, chunk)
-                off += len(chunk)
-            return off
-        if rtype in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
+            data = reader.take()
+            self._check_range(sector, data.nbytes)
+            io.write(sector * SECTOR, data, done)
+        elif rtype == VIRTIO_BLK_T_FLUSH:
+            io.flush(done)
+        elif rtype == VIRTIO_BLK_T_GET_ID:
+            w = self.dma.sg(writable).writer()
+            ident = self.serial.ljust(VIRTIO_BLK_ID_BYTES, b"\0")[:w.remaining]
+            w.write(ident)
+            done(0, len(ident))
+        elif rtype in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
             if self.read_only:
                 raise RequestError(VIRTIO_BLK_S_IOERR, "discard on a read-only disk")
             if not self.backend.supports_discard:
                 raise RequestError(VIRTIO_BLK_S_UNSUPP, "discard not supported")
-            data = b"".join(self.mem.read(a, ln) for a, ln in out_data)
-            if len(data) % 16 or not data or len(data) // 16 > MAX_DISCARD_SEG:
-                raise RequestError(VIRTIO_BLK_S_IOERR, f"discard payload of {len(data)} bytes")
-            for off in range(0, len(data), 16):
-                start, count, flags = struct.unpack_from("<QII", data, off)
+            size = reader.remaining          # checked before a byte is copied
+            if size == 0 or size % _DISCARD_SEG.size or \
+                    size // _DISCARD_SEG.size > MAX_DISCARD_SEG:
+                raise RequestError(VIRTIO_BLK_S_IOERR, f"discard payload of {size} bytes")
+            segs = [reader.read_struct(_DISCARD_SEG) for _ in range(size // _DISCARD_SEG.size)]
+            for start, count, _flags in segs:
                 self._check_range(start, count * SECTOR)
-                if rtype == VIRTIO_BLK_T_DISCARD:
-                    self.backend.discard(start * SECTOR, count * SECTOR)
-                else:
-                    self.backend.write_zeroes(start * SECTOR, count * SECTOR, bool(flags & 1))
-            return 0
-        raise RequestError(VIRTIO_BLK_S_UNSUPP, f"request type {rtype}")
+            self._discard_all(rtype, segs, done)
+        else:
+            raise RequestError(VIRTIO_BLK_S_UNSUPP, f"request type {rtype}")
+
+    def _discard_all(self, rtype: int, segs, done) -> None:
+        """One completion for all segments: the first error wins."""
+        io = self.io
+        assert io is not None
+        left = [len(segs)]
+        worst = [0]
+
+        def one(result: int) -> None:
+            if result < 0 and not worst[0]:
+                worst[0] = result
+            left[0] -= 1
+            if left[0] == 0:
+                done(worst[0])
+
+        for start, count, flags in segs:
+            if rtype == VIRTIO_BLK_T_DISCARD:
+                io.discard(start * SECTOR, count * SECTOR, one)
+            else:
+                io.write_zeroes(start * SECTOR, count * SECTOR, bool(flags & 1), one)
 
     def _check_range(self, sector: int, nbytes: int) -> None:
         if nbytes % SECTOR:
@@ -334,12 +215,15 @@ class VirtioBlk(VirtioDevice):
             raise RequestError(VIRTIO_BLK_S_IOERR, f"sectors {sector}+{nbytes // SECTOR} beyond "
                                f"the end of the disk ({self.sectors})")
 
-    def _views(self, bufs: list[tuple[int, int]]) -> list[memoryview]:
-        return [self.mem.view(a, n) for a, n in bufs if n]
+    # -- reset and close -------------------------------------------------------------------
+    def reset(self) -> None:
+        """Drain: no host I/O may touch guest memory once the driver has reset us."""
+        if self.io is not None:
+            self.io.drain()
 
     def close(self) -> None:
-        if self.aio is not None:
-            self.aio.close()     # waits for requests still in flight
-            self.aio = None
-        self.pool.shutdown(wait=True)
+        if self.io is not None:
+            self.io.close()
+            self.io = None
         self.backend.close()
+

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from vmrun.block import parse_sectorsize
-from vmrun.core.virtio.pci import VirtioPciTransport
-from vmrun.plugins import hookimpl
-from vmrun.plugins.registry import DeviceContext, DeviceType, Option
+from vmrun.api import (
+    DeviceContext,
+    DeviceType,
+    Option,
+    VirtioPciTransport,
+    hookimpl,
+    open_disk,
+    parse_sectorsize,
+)
 from vmrun_virtio_blk.device import VirtioBlk
 
 
@@ -29,13 +34,10 @@ def _check(opts: dict[str, Any]) -> None:
 
 
 def _factory(ctx: DeviceContext, opts: dict[str, Any]):
-    from vmrun.block import open_disk
-
     backend = open_disk(opts["path"], read_only=opts["ro"], nocache=opts["nocache"],
                         sync=opts["sync"], sector_size=parse_sectorsize(opts["sectorsize"]),
-                        size=opts["size"], split=opts["split"], sparse=opts["sparse"])
-    if not opts["discard"]:
-        backend.supports_discard = False
+                        size=opts["size"], split=opts["split"], sparse=opts["sparse"],
+                        discard=opts["discard"])
     return VirtioPciTransport(VirtioBlk(backend, serial=opts["serial"], workers=opts["workers"]))
 
 

@@ -3,9 +3,14 @@
 A device knows its type, its queues, its feature bits and its configuration layout; it never
 knows PCI. The transport (:mod:`vmrun.core.virtio.pci`) negotiates features, runs the status
 machine, and calls :meth:`VirtioDevice.activate` when the driver sets DRIVER_OK, then
-:meth:`queue_notify` on the device's own thread whenever the driver kicks a queue. To hand
-buffers back the device calls ``self.transport.complete(queue, head, written)``; a broken
-request calls ``self.transport.broken(reason)``.
+:meth:`queue_notify` on the event loop (with the transport's lock held) whenever the driver
+kicks a queue. Once placed, :meth:`realized` gives the device ``self.loop`` (the devices'
+event loop, for its own fds and timers) and ``self.dma`` (guest memory, gated by bus
+mastering). A device reads and writes a chain only through :meth:`reader`/:meth:`writer`
+(bounds-checked :class:`~vmrun.core.dma.SgList` views). To hand a chain back it calls
+``self.transport.complete(queue, chain, written)``. Whatever it raises while serving a queue
+(a :class:`~vmrun.core.memory.GuestError` for guest input, or anything else) marks the device
+DEVICE_NEEDS_RESET; it never needs to catch guest errors itself to protect the VMM.
 """
 
 from __future__ import annotations
@@ -13,9 +18,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from vmrun.core.dma import GuestDma, SgReader, SgWriter
+    from vmrun.core.eventloop import EventLoop
     from vmrun.core.memory import GuestMemory
     from vmrun.core.virtio.pci import VirtioPciTransport
-    from vmrun.core.virtio.queue import Virtqueue
+    from vmrun.core.virtio.queue import DescriptorChain, Virtqueue
 
 VIRTIO_F_VERSION_1 = 1 << 32
 VIRTIO_F_RING_INDIRECT_DESC = 1 << 28
@@ -45,8 +52,32 @@ class VirtioDevice:
     name = "virtio"
 
     transport: VirtioPciTransport
+    loop: EventLoop | None = None
+    dma: GuestDma
     mem: GuestMemory
     queues: list[Virtqueue]
+
+    def realized(self, transport: VirtioPciTransport) -> None:
+        """Placed on the bus: take the loop and DMA window; add fds and timers here."""
+        self.transport = transport
+        self.loop = transport.loop
+        self.dma = transport.dma
+        self.setup()
+
+    def setup(self) -> None:
+        """Hook for subclasses: called once from :meth:`realized`."""
+
+    def reader(self, chain: DescriptorChain) -> SgReader:
+        """The chain's device-readable buffers, checked, as a reader."""
+        return self.dma.sg(chain.readable).reader()
+
+    def writer(self, chain: DescriptorChain) -> SgWriter:
+        """The chain's device-writable buffers, checked, as a writer."""
+        return self.dma.sg(chain.writable).writer()
+
+    def fault(self, reason: str) -> None:
+        """An event-loop callback of this device raised: the transport marks it broken."""
+        self.transport.fault(reason)
 
     def config_bytes(self) -> bytes:
         """The device-specific configuration structure, as the driver reads it."""
@@ -62,18 +93,12 @@ class VirtioDevice:
         self.acked_features = acked_features
 
     def queue_notify(self, index: int) -> None:
-        """The driver made buffers available in queue ``index`` (called on the I/O thread)."""
-
-    def io_fds(self) -> list[int]:
-        """File descriptors the transport's I/O thread should also watch for this device
-        (e.g. an AIO completion eventfd), so completions need no thread of their own."""
-        return []
-
-    def io_ready(self, fd: int) -> None:
-        """One of :meth:`io_fds` is readable (called on the I/O thread)."""
+        """The driver made buffers available in queue ``index`` (on the event loop)."""
 
     def reset(self) -> None:
-        """The driver wrote 0 to device_status: stop, forget negotiated state."""
+        """The driver wrote 0 to device_status: stop, wait for what is in flight (host I/O
+        into guest memory), forget negotiated state. Called on a vCPU thread, never under
+        the transport's lock."""
 
     def close(self) -> None:
         """Release host resources."""

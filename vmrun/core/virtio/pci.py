@@ -2,23 +2,36 @@
 
 BAR 0 (32-bit memory, 16 KiB) holds the common configuration (0x0000), the ISR (0x1000), the
 device configuration (0x2000) and the notification area (0x3000, one 4-byte slot per queue);
-BAR 2 holds the MSI-X table and PBA. Queue notifications arrive through ioeventfds registered
-on the notify slots and are served on the transport's I/O thread, so the vCPU thread that
-kicked the queue goes straight back into the guest. Interrupts leave through MSI-X irqfds (or
-INTx with the ISR when the driver did not enable MSI-X).
+the core puts the MSI-X table and PBA in BAR 2 (``msix_bar``) and owns them. Queue
+notifications are doorbells (ioeventfds) served on the devices' event loop, so the vCPU that
+kicked a queue goes straight back into the guest; interrupts leave through the function's
+:class:`~vmrun.core.interrupts.InterruptSource` (MSI-X irqfds, or INTx with the ISR).
+
+Against a hostile driver:
+
+- one lock (``self.lock``) covers the status machine, queue set-up and every use of the
+  rings: queue service on the loop, completions, a reset from a vCPU. A reset first stops
+  the device (under the lock, so no service is half-way), then drains what the device has in
+  flight *outside* the lock (completions may need it), then clears the queues; completions of
+  requests from before a reset carry an older epoch and are dropped;
+- status bits only accumulate until a reset: a write that clears DRIVER_OK or FEATURES_OK is
+  ignored, as are queue set-up writes once the queue is enabled or the device is live;
+- anything a device raises from guest input (:class:`~vmrun.core.memory.GuestError`, or any
+  other exception) marks *this* device DEVICE_NEEDS_RESET with a config interrupt, one log
+  line; a driver reset recovers it. Nothing reaches the vCPU or the event loop;
+- with bus mastering off the device neither serves queues nor completes into them.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import select
 import struct
 import threading
+from functools import partial
 
+from vmrun.core.interrupts import MODE_INTX, NO_VECTOR
 from vmrun.core.memory import GuestMemory
-from vmrun.core.msix import MsixVectors
-from vmrun.core.pci import BAR_MEM32, CAP_ID_VENDOR, BarSpec, PciDevice
+from vmrun.core.pci import BAR_MEM32, CAP_ID_VENDOR, COMMAND_MASTER, BarSpec, PciDevice
 from vmrun.core.virtio.device import (
     STATUS_DEVICE_NEEDS_RESET,
     STATUS_DRIVER_OK,
@@ -28,7 +41,7 @@ from vmrun.core.virtio.device import (
     VIRTIO_F_VERSION_1,
     VirtioDevice,
 )
-from vmrun.core.virtio.queue import Virtqueue, VirtqueueError
+from vmrun.core.virtio.queue import DescriptorChain, Virtqueue, VirtqueueError
 
 log = logging.getLogger("vmrun.virtio")
 
@@ -38,7 +51,6 @@ VIRTIO_PCI_CAP_NOTIFY_CFG = 2
 VIRTIO_PCI_CAP_ISR_CFG = 3
 VIRTIO_PCI_CAP_DEVICE_CFG = 4
 VIRTIO_PCI_CAP_PCI_CFG = 5
-NO_VECTOR = 0xFFFF
 
 COMMON_OFFSET, COMMON_SIZE = 0x0000, 0x1000
 ISR_OFFSET, ISR_SIZE = 0x1000, 0x1000
@@ -49,6 +61,7 @@ BAR_SIZE = 0x4000
 MSIX_BAR = 2
 ISR_QUEUE = 1
 ISR_CONFIG = 2
+_RING_FIELDS = ((0x20, "desc_addr"), (0x28, "avail_addr"), (0x30, "used_addr"))
 
 
 class VirtioPciTransport(PciDevice):
@@ -58,6 +71,7 @@ class VirtioPciTransport(PciDevice):
     subsystem_vendor_id = VIRTIO_PCI_VENDOR
     vendor_id = VIRTIO_PCI_VENDOR
     revision = 1
+    msix_bar = MSIX_BAR
 
     def __init__(self, device: VirtioDevice, mem: GuestMemory | None = None) -> None:
         self.device = device
@@ -67,18 +81,17 @@ class VirtioPciTransport(PciDevice):
         self.subsystem_id = device.device_type
         self.class_code = device.pci_class
         self.queues = [Virtqueue(i, n) for i, n in enumerate(device.queue_sizes)]
-        nvec = len(self.queues) + 1
-        self.msix = MsixVectors(nvec, MSIX_BAR, 0, MSIX_BAR, 0x800)
-        self.bars = [BarSpec(0, BAR_SIZE, BAR_MEM32), BarSpec(MSIX_BAR, 0x1000, BAR_MEM32)]
+        if not 1 <= len(self.queues) <= NOTIFY_SIZE // NOTIFY_MULTIPLIER:
+            raise ValueError(f"{device.name}: {len(self.queues)} queues")
+        self.msix_vectors = len(self.queues) + 1
+        self.bars = [BarSpec(0, BAR_SIZE, BAR_MEM32)]
         self.device_features = device.features | VIRTIO_F_VERSION_1 | \
             VIRTIO_F_RING_INDIRECT_DESC | VIRTIO_F_RING_EVENT_IDX
         self.test_mem = mem
         self.lock = threading.RLock()
+        self.epoch = 0
+        self.faults = 0
         self._reset_state()
-        self.eventfds: list[int] = []
-        self._notify_base: int | None = None
-        self._io_thread: threading.Thread | None = None
-        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
 
     def _reset_state(self) -> None:
         self.status = 0
@@ -93,11 +106,14 @@ class VirtioPciTransport(PciDevice):
         for q in self.queues:
             q.reset()
 
+    @property
+    def msix(self):
+        """The MSI-X vectors (owned by the core's interrupt source)."""
+        return self.irq.msix if self.irq is not None else None
+
     # -- PCI wiring --------------------------------------------------------------------
     def realize(self) -> None:
         cfg = self.config
-        self.msix.vm = self.vm
-        self.msix.add_capability(cfg)
         for cfg_type, off, length, extra in (
                 (VIRTIO_PCI_CAP_COMMON_CFG, COMMON_OFFSET, 0x38, b""),
                 (VIRTIO_PCI_CAP_ISR_CFG, ISR_OFFSET, 1, b""),
@@ -107,109 +123,54 @@ class VirtioPciTransport(PciDevice):
             body = struct.pack("<BBBBHII", 16 + len(extra), cfg_type, 0, 0, 0, off,
                                length) + extra
             cfg.add_capability(CAP_ID_VENDOR, body)
-        if self.vm is not None:
-            self.msix.realize()
-            self.eventfds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-                             for _ in self.queues]
-            self._io_thread = threading.Thread(target=self._io_loop, daemon=True,
-                                               name=f"virtio-{self.name}")
-            self._io_thread.start()
-        self._register_notify(None, self.config.bar_address(0) or None)
-
-    def config_changed(self, offset: int, size: int) -> None:
-        super().config_changed(offset, size)
-        cap = self.msix.cap_offset
-        if offset <= cap + 3 and offset + size > cap + 2:
-            self.msix.control_changed()
-
-    def bar_moved(self, index: int, old: int | None, new: int | None) -> None:
-        if index == 0 and self.eventfds:
-            self._register_notify(old, new)
-
-    def _register_notify(self, old: int | None, new: int | None) -> None:
-        if self.vm is None or not self.eventfds:
-            return
-        for i, fd in enumerate(self.eventfds):
-            if self._notify_base is not None:
-                self.vm.register_ioeventfd(fd, self._notify_base + NOTIFY_OFFSET
-                                           + NOTIFY_MULTIPLIER * i, 2, deassign=True)
-            if new is not None:
-                self.vm.register_ioeventfd(fd, new + NOTIFY_OFFSET + NOTIFY_MULTIPLIER * i, 2)
-        self._notify_base = new
-
-    def _io_loop(self) -> None:
-        poller = select.poll()
-        for fd in self.eventfds:
-            poller.register(fd, select.POLLIN)
-        poller.register(self._stop_r, select.POLLIN)
-        index = {fd: i for i, fd in enumerate(self.eventfds)}
-        extra = set(self.device.io_fds())
-        for fd in extra:
-            poller.register(fd, select.POLLIN)
-        while True:
-            for fd, _ev in poller.poll():
-                if fd == self._stop_r:
-                    return
-                if fd in extra:
-                    self.device.io_ready(fd)
-                    continue
-                try:
-                    os.eventfd_read(fd)
-                except BlockingIOError:
-                    continue
-                self.kick(index[fd])
+        for i in range(len(self.queues)):
+            self.add_doorbell(0, NOTIFY_OFFSET + NOTIFY_MULTIPLIER * i, 2, partial(self.kick, i))
+        self.device.realized(self)
 
     def close(self) -> None:
-        try:
-            os.write(self._stop_w, b"x")
-        except OSError:
-            pass
-        if self._io_thread is not None:
-            self._io_thread.join(2)
-        if self.vm is not None and self._notify_base is not None:
-            self._register_notify(self._notify_base, None)
-        for fd in self.eventfds:
-            os.close(fd)
-        self.eventfds = []
-        self.msix.close()
         self.device.close()
-        os.close(self._stop_r)
-        os.close(self._stop_w)
 
-    # -- BAR accesses -----------------------------------------------------------------
+    # -- BAR accesses (vCPU threads; nothing a guest writes may raise out of here) ---------
     def bar_read(self, index: int, offset: int, size: int) -> int:
-        if index == MSIX_BAR:
-            if offset < 0x800:
-                return self.msix.table_read(offset, size)
-            return self.msix.pba_read(offset - 0x800, size)
-        if offset < COMMON_OFFSET + COMMON_SIZE:
-            return self._common_read(offset, size)
-        if offset < ISR_OFFSET + ISR_SIZE:
-            with self.lock:
-                value, self.isr = self.isr, 0
-                self.set_intx(False)
-            return value
-        if offset < DEVICE_OFFSET + DEVICE_SIZE:
-            data = self.device.config_bytes()
-            off = offset - DEVICE_OFFSET
-            chunk = data[off:off + size]
-            return int.from_bytes(chunk.ljust(size, b"\0"), "little")
+        try:
+            if offset < COMMON_OFFSET + COMMON_SIZE:
+                return self._common_read(offset, size)
+            if offset < ISR_OFFSET + ISR_SIZE:
+                with self.lock:
+                    value, self.isr = self.isr, 0
+                    if self.irq is not None:
+                        self.irq.deassert()
+                    else:
+                        self.set_intx(False)
+                return value
+            if offset < DEVICE_OFFSET + DEVICE_SIZE:
+                data = self.device.config_bytes()
+                off = offset - DEVICE_OFFSET
+                chunk = data[off:off + size]
+                return int.from_bytes(chunk.ljust(size, b"\0"), "little")
+        except Exception as e:
+            self.fault(f"register read at {offset:#x}: {type(e).__name__}: {e}")
         return 0
 
     def bar_write(self, index: int, offset: int, size: int, value: int) -> None:
-        if index == MSIX_BAR:
-            if offset < 0x800:
-                self.msix.table_write(offset, size, value)
-            return
-        if offset < COMMON_OFFSET + COMMON_SIZE:
-            self._common_write(offset, size, value)
-        elif DEVICE_OFFSET <= offset < DEVICE_OFFSET + DEVICE_SIZE:
-            self.device.config_write(offset - DEVICE_OFFSET, value.to_bytes(size, "little"))
-        elif NOTIFY_OFFSET <= offset < NOTIFY_OFFSET + NOTIFY_SIZE:
-            # Only reached when no ioeventfd caught it (tests, odd access sizes).
-            q = (offset - NOTIFY_OFFSET) // NOTIFY_MULTIPLIER
-            if q < len(self.queues):
-                self.kick(q)
+        try:
+            if offset < COMMON_OFFSET + COMMON_SIZE:
+                self._common_write(offset, size, value)
+            elif DEVICE_OFFSET <= offset < DEVICE_OFFSET + DEVICE_SIZE:
+                with self.lock:
+                    self.device.config_write(offset - DEVICE_OFFSET,
+                                             value.to_bytes(size, "little"))
+            elif NOTIFY_OFFSET <= offset < NOTIFY_OFFSET + NOTIFY_SIZE:
+                # Only reached when no ioeventfd caught it (tests, odd access sizes): the
+                # device still does its work on the loop, never on the vCPU.
+                q = (offset - NOTIFY_OFFSET) // NOTIFY_MULTIPLIER
+                if q < len(self.queues):
+                    if self.loop is not None:
+                        self.loop.call_soon(self.kick, q, owner=self)
+                    else:
+                        self.kick(q)
+        except Exception as e:
+            self.fault(f"register write at {offset:#x}: {type(e).__name__}: {e}")
 
     def _queue(self) -> Virtqueue | None:
         return self.queues[self.queue_select] if self.queue_select < len(self.queues) else None
@@ -246,15 +207,18 @@ class VirtioPciTransport(PciDevice):
             return int(q.ready)
         if offset == 0x1E:
             return q.index
-        for base, attr in ((0x20, "desc_addr"), (0x28, "avail_addr"), (0x30, "used_addr")):
+        for base, attr in _RING_FIELDS:
             if base <= offset < base + 8:
                 v = getattr(q, attr)
                 return (v >> (8 * (offset - base))) & ((1 << (8 * size)) - 1)
         return 0
 
+    def _vector(self, value: int) -> int:
+        return value if value < self.msix_vectors else NO_VECTOR
+
     def _common_write(self, offset: int, size: int, value: int) -> None:
         if offset == 0x14 and value & 0xFF == 0:
-            self._reset_device()
+            self.reset_device()
             return
         with self.lock:
             q = self._queue()
@@ -269,22 +233,22 @@ class VirtioPciTransport(PciDevice):
                     self.driver_features = (self.driver_features & ~mask) | \
                         ((value & 0xFFFFFFFF) << (32 * sel))
             elif offset == 0x10:
-                self.config_msix_vector = value if value < self.msix.n else NO_VECTOR
+                self.config_msix_vector = self._vector(value)
             elif offset == 0x14:
                 self._set_status(value & 0xFF)
             elif offset == 0x16:
                 self.queue_select = value
-            elif q is None or self.status & STATUS_DRIVER_OK:
-                return
+            elif q is None or q.ready or self.status & STATUS_DRIVER_OK:
+                return          # queue set-up is frozen once the queue or device is live
             elif offset == 0x18:
-                q.size = value
+                if value and not value & (value - 1) and value <= q.max_size:
+                    q.size = value
             elif offset == 0x1A:
-                q.msix_vector = value if value < self.msix.n else NO_VECTOR
+                q.msix_vector = self._vector(value)
             elif offset == 0x1C:
                 q.ready = value == 1
             else:
-                for base, attr in ((0x20, "desc_addr"), (0x28, "avail_addr"),
-                                   (0x30, "used_addr")):
+                for base, attr in _RING_FIELDS:
                     if base <= offset < base + 8:
                         shift = 8 * (offset - base)
                         mask = ((1 << (8 * size)) - 1) << shift
@@ -292,23 +256,32 @@ class VirtioPciTransport(PciDevice):
                         setattr(q, attr, (cur & ~mask) | ((value << shift) & mask))
 
     # -- status machine ------------------------------------------------------------------
-    def _reset_device(self) -> None:
-        """The driver wrote 0 to device_status. Completions stop counting first, then the
-        device drains what it has in flight (outside our lock: a request finishing meanwhile
-        may need it), so nothing from before the reset lands in the rings set up after it."""
+    def reset_device(self) -> None:
+        """The driver wrote 0 to device_status (or the machine reset). Stop under the lock,
+        drain outside it, then forget everything, in a new epoch."""
         with self.lock:
             self.active = False
-        self.device.reset()
+            self.epoch += 1
+        try:
+            self.device.reset()
+        except Exception as e:
+            log.error("%s: reset: %s", self.name, e)
         with self.lock:
             self._reset_state()
-            self.msix.reset()
-            self.set_intx(False)
+            if self.irq is not None:
+                if self.irq.msix is not None:
+                    self.irq.msix.reset()
+                self.irq.deassert()
+
+    def reset(self) -> None:
+        self.reset_device()
 
     def _set_status(self, value: int) -> None:
-        if value == 0:
-            self._reset_device()
-            return
         old = self.status
+        if old & ~value & (STATUS_DRIVER_OK | STATUS_FEATURES_OK | 0x3):
+            log.debug("%s: driver cleared status bits %#x without a reset: ignored", self.name,
+                      old & ~value)
+            return
         if value & STATUS_FEATURES_OK and not old & STATUS_FEATURES_OK:
             unknown = self.driver_features & ~self.device_features
             if unknown or not self.driver_features & VIRTIO_F_VERSION_1:
@@ -317,65 +290,84 @@ class VirtioPciTransport(PciDevice):
         if value & STATUS_DRIVER_OK and not old & STATUS_DRIVER_OK:
             self._activate()
 
+    def _memory(self) -> GuestMemory:
+        if self.vm is not None and self.vm.memory is not None:
+            return self.vm.memory
+        assert self.test_mem is not None
+        return self.test_mem
+
     def _activate(self) -> None:
-        mem = self.vm.memory if self.vm is not None else self.test_mem
-        assert mem is not None
+        mem = self._memory()
         event_idx = bool(self.driver_features & VIRTIO_F_RING_EVENT_IDX)
         try:
             for q in self.queues:
                 if q.ready:
-                    q.activate(mem, event_idx)
+                    q.activate(mem, event_idx, self.epoch)
         except VirtqueueError as e:
-            self.broken(str(e))
+            self._broken(str(e))
             return
         self.active = True
-        self.device.activate(mem, self.queues, self.driver_features)
+        try:
+            self.device.activate(mem, self.queues, self.driver_features)
+        except Exception as e:
+            self._broken(f"activate: {type(e).__name__}: {e}")
 
-    def broken(self, reason: str) -> None:
-        """The driver misbehaved: DEVICE_NEEDS_RESET, a config interrupt, one log line."""
+    def fault(self, reason: str) -> None:
+        """The guest (or a bug) broke this device: DEVICE_NEEDS_RESET, config interrupt."""
         with self.lock:
-            if self.status & STATUS_DEVICE_NEEDS_RESET:
-                return
-            self.status |= STATUS_DEVICE_NEEDS_RESET
-            self.active = False
+            self._broken(reason)
+
+    broken = fault
+
+    def _broken(self, reason: str) -> None:
+        if self.status & STATUS_DEVICE_NEEDS_RESET:
+            return
+        self.status |= STATUS_DEVICE_NEEDS_RESET
+        self.faults += 1
         log.warning("%s: %s: device needs reset", self.name, reason)
         self._interrupt(self.config_msix_vector, ISR_CONFIG)
 
     # -- the device side -------------------------------------------------------------------
-    def kick(self, index: int) -> None:
-        """Queue ``index`` was notified: let the device serve it (I/O thread, or the caller
-        in tests)."""
-        if not self.active or not self.queues[index].ready:
-            return
-        try:
-            self.device.queue_notify(index)
-        except VirtqueueError as e:
-            self.broken(str(e))
+    def _serving(self, q: Virtqueue) -> bool:
+        return self.active and q.ready and not self.status & STATUS_DEVICE_NEEDS_RESET \
+            and bool(self.config.data[4] & COMMAND_MASTER)
 
-    def complete(self, index: int, head: int, written: int, notify: bool = True) -> None:
-        """Hand a chain back to the driver; interrupt it if it asked to be."""
-        q = self.queues[index]
-        with q.lock:
-            if not self.active:
+    def kick(self, index: int) -> None:
+        """Queue ``index`` was notified: let the device serve it (on the event loop)."""
+        with self.lock:
+            q = self.queues[index]
+            if not self._serving(q):
                 return
-            q.push_used(head, written)
-            need = notify and q.needs_interrupt()
-        if need:
-            self._interrupt(q.msix_vector, ISR_QUEUE)
+            try:
+                self.device.queue_notify(index)
+            except Exception as e:
+                self._broken(f"queue {index}: {e}" if isinstance(e, VirtqueueError) else
+                             f"queue {index}: {type(e).__name__}: {e}")
+
+    def complete(self, index: int, chain: DescriptorChain, written: int,
+                 notify: bool = True) -> None:
+        """Hand a chain back to the driver; interrupt it if it asked to be. A chain from
+        before the last reset, or one completed while bus mastering is off, is dropped."""
+        with self.lock:
+            q = self.queues[index]
+            if chain.epoch != self.epoch or not self.active or q.mem is None or \
+                    not self.config.data[4] & COMMAND_MASTER:
+                return
+            q.push_used(chain.head, min(written, chain.writable_len))
+            if notify and q.needs_interrupt():
+                self._interrupt(q.msix_vector, ISR_QUEUE)
 
     def notify_queue(self, index: int) -> None:
         """Interrupt for queue ``index`` if the driver wants one (after batched completes)."""
-        q = self.queues[index]
-        with q.lock:
-            need = q.needs_interrupt()
-        if need:
-            self._interrupt(q.msix_vector, ISR_QUEUE)
+        with self.lock:
+            q = self.queues[index]
+            if self.active and q.mem is not None and q.needs_interrupt():
+                self._interrupt(q.msix_vector, ISR_QUEUE)
 
     def _interrupt(self, vector: int, isr_bit: int) -> None:
-        if self.msix.enabled:
-            if vector != NO_VECTOR:
-                self.msix.notify(vector)
+        irq = self.irq
+        if irq is None:
             return
-        with self.lock:
+        if irq.mode == MODE_INTX:
             self.isr |= isr_bit
-            self.set_intx(True)
+        irq.trigger(vector)

@@ -4,8 +4,11 @@ Everything read from the rings is checked before use: the available index may ru
 ``num`` entries ahead, a head and every ``next`` must be inside the table, a chain may not be
 longer than the queue (so a loop ends as an error), an indirect table is a whole number of
 descriptors, never nested, never combined with NEXT, and every buffer must lie inside guest
-RAM; device-readable buffers must come before device-writable ones. A violation raises
-:class:`VirtqueueError`; the transport then marks the device DEVICE_NEEDS_RESET.
+RAM; device-readable buffers must come before device-writable ones. Zero-length descriptors
+carry nothing and are dropped, whatever address they name (so no device ever sees an
+address outside RAM). A violation raises :class:`VirtqueueError` (a
+:class:`~vmrun.core.memory.GuestError`); the transport then marks the device
+DEVICE_NEEDS_RESET. Work per chain is bounded by the queue size (or ``MAX_INDIRECT``).
 
 The ring words the driver and device share while both run (the indices, flags, used
 elements and event indices) are read and written through typed memoryviews: one load or
@@ -20,7 +23,7 @@ import struct
 import threading
 from dataclasses import dataclass, field
 
-from vmrun.core.memory import GuestMemory, GuestMemoryError
+from vmrun.core.memory import GuestError, GuestMemory, GuestMemoryError
 
 VIRTQ_DESC_F_NEXT = 1
 VIRTQ_DESC_F_WRITE = 2
@@ -33,7 +36,7 @@ MAX_INDIRECT = 1024   # descriptors in one indirect table (Linux uses at most th
 _desc = struct.Struct("<QIHH")
 
 
-class VirtqueueError(Exception):
+class VirtqueueError(GuestError):
     """The driver put something invalid in the queue (one line, says what)."""
 
 
@@ -44,6 +47,7 @@ class DescriptorChain:
     head: int
     readable: list[tuple[int, int]] = field(default_factory=list)   # (gpa, len)
     writable: list[tuple[int, int]] = field(default_factory=list)
+    epoch: int = 0        # the transport's reset count when it was popped
 
     @property
     def readable_len(self) -> int:
@@ -74,6 +78,7 @@ class Virtqueue:
         self.last_avail = 0
         self.next_used = 0
         self.signalled_used: int | None = None
+        self.epoch = 0
         self.mem: GuestMemory | None = None
         self._desc_view: memoryview | None = None
         self._avail: memoryview | None = None        # u16: flags, idx, ring[n], used_event
@@ -82,7 +87,7 @@ class Virtqueue:
         self._avail_event: memoryview | None = None  # u16: the used ring's avail_event
 
     # -- set-up ------------------------------------------------------------------------
-    def activate(self, mem: GuestMemory, event_idx: bool) -> None:
+    def activate(self, mem: GuestMemory, event_idx: bool, epoch: int = 0) -> None:
         """Check the ring addresses the driver gave and take views of the rings."""
         n = self.size
         if n == 0 or n > self.max_size or n & (n - 1):
@@ -101,6 +106,7 @@ class Virtqueue:
         except GuestMemoryError as e:
             raise VirtqueueError(f"queue {self.index}: ring outside guest RAM ({e})") from None
         self.mem = mem
+        self.epoch = epoch
         self.event_idx = event_idx
         self.last_avail = 0
         self.next_used = 0
@@ -135,7 +141,7 @@ class Virtqueue:
         n = self.size
         if head >= n:
             raise VirtqueueError(f"queue {self.index}: head {head} is outside the table of {n}")
-        chain = DescriptorChain(head)
+        chain = DescriptorChain(head, epoch=self.epoch)
         mem = self.mem
         assert mem is not None
         table: memoryview = self._desc_view  # type: ignore[assignment]
@@ -169,16 +175,18 @@ class Virtqueue:
                 i = 0
                 seen = 0
                 continue
-            if length and not mem.contains(addr, length):
-                raise VirtqueueError(f"queue {self.index}: buffer {addr:#x}+{length:#x} is "
-                                     f"outside guest RAM")
             if flags & VIRTQ_DESC_F_WRITE:
-                chain.writable.append((addr, length))
+                if length:
+                    chain.writable.append((addr, length))
             else:
                 if chain.writable:
                     raise VirtqueueError(f"queue {self.index}: device-readable buffer after a "
                                          f"writable one in chain at head {head}")
-                chain.readable.append((addr, length))
+                if length:
+                    chain.readable.append((addr, length))
+            if length and not mem.contains(addr, length):
+                raise VirtqueueError(f"queue {self.index}: buffer {addr:#x}+{length:#x} is "
+                                     f"outside guest RAM")
             if not flags & VIRTQ_DESC_F_NEXT:
                 return chain
             if nxt >= table_len:

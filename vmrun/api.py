@@ -1,0 +1,54 @@
+"""Everything a device plugin needs, importable from one place.
+
+::
+
+    from vmrun.api import PciDevice, BarSpec, DeviceType, Option, hookimpl
+
+A plugin imports only this module (``plugins/virtio_blk`` does); what is here is the plugin
+contract and stays stable, what is not is vmrun's own business. See the README's "Writing a
+device plugin" for a complete example.
+
+- registering: :data:`hookimpl`, :class:`DeviceType`, :class:`Option`, :class:`DeviceContext`
+  (what a factory gets: the machine's identity, the event loop, the input hub, host
+  resources that outlive a reboot);
+- PCI: :class:`PciDevice` (the contract), :class:`BarSpec` and the BAR kinds, INTx, MSI and
+  MSI-X through ``msix_vectors``/``msi_vectors`` and ``self.irq.trigger(vector)``, doorbells
+  (``add_doorbell``), ``self.dma`` for guest memory;
+- guest memory: :class:`GuestDma`, :class:`SgList` with :class:`SgReader`/:class:`SgWriter`,
+  and :class:`GuestError`, the one exception for "the guest handed us garbage";
+- the event loop: :class:`EventLoop` (fds, timers, ``call_soon``);
+- virtio: :class:`VirtioDevice`, :class:`VirtioPciTransport`, :class:`DescriptorChain`, the
+  feature and status bits;
+- block: :class:`BlockBackend`, :func:`open_disk`, :class:`BlockQueue`,
+  :func:`parse_sectorsize`;
+- input: :class:`InputHub` and :data:`ABS_MAX`.
+"""
+
+from vmrun.block.backend import BlockBackend, parse_sectorsize
+from vmrun.block.image_tools import open_disk
+from vmrun.block.queue import BlockQueue
+from vmrun.core.dma import DmaDisabled, GuestDma, SgList, SgReader, SgWriter
+from vmrun.core.eventloop import EventLoop, Source, Timer
+from vmrun.core.input import ABS_MAX, InputHub
+from vmrun.core.interrupts import InterruptSource
+from vmrun.core.memory import GuestError
+from vmrun.core.pci import BAR_IO, BAR_MEM32, BAR_MEM64, BarSpec, PciDevice
+from vmrun.core.virtio.device import (
+    STATUS_DEVICE_NEEDS_RESET,
+    VIRTIO_F_VERSION_1,
+    VirtioDevice,
+)
+from vmrun.core.virtio.pci import VirtioPciTransport
+from vmrun.core.virtio.queue import DescriptorChain, Virtqueue, VirtqueueError
+from vmrun.errors import VmrunError
+from vmrun.plugins import hookimpl
+from vmrun.plugins.registry import DeviceContext, DeviceType, Option
+
+__all__ = [
+    "ABS_MAX", "BAR_IO", "BAR_MEM32", "BAR_MEM64", "BarSpec", "BlockBackend", "BlockQueue",
+    "DescriptorChain", "DeviceContext", "DeviceType", "DmaDisabled", "EventLoop",
+    "GuestDma", "GuestError", "InputHub", "InterruptSource", "Option", "PciDevice",
+    "STATUS_DEVICE_NEEDS_RESET", "SgList", "SgReader", "SgWriter", "Source", "Timer",
+    "VIRTIO_F_VERSION_1", "VirtioDevice", "VirtioPciTransport", "Virtqueue", "VirtqueueError",
+    "VmrunError", "hookimpl", "open_disk", "parse_sectorsize",
+]
