@@ -5,13 +5,15 @@ Every device's host-side events go through one :class:`EventLoop` per VM: queue 
 :meth:`EventLoop.call_soon`), network backends, timers (timerfd). A vCPU thread that rang a
 doorbell goes straight back into the guest; the loop thread does the device's work.
 
-One loop for all devices, not one per device, by measurement (``bench/eventloop.py`` on this
-machine): the device work is Python, so the GIL serialises it whatever the thread count, and
-one epoll thread served a doorbell round trip (eventfd write on a "vCPU" thread, callback on
-the loop, eventfd back) as fast as a thread per device with 1 device and faster with 4 (fewer
-GIL hand-offs and wake-ups); it also keeps every device's callbacks ordered with respect to
-each other, which a reset of one device while another completes I/O relies on. Devices must
-therefore never block in a callback: block I/O goes to native AIO or the worker pool.
+One loop for all devices, not one per device, by measurement (``python bench/eventloop.py``:
+"vCPU" threads ring doorbells and wait for the device's interrupt eventfd; the device does a
+little Python work per ring). On this 2-core machine one shared loop served 1.12x the round
+trips of a loop per device with 2 devices and 1.31x with 4 (56 K vs 50 K/s, 65 K vs 50 K/s;
+with one device both set-ups are the same code, and runs differed by up to 25% from noise).
+The device work is Python, so the GIL serialises it whatever the thread count, and more
+threads only add GIL hand-offs and wake-ups. One loop also keeps every device's callbacks
+ordered with respect to each other. Devices must therefore never block in a callback: block
+I/O goes to native AIO or the worker pool.
 
 The guard: a callback that raises marks *its owner* broken — :meth:`Owner.fault` (virtio:
 DEVICE_NEEDS_RESET and a config interrupt; other devices stop serving, one log line) — and the
