@@ -14,18 +14,7 @@ import os
 from abc import ABC, abstractmethod
 from types import TracebackType
 
-from vmrun.core.dma import (  # noqa: F401  (re-exported: the backends' buffer helpers)
-    CHUNK,
-    ZEROS,
-    BufferCursor,
-    Buffers,
-    as_bytes_view,
-    buffers_len,
-    copy_in,
-    copy_out,
-    is_zero,
-    zero_fill,
-)
+from vmrun.core.dma import CHUNK, ZEROS, Buffers, as_bytes_view, zero_fill
 
 # The kernel refuses a preadv/pwritev with more iovecs than this (EINVAL), so we batch.
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024

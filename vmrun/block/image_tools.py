@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from vmrun.block.backend import CHUNK, BlockBackend, is_zero
+from vmrun.block.backend import BlockBackend
 from vmrun.block.raw import RawFile
 from vmrun.block.sparse import (
     SparseSplitDisk,
@@ -20,6 +20,7 @@ from vmrun.block.sparse import (
     image_files,
     is_split_image,
 )
+from vmrun.core.dma import CHUNK, is_zero
 from vmrun.errors import VmrunError
 from vmrun.units import parse_size as parse_size  # its home is vmrun.units; kept importable
 

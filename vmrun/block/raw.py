@@ -25,17 +25,13 @@ import cffi
 
 from vmrun.block.backend import (
     BlockBackend,
-    Buffers,
-    as_bytes_view,
-    buffers_len,
     check_range,
     check_sector_sizes,
-    copy_in,
-    copy_out,
     preadv_full,
     pwritev_full,
     write_zeros,
 )
+from vmrun.core.dma import Buffers, as_bytes_view, buffers_len, copy_in, copy_out
 from vmrun.errors import VmrunError
 
 _ffi = cffi.FFI()

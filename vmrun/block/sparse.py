@@ -36,20 +36,22 @@ from pathlib import Path
 
 from vmrun.block.backend import (
     BlockBackend,
-    BufferCursor,
-    Buffers,
-    buffers_len,
     check_range,
     check_sector_sizes,
-    copy_in,
-    copy_out,
-    is_zero,
     preadv_full,
     pwritev_full,
     write_zeros,
-    zero_fill,
 )
 from vmrun.block.raw import RawFile, lock_image, open_image_file
+from vmrun.core.dma import (
+    BufferCursor,
+    Buffers,
+    buffers_len,
+    copy_in,
+    copy_out,
+    is_zero,
+    zero_fill,
+)
 from vmrun.errors import VmrunError
 
 FREE = 0xFFFFFFFF
