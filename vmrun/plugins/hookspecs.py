@@ -1,30 +1,33 @@
 """vmrun's plugin hooks (pluggy project name and entry-point group: "vmrun").
 
-A plugin is a module (or object) with functions marked ``@vmrun.plugins.hookimpl``; a separately
-installed distribution announces it with an entry point::
+A plugin is a module (or object) with functions marked ``@hookimpl``; a separately installed
+distribution announces it with an entry point::
 
     [project.entry-points.vmrun]
     virtio_blk = "vmrun_virtio_blk.plugin"
 
 Built-in emulations (hostbridge, lpc, uart, virtio-rnd) register through exactly the same hooks.
 
-The PCI device contract that a device factory returns is :class:`vmrun.core.pci.PciDevice`:
+A plugin imports only :mod:`vmrun.api` (``hookimpl``, ``DeviceType``, ``Option``,
+``PciDevice``, ...): that is the stable contract. The README's "Writing a device plugin" walks
+through a complete device (``tests/plugin_example``, ``pci-echo``). In short, a factory gets a
+:class:`~vmrun.plugins.registry.DeviceContext` (the device id, the machine's name and uuid,
+``loop``, ``input``, ``host_resource()`` for host-side things that outlive a reboot) and
+returns a :class:`vmrun.core.pci.PciDevice`, which
 
-- identity: ``vendor_id``, ``device_id``, ``class_code``, ``revision``, ``subsystem_*``,
-  ``interrupt_pin`` (1 = INTA#, routed through the IOAPIC and described by the DSDT's _PRT);
-- ``bars``: :class:`vmrun.core.pci.BarSpec` list (I/O, 32- or 64-bit memory; power-of-two
-  sizes). The core does BAR sizing, placement, decoding (command register) and moves;
-- ``bar_read(index, offset, size)`` / ``bar_write(index, offset, size, value)``: register
-  accesses inside a BAR, on a vCPU thread — keep them cheap;
-- ``config_read`` / ``config_write``: device-specific config registers (return None/False to
-  let the core's generic header and capability list answer); ``config.add_capability`` adds
-  capabilities; ``config_changed`` follows guest writes to generic config space;
-- ``bar_moved(index, old, new)``: re-register ioeventfds and the like;
-- MSI-X: :class:`vmrun.core.msix.MsixVectors` (table and PBA in a BAR, masking, pending bits,
-  delivery through KVM GSI routes + irqfd); MSI: set ``self.msi`` to a
-  :class:`vmrun.core.msi.MsiCapability` (1-32 vectors, 64-bit address, per-vector masks; the
-  core follows the guest's config writes to it and resets it); INTx: ``set_intx(level)``;
-- ``realize()`` once placed, ``reset()`` on machine reset, ``close()`` at the end.
+- sets its identity, ``bars`` (:class:`~vmrun.core.pci.BarSpec`) and answers
+  ``bar_read``/``bar_write`` (vCPU threads: cheap, never raising), optionally
+  ``config_read``/``config_write`` for device-specific config registers;
+- declares ``msix_vectors`` (with a free ``msix_bar``) and/or ``msi_vectors``: the core builds
+  ``self.irq`` (capabilities, table and PBA, routes, irqfds, masking, reset) and the device
+  calls ``self.irq.trigger(vector)`` (MSI-X, else MSI, else INTA#); without vectors,
+  ``set_intx(level)``;
+- does its work on the event loop ``self.loop``: ``add_doorbell()`` in ``realize()``
+  (an ioeventfd), ``call_soon`` from ``bar_write``, timers, host fds; a callback that raises
+  reaches ``fault(reason)`` and breaks only that device;
+- touches guest memory only through ``self.dma`` (``SgList``, refused while bus mastering is
+  off; ``GuestError`` for whatever the guest got wrong);
+- has ``realize()`` once placed, ``reset()`` on machine reset, ``close()`` at the end.
 
 Virtio devices implement :class:`vmrun.core.virtio.device.VirtioDevice` and are wrapped in the
 modern PCI transport :class:`vmrun.core.virtio.pci.VirtioPciTransport` by their factory.

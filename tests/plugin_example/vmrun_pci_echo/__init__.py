@@ -1,0 +1,1 @@
+"""vmrun-pci-echo: the README's example device plugin (``pci-echo``), as a distribution."""
