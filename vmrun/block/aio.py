@@ -47,8 +47,15 @@ def _check(ret: int, what: str) -> int:
     return ret
 
 
+INLINE_IOV = 16   # iovecs per request kept in the preallocated slot (more: allocated)
+
+
 class AioContext:
-    """One AIO context of ``depth`` requests, completions signalled on ``self.eventfd``."""
+    """One AIO context of ``depth`` requests, completions signalled on ``self.eventfd``.
+
+    Control blocks and (up to :data:`INLINE_IOV`) iovecs live in arrays allocated once, one
+    slot per request in flight, so a submission allocates nothing on the C side.
+    """
 
     def __init__(self, depth: int) -> None:
         self.depth = depth
@@ -58,8 +65,20 @@ class AioContext:
         self.ctx = ctx[0]
         self.eventfd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._events = ffi.new("struct io_event[]", depth)
-        self._inflight: dict[int, tuple[object, object, object]] = {}
-        self._next = 1
+        self._cbs = ffi.new("struct iocb[]", depth)
+        self._iovs = ffi.new("struct iovec[]", depth * INLINE_IOV)
+        self._ptrs = ffi.new("struct iocb *[]", depth)
+        self._cb_ptrs = [self._cbs + i for i in range(depth)]
+        self._iov_ptrs = [self._iovs + i * INLINE_IOV for i in range(depth)]
+        self._iov_addr = [int(ffi.cast("uintptr_t", p)) for p in self._iov_ptrs]
+        self._free = list(range(depth - 1, -1, -1))
+        self._inflight: dict[int, tuple[object, object]] = {}
+        self._zero = ffi.new("long long[2]")   # struct timespec {0, 0}: do not wait
+        for i in range(depth):
+            cb = self._cbs[i]
+            cb.aio_data = i
+            cb.aio_flags = IOCB_FLAG_RESFD
+            cb.aio_resfd = self.eventfd
 
     def submit(self, requests: list[tuple[object, int, bool, int, list[tuple[int, int]]]]
                ) -> list[object]:
@@ -69,40 +88,52 @@ class AioContext:
         """
         if not requests:
             return []
-        n = len(requests)
-        cbs = ffi.new("struct iocb[]", n)
-        ptrs = ffi.new("struct iocb *[]", n)
-        keep = []
-        for i, (token, fd, write, offset, bufs) in enumerate(requests):
-            iov = ffi.new("struct iovec[]", len(bufs))
+        free = self._free
+        ptrs = self._ptrs
+        taken: list[int] = []
+        refused: list[object] = []
+        for token, fd, write, offset, bufs in requests:
+            if not free:
+                refused.append(token)
+                continue
+            slot = free.pop()
+            cb = self._cbs[slot]
+            extra = None
+            if len(bufs) <= INLINE_IOV:
+                iov = self._iov_ptrs[slot]
+                cb.aio_buf = self._iov_addr[slot]
+            else:
+                extra = iov = ffi.new("struct iovec[]", len(bufs))
+                cb.aio_buf = int(ffi.cast("uintptr_t", iov))
             for j, (addr, length) in enumerate(bufs):
                 iov[j].iov_base = addr
                 iov[j].iov_len = length
-            cb = cbs[i]
-            key = self._next
-            self._next += 1
-            cb.aio_data = key
             cb.aio_lio_opcode = IOCB_CMD_PWRITEV if write else IOCB_CMD_PREADV
             cb.aio_fildes = fd
-            cb.aio_buf = int(ffi.cast("uintptr_t", iov))
             cb.aio_nbytes = len(bufs)
             cb.aio_offset = offset
-            cb.aio_flags = IOCB_FLAG_RESFD
-            cb.aio_resfd = self.eventfd
-            ptrs[i] = ffi.addressof(cbs, i)
-            self._inflight[key] = (token, iov, cbs)
-            keep.append(key)
+            ptrs[len(taken)] = self._cb_ptrs[slot]
+            self._inflight[slot] = (token, extra)
+            taken.append(slot)
+        if not taken:
+            return refused
         done = _libc.syscall(ffi.cast("long", SYS_IO_SUBMIT), ffi.cast("unsigned long", self.ctx),
-                             ffi.cast("long", n), ptrs)
+                             ffi.cast("long", len(taken)), ptrs)
         if done < 0:
             err = ffi.errno
             if err not in (errno.EAGAIN, errno.EINVAL, errno.EBADF, errno.ENOSYS):
+                for slot in taken:
+                    self._release(slot)
                 raise AioError(err, f"io_submit: {os.strerror(err)}")
             done = 0
-        refused = []
-        for key in keep[done:]:
-            refused.append(self._inflight.pop(key)[0])
+        for slot in taken[done:]:
+            refused.append(self._release(slot))
         return refused
+
+    def _release(self, slot: int) -> object:
+        token, _extra = self._inflight.pop(slot)
+        self._free.append(slot)
+        return token
 
     def reap(self) -> list[tuple[object, int]]:
         """Completed requests as ``(token, result)``: bytes moved, or ``-errno``."""
@@ -111,19 +142,17 @@ class AioContext:
         except BlockingIOError:
             pass
         out: list[tuple[object, int]] = []
-        zero = ffi.new("long long[2]")   # struct timespec {0, 0}: do not wait
         while self._inflight:
             got = _check(_libc.syscall(ffi.cast("long", SYS_IO_GETEVENTS),
                                        ffi.cast("unsigned long", self.ctx), ffi.cast("long", 0),
-                                       ffi.cast("long", self.depth), self._events, zero),
+                                       ffi.cast("long", self.depth), self._events, self._zero),
                          "io_getevents")
             if got == 0:
                 break
             for i in range(got):
                 ev = self._events[i]
-                entry = self._inflight.pop(ev.data, None)
-                if entry is not None:
-                    out.append((entry[0], ev.res))
+                if ev.data in self._inflight:
+                    out.append((self._release(ev.data), ev.res))
         return out
 
     @property

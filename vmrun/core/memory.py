@@ -27,17 +27,20 @@ class GuestMemoryError(GuestError):
     """A guest-physical range that is not entirely inside guest RAM."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Slot:
     index: int
     gpa: int
     size: int
     mm: mmap.mmap
     view: memoryview
+    end: int = 0
 
-    @property
-    def end(self) -> int:
-        return self.gpa + self.size
+    def __post_init__(self) -> None:
+        self.end = self.gpa + self.size
+
+
+_NO_SLOT = Slot(-1, 1, -1, None, None)  # type: ignore[arg-type]  # matches no range
 
 
 def ram_layout(size: int) -> list[tuple[int, int]]:
@@ -67,6 +70,7 @@ class GuestMemory:
                     pass
             self.slots.append(Slot(i, gpa, size, mm, memoryview(mm)))
         self._bases = [s.gpa for s in self.slots]
+        self._low = self.slots[0]
         self.size = sum(s.size for s in self.slots)
 
     @classmethod
@@ -81,8 +85,13 @@ class GuestMemory:
             except BufferError:
                 pass  # devices still hold views: the mapping goes when they are collected
         self.slots = []
+        self._low = _NO_SLOT
 
     def _slot(self, gpa: int, length: int) -> Slot:
+        # Hot path (every DMA check): the low slot first, bisect only above it.
+        s = self._low
+        if s.gpa <= gpa and 0 <= length and gpa + length <= s.end:
+            return s
         i = bisect.bisect_right(self._bases, gpa) - 1
         if i >= 0 and length >= 0:
             s = self.slots[i]
@@ -91,6 +100,9 @@ class GuestMemory:
         raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is outside guest RAM")
 
     def contains(self, gpa: int, length: int) -> bool:
+        s = self._low
+        if s.gpa <= gpa and 0 <= length and gpa + length <= s.end:
+            return True
         i = bisect.bisect_right(self._bases, gpa) - 1
         return i >= 0 and length >= 0 and gpa + length <= self.slots[i].end
 

@@ -124,51 +124,64 @@ class VirtioBlk(VirtioDevice):
 
     def _start(self, index: int, chain: DescriptorChain) -> None:
         """Check one request and hand it to the block queue (or answer it at once)."""
-        if not chain.writable or chain.readable_len < _HEADER.size:
+        readable, writable = chain.readable, chain.writable
+        if not writable or chain.readable_len < _HEADER.size:
             raise GuestError(f"request at head {chain.head}: no 16-byte header or no "
                              "writable status byte")
-        writer_bufs = list(chain.writable)
-        addr, length = writer_bufs[-1]
-        status = self.dma.sg([(addr + length - 1, 1)])
-        writer_bufs[-1] = (addr, length - 1)
-        reader = self.reader(chain)
-        rtype, _reserved, sector = reader.read_struct(_HEADER)
+        dma = self.dma
+        addr, length = writable[-1]
+        status = dma.view(addr + length - 1, 1)          # checked, like every access
+        data_in = writable[:-1] + [(addr, length - 1)] if length > 1 else writable[:-1]
+        gpa, n = readable[0]
+        if n >= _HEADER.size:                            # the usual case: one header piece
+            rtype, _reserved, sector = _HEADER.unpack(dma.view(gpa, _HEADER.size))
+            rest = readable[1:] if n == _HEADER.size else \
+                [(gpa + _HEADER.size, n - _HEADER.size), *readable[1:]]
+        else:
+            reader = dma.sg(readable).reader()
+            rtype, _reserved, sector = reader.read_struct(_HEADER)
+            rest = reader.take().pieces
         done = self._completion(index, chain, status)
         try:
-            self._dispatch(rtype, sector, reader, writer_bufs, done)
+            self._dispatch(rtype, sector, rest, data_in, done)
         except RequestError as e:
             log.debug("request at head %d: %s", chain.head, e)
             done(-errno.EIO if e.status == VIRTIO_BLK_S_IOERR else -errno.EOPNOTSUPP)
 
-    def _completion(self, index: int, chain: DescriptorChain, status):
+    def _completion(self, index: int, chain: DescriptorChain, status: memoryview):
+        complete = self.transport.complete
+
         def done(result: int, data_in: int = 0) -> None:
-            if result == -errno.EOPNOTSUPP:
-                code, n = VIRTIO_BLK_S_UNSUPP, 0
-            elif result < 0:
-                code, n = VIRTIO_BLK_S_IOERR, 0
-            else:
-                code, n = VIRTIO_BLK_S_OK, data_in
-            status.views[0][0] = code
-            self.transport.complete(index, chain, n + 1)
+            if result >= 0:
+                status[0] = VIRTIO_BLK_S_OK
+                complete(index, chain, data_in + 1)
+                return
+            status[0] = VIRTIO_BLK_S_UNSUPP if result == -errno.EOPNOTSUPP else \
+                VIRTIO_BLK_S_IOERR
+            complete(index, chain, 1)
         return done
 
-    def _dispatch(self, rtype: int, sector: int, reader, writable, done) -> None:
+    def _dispatch(self, rtype: int, sector: int, rest: list[tuple[int, int]],
+                  data_in: list[tuple[int, int]], done) -> None:
+        """``rest``: the readable pieces after the header; ``data_in``: the writable pieces
+        before the status byte."""
         io = self.io
         assert io is not None
         if rtype == VIRTIO_BLK_T_IN:
-            data = self.dma.sg(writable)
-            self._check_range(sector, data.nbytes)
-            io.read(sector * SECTOR, data, lambda r: done(r, data.nbytes))
+            data = self.dma.sg(data_in)
+            nbytes = data.nbytes
+            self._check_range(sector, nbytes)
+            io.read(sector * SECTOR, data, lambda r: done(r, nbytes))
         elif rtype == VIRTIO_BLK_T_OUT:
             if self.read_only:
                 raise RequestError(VIRTIO_BLK_S_IOERR, "write to a read-only disk")
-            data = reader.take()
+            data = self.dma.sg(rest)
             self._check_range(sector, data.nbytes)
             io.write(sector * SECTOR, data, done)
         elif rtype == VIRTIO_BLK_T_FLUSH:
             io.flush(done)
         elif rtype == VIRTIO_BLK_T_GET_ID:
-            w = self.dma.sg(writable).writer()
+            w = self.dma.sg(data_in).writer()
             ident = self.serial.ljust(VIRTIO_BLK_ID_BYTES, b"\0")[:w.remaining]
             w.write(ident)
             done(0, len(ident))
@@ -177,10 +190,11 @@ class VirtioBlk(VirtioDevice):
                 raise RequestError(VIRTIO_BLK_S_IOERR, "discard on a read-only disk")
             if not self.backend.supports_discard:
                 raise RequestError(VIRTIO_BLK_S_UNSUPP, "discard not supported")
-            size = reader.remaining          # checked before a byte is copied
+            size = sum(n for _, n in rest)           # checked before a byte is copied
             if size == 0 or size % _DISCARD_SEG.size or \
                     size // _DISCARD_SEG.size > MAX_DISCARD_SEG:
                 raise RequestError(VIRTIO_BLK_S_IOERR, f"discard payload of {size} bytes")
+            reader = self.dma.sg(rest).reader()
             segs = [reader.read_struct(_DISCARD_SEG) for _ in range(size // _DISCARD_SEG.size)]
             for start, count, _flags in segs:
                 self._check_range(start, count * SECTOR)
