@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 
 from vmrun.core import layout
@@ -243,3 +246,49 @@ def test_msix_qword_write_spanning_two_entries_updates_both(vm: FakeVm) -> None:
     assert vm.msi_routes[m.gsis[1]] == (0xFEE01000, 0x61)
     vm.mmio.write(table + 2, 4, 0xFFFFFFFF)              # misaligned: ignored
     assert m.entry(0)[0] == 0
+
+
+def test_no_msi_with_bus_mastering_off_and_msix_helper(vm: FakeVm) -> None:
+    dev = MsixDev()
+    vm.pci.add(dev, 8)
+    vm.pci.assign_bars()
+    drv = PciDriver(vm)
+    drv.enable_msix(8, 0)
+    irq = dev.irq
+    cmd = drv.read(8, 0, 4, 2)
+    drv.write(8, 0, 4, 2, cmd & ~0x4)                     # bus mastering off
+    irq.trigger(0)
+    assert vm.msi_count(irq.msix.gsis[0]) == 0
+    drv.write(8, 0, 4, 2, cmd)
+    irq.trigger(0)
+    assert vm.msi_count(irq.msix.gsis[0]) == 1
+
+
+def test_a_faulted_device_serves_its_doorbells_again_after_reset(vm: FakeVm) -> None:
+    rung: list[int] = []
+
+    class Bell(PciDevice):
+        vendor_id, device_id = 0x1234, 0x1111
+        bars = [BarSpec(0, 0x1000, BAR_MEM32)]
+
+        def realize(self) -> None:
+            self.add_doorbell(0, 0x10, 4, lambda: rung.append(1))
+
+    dev = Bell()
+    vm.pci.add(dev, 9)
+    vm.pci.assign_bars()
+    (fd, addr, length), = [e for e in vm.ioeventfds if e[1] == dev.config.bar_address(0) + 0x10]
+    os.eventfd_write(fd, 1)                               # what KVM does on a guest write
+    vm.sync()
+    time.sleep(0.05)
+    vm.sync()
+    assert rung == [1]
+    dev.fault("test")
+    os.eventfd_write(fd, 1)
+    time.sleep(0.05)
+    vm.sync()
+    assert rung == [1]
+    vm.pci.reset()
+    time.sleep(0.05)
+    vm.sync()
+    assert rung == [1, 1]                                 # the pending ring, now served

@@ -32,7 +32,18 @@ from vmrun.core.eventloop import EventLoop, Source, Timer
 from vmrun.core.input import ABS_MAX, InputHub
 from vmrun.core.interrupts import InterruptSource
 from vmrun.core.memory import GuestError
-from vmrun.core.pci import BAR_IO, BAR_MEM32, BAR_MEM64, BarSpec, PciDevice
+from vmrun.core.pci import (
+    BAR_IO,
+    BAR_MEM32,
+    BAR_MEM64,
+    CAP_ID_MSI,
+    CAP_ID_MSIX,
+    COMMAND,
+    COMMAND_MASTER,
+    COMMAND_MEMORY,
+    BarSpec,
+    PciDevice,
+)
 from vmrun.core.virtio.device import (
     STATUS_DEVICE_NEEDS_RESET,
     VIRTIO_F_VERSION_1,
@@ -45,7 +56,8 @@ from vmrun.plugins import hookimpl
 from vmrun.plugins.registry import DeviceContext, DeviceType, Option
 
 __all__ = [
-    "ABS_MAX", "BAR_IO", "BAR_MEM32", "BAR_MEM64", "BarSpec", "BlockBackend", "BlockQueue",
+    "ABS_MAX", "BAR_IO", "BAR_MEM32", "BAR_MEM64", "CAP_ID_MSI", "CAP_ID_MSIX", "COMMAND",
+    "COMMAND_MASTER", "COMMAND_MEMORY", "BarSpec", "BlockBackend", "BlockQueue",
     "DescriptorChain", "DeviceContext", "DeviceType", "DmaDisabled", "EventLoop",
     "GuestDma", "GuestError", "InputHub", "InterruptSource", "Option", "PciDevice",
     "STATUS_DEVICE_NEEDS_RESET", "SgList", "SgReader", "SgWriter", "Source", "Timer",

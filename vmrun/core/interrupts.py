@@ -130,8 +130,13 @@ class InterruptSource:
         return MODE_INTX
 
     def trigger(self, vector: int = 0) -> None:
-        """Raise ``vector`` the way the driver set the function up (any thread)."""
+        """Raise ``vector`` the way the driver set the function up (any thread). An MSI or
+        MSI-X message is a memory write by the device: with bus mastering off it is not
+        sent (INTx still is)."""
         m = self.msix
+        if (m is not None and m.enabled or self.msi is not None and self.msi.enabled) and \
+                not self.dev.config.data[4] & 0x4:
+            return
         if m is not None and m.enabled:
             if vector != NO_VECTOR:
                 m.notify(vector)

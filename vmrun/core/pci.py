@@ -206,10 +206,17 @@ class PciDevice:
 
     def fault(self, reason: str) -> None:
         """One of this device's event-loop callbacks raised: by default it stops serving its
-        doorbells (one log line); a virtio transport overrides this with DEVICE_NEEDS_RESET."""
+        doorbells (one log line) until the machine resets it (:meth:`recover`); a virtio
+        transport overrides this with DEVICE_NEEDS_RESET, which a driver reset clears."""
         log.error("%s: %s: device stopped", self.name, reason)
         for bell in self.__dict__.get("_doorbells", ()):
             bell.source.disable()
+
+    def recover(self) -> None:
+        """Serve the doorbells again after a :meth:`fault` (the core calls it on reset; a
+        device with a reset register of its own may call it too)."""
+        for bell in self.__dict__.get("_doorbells", ()):
+            bell.source.enable()
 
     def realize(self) -> None:
         """Called once the device is placed (config/intx/vm set), before the guest runs."""
@@ -513,6 +520,7 @@ class PciRoot:
             if dev.irq is not None:
                 dev.irq.reset()
             dev.reset()
+            dev.recover()
 
     def close(self) -> None:
         for dev in self.devices.values():

@@ -65,6 +65,25 @@ class PciDriver:
             ptr = self.read(slot, func, ptr + 1, 1) & 0xFC
         return caps
 
+    def enable_msix(self, slot: int, func: int, base_vector: int = 0x30) -> list[int]:
+        """Enable MSI-X as an OS would: every table entry to the LAPIC with vector
+        ``base_vector + i``, unmasked. Returns the table entries' guest addresses."""
+        caps = {cap_id: off for off, cap_id in self.capabilities(slot, func)}
+        cap = caps[0x11]
+        ctrl = self.read(slot, func, cap + 2, 2)
+        table = self.read(slot, func, cap + 4)
+        base = self.bar_address(slot, func, table & 7) + (table & ~7)
+        entries = []
+        for v in range((ctrl & 0x7FF) + 1):
+            e = base + 16 * v
+            self.vm.mmio.write(e, 4, 0xFEE00000)
+            self.vm.mmio.write(e + 4, 4, 0)
+            self.vm.mmio.write(e + 8, 4, base_vector + v)
+            self.vm.mmio.write(e + 12, 4, 0)
+            entries.append(e)
+        self.write(slot, func, cap + 2, 2, (ctrl & 0x3FFF) | 0x8000)
+        return entries
+
     def enable(self, slot: int, func: int, bits: int = 0x7) -> None:
         cmd = self.read(slot, func, COMMAND, 2)
         self.write(slot, func, COMMAND, 2, cmd | bits)
