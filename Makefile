@@ -7,6 +7,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEB_PACKAGES := linux-source-6.1 busybox-static acpica-tools dmidecode e2fsprogs flex bison bc \
                 libelf-dev libssl-dev gcc libc6-dev make xz-utils
+# The peers the benchmarks measure against (bench/blk.py runs QEMU side by side).
+BENCH_PACKAGES := qemu-system-x86 qemu-utils
 MACHINE ?= machines/tiny.toml
 
 .PHONY: run test deps venv image lint bench clean
@@ -42,6 +44,7 @@ lint: venv
 	$(BIN)/ruff check vmrun tests plugins bench
 
 bench: venv image
+	@$(MAKE) --no-print-directory deps DEB_PACKAGES="$(BENCH_PACKAGES)"
 	$(BIN)/python bench/run_all.py
 
 clean:
