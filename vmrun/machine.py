@@ -173,18 +173,21 @@ class Machine:
 
     def start(self) -> None:
         self.vm.start()
-        threading.Thread(target=self._timer_loop, name="rtc-timer", daemon=True).start()
+        self._rtc_timer = self.host.loop.timer(self._rtc_tick)
+        self._rtc_timer.arm(0.0)
 
-    def _timer_loop(self) -> None:
-        """Drive the RTC's time-based interrupts (update-ended, alarm, periodic)."""
+    def _rtc_tick(self) -> None:
+        """Drive the RTC's time-based interrupts (update-ended, alarm, periodic) from a timer
+        on the devices' event loop, re-armed for the next deadline (at most 0.5 s away, so a
+        guest enabling an interrupt is noticed soon)."""
+        if self._timer_stop.is_set():
+            return
         rtc = self.rtc
-        while not self._timer_stop.is_set():
-            deadline = rtc.next_deadline()
-            now = time.time()
-            delay = 0.5 if deadline is None else max(0.0, min(deadline - now, 0.5))
-            if self._timer_stop.wait(delay):
-                return
-            rtc.tick(time.time())
+        rtc.tick(time.time())
+        deadline = rtc.next_deadline()
+        now = time.time()
+        delay = 0.5 if deadline is None else max(0.0, min(deadline - now, 0.5))
+        self._rtc_timer.arm(delay)
 
     def wait(self, timeout: float | None = None) -> ExitInfo | None:
         return self.vm.wait(timeout)
@@ -212,6 +215,9 @@ class Machine:
 
     def close(self) -> None:
         self._timer_stop.set()
+        timer = getattr(self, "_rtc_timer", None)
+        if timer is not None:
+            timer.close()
         if hasattr(self, "ps2_input"):
             self.host.input.detach(self.ps2_input)
         if hasattr(self, "pci"):
