@@ -255,3 +255,17 @@ def test_reset_drains_requests_in_flight(vm: FakeVm, image: Path) -> None:
     assert d.q.used_idx() == 0
     status, data, _ = d.request(VIRTIO_BLK_T_IN, 0, read_len=512)
     assert status == VIRTIO_BLK_S_OK and data == bytes(range(256)) * 2
+
+
+def test_the_plugin_imports_only_the_plugin_surface() -> None:
+    """A separately installed device knows only vmrun.api (and the standard library)."""
+    import ast
+
+    pkg = Path(__file__).resolve().parent.parent / "vmrun_virtio_blk"
+    for src in pkg.glob("*.py"):
+        for node in ast.walk(ast.parse(src.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                if name.startswith("vmrun") and not name.startswith("vmrun_virtio_blk"):
+                    assert name == "vmrun.api", f"{src.name} imports {name}"
