@@ -395,3 +395,118 @@ def test_random_accesses_keep_invariants(ops) -> None:
         if rig.kbd_irq.level:
             assert status & k.ST_OBF and not status & k.ST_AUXB
     assert rig.resets >= 0
+
+
+# -- guest write loops: every queue stays bounded ----------------------------------------------
+FLOOD = 1_000_000
+CTRL_MAX = getattr(k, "CTRL_QUEUE", 16)        # pending controller bytes behind the buffer
+KBD_MAX = getattr(k, "KBD_QUEUE", 16) + getattr(k, "REPLY_ROOM", 8)
+AUX_MAX = getattr(k, "AUX_QUEUE", 48) + getattr(k, "REPLY_ROOM", 8)
+
+
+def test_controller_reply_flood_stays_bounded() -> None:
+    """A guest loop writing reply-producing commands to 0x64 without reading 0x60 (it grew
+    the reply queue to 16 MB): at most CTRL_QUEUE bytes wait behind the one-byte output
+    buffer, further replies are dropped and counted, and the controller still answers."""
+    rig = Rig()
+    cmds = (k.CMD_READ_CCB, k.CMD_SELF_TEST, k.CMD_KBD_TEST, k.CMD_AUX_TEST,
+            k.CMD_READ_INPORT, k.CMD_READ_OUTPORT)
+    write = rig.dev.write
+    for i in range(FLOOD):
+        write(k.STATUS, 1, cmds[i % len(cmds)])
+        if i % 4096 == 0:
+            assert len(rig.dev._ctrl) <= CTRL_MAX
+    assert len(rig.dev._ctrl) <= CTRL_MAX
+    assert rig.dev.ctrl_dropped == FLOOD - 1 - CTRL_MAX
+    assert rig.status() & k.ST_OBF and rig.kbd_irq.level
+    first = rig.drain_bytes()
+    assert first[:3] == bytes((k.CCB_DEFAULT, 0x55, 0x00))   # the oldest replies, in order
+    assert len(first) == 1 + CTRL_MAX
+    assert not rig.status() & k.ST_OBF and not rig.kbd_irq.level
+    # Read empty, it answers each command again (no stale bytes left, no drops).
+    assert rig.ctr() == k.CCB_DEFAULT
+    rig.cmd(k.CMD_SELF_TEST)
+    assert rig.drain() == [(0x55, False)]
+    rig.data(k.KBD_ECHO)
+    assert rig.drain() == [(k.ECHO, False)]
+    assert rig.dev.key_event(b"\x1c")
+    assert rig.drain() == [(0x1E, False)]
+    assert rig.dev.ctrl_dropped == FLOOD - 1 - CTRL_MAX
+
+
+def test_write_output_buffer_flood_stays_bounded() -> None:
+    rig = Rig()
+    for i in range(FLOOD // 2):
+        rig.cmd(k.CMD_WRITE_AUX_OBUF if i & 1 else k.CMD_WRITE_KBD_OBUF)
+        rig.data(i & 0xFF)
+    assert len(rig.dev._ctrl) <= CTRL_MAX
+    got = rig.drain()
+    assert got[:3] == [(0, False), (1, True), (2, False)] and len(got) == 1 + CTRL_MAX
+    rig.cmd(k.CMD_WRITE_AUX_OBUF)
+    rig.data(0x5A)
+    assert rig.drain() == [(0x5A, True)]
+
+
+def test_keyboard_command_flood_stays_bounded() -> None:
+    """Keyboard commands written to 0x60 in a loop: the keyboard's replies are bounded too."""
+    rig = Rig()
+    write = rig.dev.write
+    for i in range(FLOOD):
+        write(k.DATA, 1, k.KBD_ECHO if i & 1 else k.KBD_IDENTIFY)
+        if i % 4096 == 0:
+            assert len(rig.dev._kbd) <= KBD_MAX
+    assert len(rig.dev._kbd) <= KBD_MAX
+    assert rig.dev.kbd_dropped > 0
+    assert len(rig.drain()) <= 1 + KBD_MAX
+    rig.data(k.KBD_IDENTIFY)
+    assert rig.drain_bytes() == bytes((k.ACK,)) + k.KBD_ID
+    assert rig.dev.key_event(b"\x1c")
+    assert rig.drain_bytes() == b"\x1e"
+
+
+def test_mouse_command_flood_stays_bounded() -> None:
+    rig = Rig()
+    write = rig.dev.write
+    for i in range(FLOOD // 2):
+        write(k.STATUS, 1, k.CMD_WRITE_AUX)
+        write(k.DATA, 1, k.AUX_STATUS if i & 1 else k.AUX_READ_DATA)
+        if i % 4096 == 0:
+            assert len(rig.dev._aux) <= AUX_MAX
+    assert len(rig.dev._aux) <= AUX_MAX
+    assert rig.dev.aux_dropped > 0
+    assert len(rig.drain()) <= 1 + AUX_MAX
+    rig.cmd(k.CMD_WRITE_AUX)
+    rig.data(k.AUX_IDENTIFY)
+    assert rig.drain() == [(k.ACK, True), (k.AUX_ID, True)]
+
+
+def test_huge_motion_is_refused_without_building_packets(monkeypatch) -> None:
+    """A motion that needs more packets than the mouse buffer holds is refused up front (it
+    used to build every packet first: 4 million of them for a count of 10**9)."""
+    rig = Rig()
+    rig.cmd(k.CMD_WRITE_AUX)
+    rig.data(k.AUX_ENABLE)
+    assert rig.drain() == [(k.ACK, True)]
+    built = []
+    packet = k._packet
+    monkeypatch.setattr(k, "_packet", lambda *a: built.append(a) or packet(*a))
+    assert not rig.dev.mouse_event(10**7, 0, 0)
+    assert not rig.dev.mouse_event(0, -(10**7), 0)
+    assert len(built) <= k.AUX_QUEUE // 3
+    assert rig.dev.mouse_event(255 * (k.AUX_QUEUE // 3), 0, 0)
+    assert len(rig.drain()) == k.AUX_QUEUE
+
+
+def test_remote_mode_motion_saturates() -> None:
+    rig = Rig()
+    rig.cmd(k.CMD_WRITE_AUX)
+    rig.data(k.AUX_REMOTE_MODE)
+    rig.drain()
+    for _ in range(1000):
+        rig.dev.mouse_event(10**12, -(10**12), 0)
+    assert abs(rig.dev._remote_dx) <= 1 << 16 and abs(rig.dev._remote_dy) <= 1 << 16
+    rig.cmd(k.CMD_WRITE_AUX)
+    rig.data(k.AUX_READ_DATA)
+    ack, head, dx, dy = rig.drain_bytes()
+    assert ack == k.ACK and head & k.PACKET_X_OVERFLOW and head & k.PACKET_Y_OVERFLOW
+    assert (dx, dy) == (0xFF, 0x00)            # +255 and -256, the largest counts

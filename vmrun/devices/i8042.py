@@ -23,6 +23,13 @@ Why it is shaped this way:
 * Device queues are bounded like the devices' own buffers (16 bytes for the keyboard, so a
   backlog never exceeds what Linux's i8042 flush expects); a full queue drops the whole event
   and ``key_event``/``mouse_event`` return False so a producer can retry.
+* Nothing a guest writes grows without bound. The real controller has a one-byte output
+  buffer and its firmware waits for the host to read it before producing the next result; we
+  answer at once, so at most ``CTRL_QUEUE`` controller bytes wait behind the buffer, oldest
+  first, and replies to further commands are dropped (counted in ``ctrl_dropped``) until the
+  guest reads. A device's replies to commands may use ``REPLY_ROOM`` bytes beyond its buffer
+  (so an ACK is not lost behind queued input); past that the whole reply is dropped
+  (``kbd_dropped``, ``aux_dropped``).
 """
 
 from __future__ import annotations
@@ -130,6 +137,10 @@ PACKET_Y_OVERFLOW = 0x80
 
 KBD_QUEUE = 16            # a keyboard's own buffer
 AUX_QUEUE = 48            # sixteen mouse packets
+CTRL_QUEUE = 16           # controller results waiting behind the one-byte output buffer
+REPLY_ROOM = 8            # room for a device's command replies beyond its queue (longest: 4)
+REMOTE_MAX = 1 << 16      # remote-mode motion saturates here (reported as overflow anyway)
+PACKET_MAX = 255          # the largest count one stream-mode packet carries
 
 # Set 2 -> set 1 for the keys of a 104/105-key keyboard (E0-prefixed keys reuse these codes;
 # 0xE0, 0xE1 and responses >= 0x80 pass through; 0xF0 turns the next code into a break).
@@ -181,7 +192,7 @@ class I8042(ByteWideDevice):
         self._outport = OUTPORT_DEFAULT
         self._a2 = False
         self._ctrl_param = 0                  # command waiting for its data byte, 0 = none
-        self._ctrl: deque[tuple[int, bool]] = deque()
+        self._ctrl: deque[tuple[int, bool]] = deque()    # at most CTRL_QUEUE
         self._ob = 0
         self._obf = False
         self._ob_aux = False
@@ -201,6 +212,10 @@ class I8042(ByteWideDevice):
         self._aux_last = ACK
         self._aux_defaults()
         self._aux_buttons = 0
+        # Replies dropped because the guest wrote commands faster than it read the results.
+        self.ctrl_dropped = 0
+        self.kbd_dropped = 0
+        self.aux_dropped = 0
 
     def _aux_defaults(self) -> None:
         self._aux_reporting = False
@@ -240,25 +255,24 @@ class I8042(ByteWideDevice):
             buttons &= BUTTON_LEFT | BUTTON_RIGHT | BUTTON_MIDDLE
             if self._aux_remote:
                 # Remote mode: motion accumulates until the guest polls with EB.
-                self._remote_dx += dx
-                self._remote_dy += dy
+                self._remote_dx = max(-REMOTE_MAX, min(REMOTE_MAX, self._remote_dx + dx))
+                self._remote_dy = max(-REMOTE_MAX, min(REMOTE_MAX, self._remote_dy + dy))
                 self._aux_buttons = buttons
                 return True
             if not self._aux_reporting:
                 return False
             if self._aux_scaling_2_1:
                 dx, dy = _scale_2_1(dx), _scale_2_1(dy)
+            count = max(1, -(-abs(dx) // PACKET_MAX), -(-abs(dy) // PACKET_MAX))
+            if len(self._aux) + 3 * count > AUX_QUEUE:
+                return False                  # refused before building a single packet
             packets = bytearray()
-            while True:
-                cx = max(-255, min(255, dx))
-                cy = max(-255, min(255, dy))
+            for _ in range(count):
+                cx = max(-PACKET_MAX, min(PACKET_MAX, dx))
+                cy = max(-PACKET_MAX, min(PACKET_MAX, dy))
                 packets += _packet(cx, cy, buttons)
                 dx -= cx
                 dy -= cy
-                if not dx and not dy:
-                    break
-            if len(self._aux) + len(packets) > AUX_QUEUE:
-                return False
             self._aux_buttons = buttons
             self._aux.extend(packets)
             self._refill()
@@ -357,6 +371,10 @@ class I8042(ByteWideDevice):
         self._refill()
 
     def _put_ctrl(self, value: int, aux: bool = False) -> None:
+        """A controller result (or a D2/D3 byte): behind at most CTRL_QUEUE others, or lost."""
+        if len(self._ctrl) >= CTRL_QUEUE:
+            self.ctrl_dropped += 1
+            return
         self._ctrl.append((value, aux))
         self._refill()
 
@@ -388,6 +406,9 @@ class I8042(ByteWideDevice):
 
     # -- keyboard ---------------------------------------------------------------------------
     def _kbd_reply(self, data: bytes) -> None:
+        if len(self._kbd) + len(data) > KBD_QUEUE + REPLY_ROOM:
+            self.kbd_dropped += 1
+            return
         self._kbd.extend(data)
         self._kbd_last = data[-1]
         self._refill()
@@ -440,6 +461,9 @@ class I8042(ByteWideDevice):
 
     # -- mouse ----------------------------------------------------------------------------
     def _aux_reply(self, data: bytes) -> None:
+        if len(self._aux) + len(data) > AUX_QUEUE + REPLY_ROOM:
+            self.aux_dropped += 1
+            return
         self._aux.extend(data)
         self._aux_last = data[-1]
         self._refill()
