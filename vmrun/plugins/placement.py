@@ -11,16 +11,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from vmrun.errors import ConfigError, VmrunError
 from vmrun.plugins import get_registry
 from vmrun.plugins.registry import OptionError, PlacedDevice, validate_options
+from vmrun.units import parse_slot
 
 DEFAULT_DEVICES = (("hostbridge", "hostbridge", 0), ("lpc", "lpc", 31))
 HOSTBRIDGE_MODELS = ("hostbridge", "amd_hostbridge")
 
 
-def _error(file: Path, key: str, message: str, value: Any = None):
-    from vmrun.config import ConfigError
-
+def _error(file: Path, key: str, message: str, value: Any = None) -> ConfigError:
     got = "" if value is None else f" (got {value!r})"
     return ConfigError(f"{file}: {key}: {message}{got}")
 
@@ -37,7 +37,13 @@ def validate_device(file: Path, prefix: str, dev_id: str, table: dict[str, Any])
         known = ", ".join(sorted(reg.devices))
         raise _error(file, f"{prefix}.model", f"no device emulation of that name (installed: "
                      f"{known})", model)
-    slot, func = _parse_slot(table.get("slot"))
+    slot: int | None = None
+    func = 0
+    if table.get("slot") is not None:
+        try:
+            slot, func = parse_slot(table["slot"])
+        except ValueError as e:
+            raise _error(file, f"{prefix}.slot", str(e), table["slot"]) from None
     if dtype.fixed_slot is not None and slot is not None and slot != dtype.fixed_slot:
         raise _error(file, f"{prefix}.slot", f"{model} always sits in slot {dtype.fixed_slot}",
                      table.get("slot"))
@@ -50,15 +56,6 @@ def validate_device(file: Path, prefix: str, dev_id: str, table: dict[str, Any])
         key = f"{prefix}.{e.key}" if e.key else prefix
         raise _error(file, key, e.message, e.value) from None
     return PlacedDevice(dev_id, dtype, slot, func, parsed)
-
-
-def _parse_slot(value: Any) -> tuple[int | None, int]:
-    if value is None:
-        return None, 0
-    if isinstance(value, int):
-        return value, 0
-    s, _, f = str(value).partition(":")
-    return int(s), int(f or 0)
 
 
 def check_devices(file: Path, devices: dict[str, PlacedDevice]) -> None:
@@ -96,8 +93,6 @@ def place_devices(cfg) -> list[PlacedDevice]:
         if d.slot is None:
             slot = next((s for s in range(1, 31) if (s, 0) not in taken), None)
             if slot is None:
-                from vmrun.errors import VmrunError
-
                 raise VmrunError(f"{cfg.path}: devices.{d.id}: no free PCI slot left")
             d.slot = slot
             taken.add((slot, d.func))
