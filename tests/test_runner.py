@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -96,6 +97,43 @@ def test_ctrl_a_x_quits_from_the_console(tmp_path: Path) -> None:
     proc.stdin.write(b"\x01x")
     proc.stdin.flush()
     assert proc.wait(20) == ExitCode.POWER_OFF
+
+
+def test_serial_input_is_served_on_the_runs_event_loop(tmp_path: Path) -> None:
+    # The socket backend is opened on the host context's loop, running before any input.
+    sock = tmp_path / "com1.sock"
+    k = tmp_path / "vmlinux"
+    k.write_bytes(SPIN_PVH)
+    f = tmp_path / "m.toml"
+    f.write_text(f'name = "t"\nmemory = "64M"\n[boot]\nkernel = "{k}"\n'
+                 f'[serial.com1]\nbackend = "socket"\npath = "{sock}"\n')
+    runner = Runner(load_machine(f), log=lambda m: None)
+    result: list = []
+    t = threading.Thread(target=lambda: result.append(runner.run()))
+    t.start()
+    try:
+        deadline = time.monotonic() + 20
+        while runner.machine is None or not sock.exists():
+            assert time.monotonic() < deadline and t.is_alive()
+            time.sleep(0.01)
+        uart = runner.machine.uarts["com1"]
+        assert runner.host.loop._thread is not None       # started before the backends
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+            c.connect(str(sock))
+            c.sendall(b"hi")
+            got = bytearray()
+            while len(got) < 2:
+                assert time.monotonic() < deadline
+                if uart.read(5, 1) & 0x01:          # LSR.DR
+                    got.append(uart.read(0, 1))
+                else:
+                    time.sleep(0.01)
+        assert bytes(got) == b"hi"
+    finally:
+        runner.quit(ExitCode.POWER_OFF, "test")
+        t.join(20)
+    assert result and result[0].code == ExitCode.POWER_OFF
+    assert not sock.exists()                         # closed with the run
 
 
 def test_bad_machine_file_is_one_red_line_and_exit_4(tmp_path: Path) -> None:

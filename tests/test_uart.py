@@ -481,3 +481,37 @@ def test_break_is_a_nul_with_lsr_bi() -> None:
     assert u.read(5, 1) & 0x11 == 0x11     # LSR: BI and DR
     assert u.read(0, 1) == 0
     assert not u.read(5, 1) & 0x10         # BI clears when LSR is read
+
+
+def test_rx_room_hook_after_a_refusal_once_half_drained() -> None:
+    r = Rig(rx_backlog=8)
+    calls = []
+    r.dev.on_rx_room = lambda: calls.append(r.dev._lock.locked())
+    assert r.dev.feed(b"0123") == 4            # all taken: nothing to report later
+    assert r.rd(u.RBR) == ord("0")
+    assert calls == []
+    assert r.dev.feed(b"456789abcd") == 6      # refused: room is reported once half drained
+    got = bytearray()
+    while len(r.dev._backlog) > 5:
+        got.append(r.rd(u.RBR))
+        assert calls == []
+    got.append(r.rd(u.RBR))                    # the backlog drops to half: one report...
+    assert calls == [False]                    # ...made without the lock held
+    while r.rd(u.LSR) & u.LSR_DR:
+        got.append(r.rd(u.RBR))
+    assert bytes(got) == b"123456789" and calls == [False]   # not once per byte
+
+
+def test_rx_room_hook_from_fifo_enable_and_loopback_exit() -> None:
+    r = Rig(rx_backlog=8)
+    calls = []
+    r.dev.on_rx_room = lambda: calls.append(1)
+    assert r.dev.feed(bytes(20)) == 8          # one byte into the RBR, 7 waiting
+    r.wr(u.FCR, u.FCR_FIFO_ENABLE)             # the FIFO takes the backlog
+    assert calls == [1]
+    r.wr(u.MCR, u.MCR_LOOP)
+    r.wr(u.FCR, u.FCR_FIFO_ENABLE | u.FCR_RCVR_RESET)
+    assert r.dev.feed(bytes(20)) == 8          # looped: everything waits in the backlog
+    assert calls == [1]
+    r.wr(u.MCR, 0)                             # back from loopback: the FIFO refills
+    assert calls == [1, 1]

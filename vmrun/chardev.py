@@ -5,52 +5,140 @@ Ctrl-A for a literal Ctrl-A (as QEMU), the terminal restored on every way out. `
 output to a file, ``socket`` listens on a unix socket (one client at a time), ``pty`` makes a
 pseudo-terminal and says its name, ``null`` discards.
 
-A backend outlives a VM reset: the UART of each boot is attached anew with :meth:`attach`.
-Output is written from the vCPU thread straight to the fd; input is read on a thread of the
-backend's own and fed to the UART, waiting while the guest's receive buffer is full.
+A backend outlives a VM reset: the UART of each boot is attached anew with :meth:`attach`
+(and let go with :meth:`detach` when it ends). Output is written from the vCPU thread straight to
+a non-blocking fd (a reader that does not keep up loses output; the guest never waits). Input
+is read on the devices' event loop: each input fd (the socket backend's listening socket too)
+is a loop source. When the UART cannot take everything read, the backend keeps the rest and
+switches its source off, so further input waits in the kernel (the pty's or socket's buffer,
+pushing back on the writer); the UART's ``on_rx_room`` hook says when the guest has drained
+its backlog, and delivery resumes on the loop thread. While no UART is attached (between
+boots) the source stays off the same way.
 """
 
 from __future__ import annotations
 
 import atexit
+import logging
 import os
+import select
 import socket
 import sys
 import termios
-import threading
-import time
 import tty
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from vmrun.core.eventloop import EventLoop, Source
 from vmrun.errors import VmrunError
+
+log = logging.getLogger("vmrun.chardev")
 
 CTRL_A = 0x01
 ESCAPE_HELP = (b"\r\nC-a x    quit vmrun\r\nC-a b    send a BREAK (then a key: SysRq)\r\n"
                b"C-a C-a  send C-a\r\nC-a h    this help\r\n")
+READ_CHUNK = 4096
 
 
 class Sink(Protocol):
-    """What a backend feeds input to (a UART)."""
+    """What a backend feeds input to (a UART).
+
+    ``feed`` returns how many bytes it took. A sink that can refuse bytes has an
+    ``on_rx_room`` attribute: the backend sets it to a callable (any thread, must not block)
+    that the sink calls once there is room again after a refusal.
+    """
 
     def feed(self, data: bytes) -> int: ...
 
 
+def _pollable(fd: int) -> bool:
+    """Whether epoll takes ``fd`` (regular files and /dev/null are refused: always ready)."""
+    ep = select.epoll()
+    try:
+        ep.register(fd, select.EPOLLIN)
+        return True
+    except PermissionError:
+        return False
+    finally:
+        ep.close()
+
+
+class _AlwaysReady:
+    """Stands in for a loop source when epoll refuses the fd (stdin from a file or /dev/null,
+    where a read never blocks): while enabled, the callback runs again through ``call_soon``
+    until the input ends. Loop thread only, like the backend's use of a real source."""
+
+    def __init__(self, loop: EventLoop, fd: int, callback: Callable[[int], object],
+                 owner: Backend) -> None:
+        self.loop = loop
+        self.fd = fd
+        self.callback = callback
+        self.owner = owner
+        self.enabled = False
+        self._queued = False
+        self._removed = False
+
+    def enable(self) -> None:
+        self.enabled = True
+        if not self._queued and not self._removed:
+            self._queued = True
+            self.loop.call_soon(self._run, owner=self.owner)
+
+    def disable(self) -> None:
+        self.enabled = False
+
+    def remove(self) -> None:
+        self._removed = True
+        self.enabled = False
+
+    def _run(self) -> None:
+        self._queued = False
+        if self.enabled and not self._removed:
+            self.callback(self.fd)
+            if self.enabled:
+                self.enable()
+
+
 class Backend:
-    """Base: output to ``out_fd`` if set, input read from ``in_fd`` on a thread."""
+    """Base: output to ``out_fd`` if set; input from :attr:`input_source` (a loop source),
+    fed to the attached sink on the loop thread."""
 
     name = "null"
 
-    def __init__(self) -> None:
+    def __init__(self, loop: EventLoop) -> None:
+        self.loop = loop
         self.sink: Sink | None = None
         self.out_fd = -1
         self.on_quit: Callable[[], None] | None = None
+        self.input_source: Source | _AlwaysReady | None = None
+        self._pending = bytearray()     # read, not yet taken by the sink (loop thread only)
         self._closed = False
 
+    # -- the sink (any thread) -------------------------------------------------------------
     def attach(self, sink: Sink) -> None:
+        """Feed input to ``sink`` from now on (a new boot's UART); held input goes to it."""
+        self._unhook(self.sink)
         self.sink = sink
+        if hasattr(sink, "on_rx_room"):
+            sink.on_rx_room = self._room      # type: ignore[attr-defined]
+        self.loop.call_soon(self._resume, owner=self)
 
+    def detach(self) -> None:
+        """No sink until the next :meth:`attach`: input waits (the boot has ended)."""
+        sink, self.sink = self.sink, None
+        self._unhook(sink)
+
+    def _unhook(self, sink: Sink | None) -> None:
+        if sink is not None and getattr(sink, "on_rx_room", None) == self._room:
+            sink.on_rx_room = None            # type: ignore[attr-defined]
+
+    def _room(self) -> None:
+        """The sink has room again (called from the thread that drained it)."""
+        if not self._closed:
+            self.loop.call_soon(self._resume, owner=self)
+
+    # -- output (the vCPU thread) -----------------------------------------------------------
     def write(self, data: bytes) -> None:
         fd = self.out_fd
         if fd < 0:
@@ -64,35 +152,86 @@ class Backend:
         except OSError:
             self.out_fd = -1
 
-    def _deliver(self, data: bytes) -> None:
-        """Feed ``data`` to the current UART, waiting while its buffer is full."""
-        while data and not self._closed:
+    # -- input (the loop thread) ------------------------------------------------------------
+    def _watch(self, fd: int) -> Source | _AlwaysReady:
+        """Make ``fd`` the input source; it starts off and is switched on by :meth:`_resume`
+        once a sink can take input."""
+        src: Source | _AlwaysReady
+        if _pollable(fd):
+            src = self.loop.add(fd, self._readable, owner=self, enabled=False)
+        else:
+            src = _AlwaysReady(self.loop, fd, self._readable, self)
+        self.input_source = src
+        return src
+
+    def _readable(self, fd: int) -> None:
+        src = self.input_source
+        if src is None or src.fd != fd or self._closed:
+            return
+        if self.sink is None or self._pending:
+            src.disable()                       # wait for attach() / on_rx_room
+            return
+        try:
+            data = os.read(fd, READ_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            log.debug("%s console input: %s", self.name, e)
+            data = b""
+        if not data:
+            self._input_ended(src)
+            return
+        data = self._process(data)
+        if data:
+            self._pending += data
+            if not self._flush():
+                src.disable()
+
+    def _process(self, data: bytes) -> bytes:
+        """What of ``data`` goes to the guest (the stdio console handles escapes here)."""
+        return data
+
+    def _flush(self) -> bool:
+        """Feed held input to the sink; True once none is left."""
+        pending = self._pending
+        if pending:
             sink = self.sink
-            if sink is None:
-                time.sleep(0.05)
-                continue
-            n = sink.feed(data)
-            data = data[n:]
-            if data:
-                time.sleep(0.005)
+            if sink is None or self._closed:
+                return False
+            n = sink.feed(bytes(pending))
+            if n:
+                del pending[:n]
+        return not pending
 
-    def _start_reader(self, fd: int, process: Callable[[bytes], bytes] | None = None) -> None:
-        def loop() -> None:
-            while not self._closed:
-                try:
-                    data = os.read(fd, 4096)
-                except OSError:
-                    return
-                if not data:
-                    return
-                if process is not None:
-                    data = process(data)
-                self._deliver(data)
+    def _resume(self) -> None:
+        """Deliver held input and, once it is all taken, read again."""
+        if self._closed or self.sink is None:
+            return
+        if self._flush():
+            src = self.input_source
+            if src is not None:
+                src.enable()
 
-        threading.Thread(target=loop, name=f"serial-{self.name}", daemon=True).start()
+    def _input_ended(self, src: Source | _AlwaysReady) -> None:
+        """EOF (or an error) on the input fd: stop watching it; held input is still delivered."""
+        src.remove()
+        if self.input_source is src:
+            self.input_source = None
+
+    def fault(self, reason: str) -> None:
+        """A loop callback of this backend raised (the event loop's guard): input stops."""
+        log.error("serial backend %s: %s; console input stopped", self.name, reason)
+        src = self.input_source
+        if src is not None:
+            self._input_ended(src)
 
     def close(self) -> None:
         self._closed = True
+        self.detach()
+        src = self.input_source
+        if src is not None:
+            src.remove()
+            self.input_source = None
 
 
 class NullBackend(Backend):
@@ -102,8 +241,8 @@ class NullBackend(Backend):
 class FileBackend(Backend):
     name = "file"
 
-    def __init__(self, path: Path) -> None:
-        super().__init__()
+    def __init__(self, loop: EventLoop, path: Path) -> None:
+        super().__init__(loop)
         try:
             self.out_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
                                   0o644)
@@ -117,23 +256,37 @@ class FileBackend(Backend):
             self.out_fd = -1
 
 
+def _reopen_nonblocking(fd: int) -> int:
+    """A non-blocking fd reading what ``fd`` reads. Through /proc a terminal or a pipe gets a
+    file description of its own: O_NONBLOCK on stdin itself would switch the terminal's
+    stdout too (one description) and stay set after vmrun. Anything else (a socket): a dup,
+    left blocking (the loop reads it only when epoll says it is readable)."""
+    try:
+        return os.open(f"/proc/self/fd/{fd}",
+                       os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return os.dup(fd)
+
+
 class StdioBackend(Backend):
     """The controlling terminal (or plain stdin/stdout when they are not a terminal)."""
 
     name = "stdio"
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, loop: EventLoop) -> None:
+        super().__init__(loop)
         self.in_fd = sys.stdin.fileno() if sys.stdin is not None else -1
         self.out_fd = sys.stdout.fileno()
         self._saved: list | None = None
         self._escape = False
+        self._read_fd = -1
         if self.in_fd >= 0 and os.isatty(self.in_fd):
             self._saved = termios.tcgetattr(self.in_fd)
             atexit.register(self.restore_terminal)
             tty.setraw(self.in_fd)
         if self.in_fd >= 0:
-            self._start_reader(self.in_fd, self._process)
+            self._read_fd = _reopen_nonblocking(self.in_fd)
+            self._watch(self._read_fd)
 
     def _process(self, data: bytes) -> bytes:
         """Handle the Ctrl-A escapes; returns what goes to the guest."""
@@ -162,6 +315,18 @@ class StdioBackend(Backend):
         if brk is not None:
             brk()
 
+    def _input_ended(self, src: Source | _AlwaysReady) -> None:
+        super()._input_ended(src)
+        self._close_read_fd()
+
+    def _close_read_fd(self) -> None:
+        if self._read_fd >= 0:
+            try:
+                os.close(self._read_fd)
+            except OSError:
+                pass
+            self._read_fd = -1
+
     def restore_terminal(self) -> None:
         if self._saved is not None:
             try:
@@ -172,14 +337,15 @@ class StdioBackend(Backend):
 
     def close(self) -> None:
         super().close()
+        self._close_read_fd()
         self.restore_terminal()
 
 
 class PtyBackend(Backend):
     name = "pty"
 
-    def __init__(self, label: str) -> None:
-        super().__init__()
+    def __init__(self, loop: EventLoop, label: str) -> None:
+        super().__init__(loop)
         master, slave = os.openpty()
         tty.setraw(slave)
         self.master = master
@@ -188,25 +354,7 @@ class PtyBackend(Backend):
         self.out_fd = master
         os.set_blocking(master, False)
         print(f"vmrun: {label} is on {self.path}", file=sys.stderr)
-        self._start_reader_blocking()
-
-    def _start_reader_blocking(self) -> None:
-        def loop() -> None:
-            import select
-
-            while not self._closed:
-                r, _, _ = select.select([self.master], [], [], 0.5)
-                if not r:
-                    continue
-                try:
-                    data = os.read(self.master, 4096)
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    return
-                self._deliver(data)
-
-        threading.Thread(target=loop, name="serial-pty", daemon=True).start()
+        self._watch(master)
 
     def close(self) -> None:
         super().close()
@@ -223,8 +371,8 @@ class SocketBackend(Backend):
 
     name = "socket"
 
-    def __init__(self, path: Path) -> None:
-        super().__init__()
+    def __init__(self, loop: EventLoop, path: Path) -> None:
+        super().__init__(loop)
         self.path = path
         if path.exists():
             if not path.is_socket():
@@ -234,44 +382,60 @@ class SocketBackend(Backend):
         try:
             self.server.bind(str(path))
         except OSError as e:
+            self.server.close()
             raise VmrunError(f"{path}: cannot listen on unix socket: {e.strerror}") from None
         self.server.listen(1)
+        self.server.setblocking(False)
         self.client: socket.socket | None = None
-        threading.Thread(target=self._accept_loop, name="serial-socket", daemon=True).start()
+        self.accept_source = loop.add(self.server.fileno(), self._accept, owner=self)
 
-    def _accept_loop(self) -> None:
-        while not self._closed:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            old = self.client
-            self.client = conn
-            self.out_fd = conn.fileno()
-            if old is not None:
-                old.close()
-            self._start_reader(conn.fileno())
+    def _accept(self, fd: int) -> None:
+        if self._closed:
+            return
+        try:
+            conn, _ = self.server.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            log.warning("serial socket %s: accept: %s", self.path, e)
+            return
+        conn.setblocking(False)        # output never blocks the guest
+        old, old_src = self.client, self.input_source
+        self.client = conn
+        self.out_fd = conn.fileno()
+        if old_src is not None:
+            old_src.remove()
+            self.input_source = None
+        if old is not None:
+            old.close()
+        self._watch(conn.fileno())
+        self._resume()
 
     def close(self) -> None:
         super().close()
+        self.accept_source.remove()
+        self.out_fd = -1
         self.server.close()
         if self.client is not None:
             self.client.close()
+            self.client = None
         try:
             self.path.unlink()
         except OSError:
             pass
 
 
-def open_backend(label: str, backend: str, path: Path | None) -> Backend:
+def open_backend(label: str, backend: str, path: Path | None, loop: EventLoop) -> Backend:
+    """The backend named ``backend`` (``stdio``, ``file``, ``socket``, ``pty``, else null);
+    its input is served on ``loop``, which must be running (or run) for input to arrive."""
     if backend == "stdio":
-        return StdioBackend()
+        return StdioBackend(loop)
     if backend == "file":
         assert path is not None
-        return FileBackend(path)
+        return FileBackend(loop, path)
     if backend == "socket":
         assert path is not None
-        return SocketBackend(path)
+        return SocketBackend(loop, path)
     if backend == "pty":
-        return PtyBackend(label)
-    return NullBackend()
+        return PtyBackend(loop, label)
+    return NullBackend(loop)

@@ -44,7 +44,7 @@ class Runner:
         backends: dict[str, Backend] = {}
         try:
             for name, sc in self.cfg.serial.items():
-                backends[name] = open_backend(name, sc.backend, sc.path)
+                backends[name] = open_backend(name, sc.backend, sc.path, self.host.loop)
                 backends[name].on_quit = lambda: self.quit(ExitCode.POWER_OFF,
                                                            "quit from the console (C-a x)")
         except BaseException:
@@ -76,8 +76,15 @@ class Runner:
         timer.start()
 
     def run(self) -> ExitInfo:
-        serial = self._open_serial()
+        # The host side first: the serial backends read their input on its event loop, which
+        # runs from here on (Machine's host.start() finds it started).
         self.host = HostContext()
+        self.host.start()
+        try:
+            serial = self._open_serial()
+        except BaseException:
+            self.host.close()
+            raise
         old = {}
         in_main = threading.current_thread() is threading.main_thread()
         if in_main:
@@ -102,6 +109,8 @@ class Runner:
                         self.machine = None
                     for line in machine.stats():
                         logging.getLogger("vmrun").debug("%s", line)
+                    for b in serial.values():
+                        b.detach()          # input typed now waits for the next boot's UART
                     machine.close()
                 if self._quit is not None:
                     # The host asked (C-a x, SIGTERM): that is how this VM ended, even if the

@@ -9,10 +9,12 @@ Why it is shaped this way:
 * Transmit is immediate. A byte written to THR goes to ``out`` at once (the console wants it
   now), so THR and the transmitter are always empty: LSR.THRE and LSR.TEMT always read 1 and
   the THR-empty interrupt re-arms after every write, as a very fast line would.
-* Receive has two stages. ``feed`` (the console reader thread) appends to a bounded host-side
-  backlog; bytes move from there into the 16-byte receiver FIFO (one byte, the RBR, when FIFOs
-  are off) as the guest reads, so pasted text waits instead of overrunning. ``feed`` returns
-  how much it accepted so the reader can wait and retry.
+* Receive has two stages. ``feed`` (the console backend, on the event loop) appends to a bounded
+  host-side backlog; bytes move from there into the 16-byte receiver FIFO (one byte, the RBR,
+  when FIFOs are off) as the guest reads, so pasted text waits instead of overrunning.
+  ``feed`` returns how much it accepted; the rest stays with the console backend, which stops
+  reading its input until ``on_rx_room`` tells it the guest has drained the backlog to half
+  (called once per refusal, not per byte, and never with the lock held).
 * The receiver-timeout case is simplified: data below the FIFO trigger level gives the
   character-timeout indication (IIR 0x0C) at once instead of after four character times, so
   a guest is never left waiting for bytes that will not come.
@@ -22,7 +24,8 @@ Why it is shaped this way:
   modem-control outputs to the modem-status inputs; the host backlog waits meanwhile. The FIFO
   then overruns like the real part, which is what Linux's FIFO-size probe counts on.
 
-Register state is guarded by one lock: the vCPU thread and the console reader both touch it.
+Register state is guarded by one lock: the vCPU thread and the console backend (on the event
+loop thread) both touch it.
 """
 
 from __future__ import annotations
@@ -114,6 +117,12 @@ class Uart16550(ByteWideDevice):
         self._lock = threading.Lock()
         self._backlog: deque[int] = deque()   # fed by the host, not yet received
         self._backlog_max = rx_backlog
+        self._backlog_low = rx_backlog // 2   # room is reported once the backlog drains to this
+        self._rx_refused = False              # feed turned bytes away; tell on_rx_room later
+        self._rx_room_due = False             # ...it has drained: report once the lock is free
+        # Called (no lock held, from whichever thread drained the backlog: usually the vCPU)
+        # once after ``feed`` refused bytes, when there is room again. Must not block.
+        self.on_rx_room: Callable[[], object] | None = None
         self._fifo: deque[int] = deque()      # the receiver FIFO (capacity 1 when disabled)
         self._capacity = 1
         self._trigger = 1
@@ -132,14 +141,20 @@ class Uart16550(ByteWideDevice):
 
     # -- host side ---------------------------------------------------------------------
     def feed(self, data: bytes) -> int:
-        """Queue console input; returns how many bytes fit (the rest: retry later)."""
+        """Queue console input; returns how many bytes fit. When not all did, ``on_rx_room``
+        is called once the guest has made room (retry then)."""
         with self._lock:
-            n = min(len(data), self._backlog_max - len(self._backlog))
+            n = max(min(len(data), self._backlog_max - len(self._backlog)), 0)
             if n > 0:
                 self._backlog.extend(data[:n])
                 self._refill()
                 self._update_irq()
-            return max(n, 0)
+            if n < len(data):
+                self._rx_refused = True
+            due = self._rx_room_due
+        if due:
+            self._tell_rx_room()
+        return n
 
     def send_break(self) -> None:
         """A BREAK on the line: a NUL character received with LSR.BI set (the console's
@@ -157,13 +172,25 @@ class Uart16550(ByteWideDevice):
         with self._lock:
             return max(self._backlog_max - len(self._backlog), 0)
 
+    def _tell_rx_room(self) -> None:
+        with self._lock:
+            due, self._rx_room_due = self._rx_room_due, False
+        hook = self.on_rx_room
+        if due and hook is not None:
+            hook()
+
     # -- bus device ----------------------------------------------------------------------
     def _read_byte(self, offset: int) -> int:
-        with self._lock:
-            if offset == RBR:
+        if offset == RBR:
+            with self._lock:
                 if self._lcr & LCR_DLAB:
                     return self._dll
-                return self._read_rbr()
+                value = self._read_rbr()
+                due = self._rx_room_due
+            if due:
+                self._tell_rx_room()
+            return value
+        with self._lock:
             if offset == IER:
                 return self._dlm if self._lcr & LCR_DLAB else self._ier
             if offset == IIR:
@@ -195,6 +222,7 @@ class Uart16550(ByteWideDevice):
 
     def _write_byte(self, offset: int, value: int) -> None:
         sent = -1
+        due = False
         with self._lock:
             if offset == THR:
                 if self._lcr & LCR_DLAB:
@@ -219,15 +247,19 @@ class Uart16550(ByteWideDevice):
                 self._update_irq()
             elif offset == FCR:
                 self._write_fcr(value)
+                due = self._rx_room_due
             elif offset == LCR:
                 self._lcr = value
             elif offset == MCR:
                 self._write_mcr(value & MCR_MASK)
+                due = self._rx_room_due
             elif offset == SCR:
                 self._scr = value
             # LSR and MSR writes are factory-test only: ignored.
         if sent >= 0:
             self._out(bytes((sent,)))
+        if due:
+            self._tell_rx_room()
 
     # -- receiver ------------------------------------------------------------------------
     def _read_rbr(self) -> int:
@@ -246,6 +278,9 @@ class Uart16550(ByteWideDevice):
         fifo, backlog, cap = self._fifo, self._backlog, self._capacity
         while backlog and len(fifo) < cap:
             fifo.append(backlog.popleft())
+        if self._rx_refused and len(backlog) <= self._backlog_low:
+            self._rx_refused = False
+            self._rx_room_due = True
 
     def _receive_looped(self, value: int) -> None:
         if len(self._fifo) < self._capacity:

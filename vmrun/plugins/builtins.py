@@ -73,7 +73,7 @@ class PciUart(PciDevice):
 def _uart_factory(ctx: DeviceContext, opts: dict[str, Any]) -> PciDevice:
     from vmrun.chardev import open_backend
 
-    return PciUart(open_backend(ctx.id, opts["backend"], opts["path"]))
+    return PciUart(open_backend(ctx.id, opts["backend"], opts["path"], ctx.loop))
 
 
 def _uart_check(opts: dict[str, Any]) -> None:
