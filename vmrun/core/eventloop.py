@@ -158,10 +158,10 @@ class EventLoop:
         with self._lock:
             if fd in self._sources:
                 raise ValueError(f"fd {fd} is already on the event loop")
-            self._sources[fd] = src
             if enabled:
-                self._epoll.register(fd, events)
+                self._epoll.register(fd, events)     # raises first (EPERM for a file)
                 src.registered = True
+            self._sources[fd] = src
         return src
 
     def remove(self, src: Source) -> None:
