@@ -11,7 +11,7 @@ DEB_PACKAGES := linux-source-6.1 busybox-static acpica-tools dmidecode e2fsprogs
 BENCH_PACKAGES := qemu-system-x86 qemu-utils
 MACHINE ?= machines/tiny.toml
 
-.PHONY: run test deps venv image lint bench clean
+.PHONY: run test deps venv image lint bench fuzz clean
 
 run: venv image
 	$(BIN)/vmrun up $(MACHINE)
@@ -42,6 +42,10 @@ image: venv
 
 lint: venv
 	$(BIN)/ruff check vmrun tests plugins bench
+
+# The hostile virtio driver with many more examples and longer sequences (minutes).
+fuzz: venv
+	VMRUN_FUZZ=1 $(BIN)/python -m pytest -q tests/test_hostile_virtio.py
 
 bench: venv image
 	@$(MAKE) --no-print-directory deps DEB_PACKAGES="$(BENCH_PACKAGES)"

@@ -128,6 +128,11 @@ class VirtioPciTransport(PciDevice):
         self.device.realized(self)
 
     def close(self) -> None:
+        # Stop first: completions of requests still in flight (delivered on the loop after
+        # the interrupt source's eventfds are closed, maybe reused) are dropped.
+        with self.lock:
+            self.active = False
+            self.epoch += 1
         self.device.close()
 
     # -- BAR accesses (vCPU threads; nothing a guest writes may raise out of here) ---------
