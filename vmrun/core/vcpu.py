@@ -14,7 +14,7 @@ import struct
 import threading
 from typing import TYPE_CHECKING
 
-from vmrun.core import kvm, layout
+from vmrun.core import kvm, kvmrun, layout
 from vmrun.core.boot import EntryState
 from vmrun.core.emulate import handle_emulation_failure
 from vmrun.core.exits import ExitCode, VmExit
@@ -245,11 +245,13 @@ class Vcpu:
         vm = self.vm
         run = self.run
         fd = self.fd
-        ioctl = libc.ioctl
-        KVM_RUN = kvm.KVM_RUN
+        # KVM_RUN: the compiled shim (returns -errno) where it could be built, else the cffi
+        # ABI-mode ioctl (returns -1, errno in ffi.errno). Either releases the GIL.
+        native = kvmrun.native_kvm_run()
+        kvm_run, run_args = ((native, (fd,)) if native is not None else
+                             (libc.ioctl, (fd, kvm.KVM_RUN, ffi.cast("unsigned long", 0))))
         EXIT_IO = kvm.KVM_EXIT_IO
         EXIT_MMIO = kvm.KVM_EXIT_MMIO
-        zero = ffi.cast("unsigned long", 0)
         pio_slots = vm.pio.slots
         pio = vm.pio
         mmio = vm.mmio
@@ -266,8 +268,8 @@ class Vcpu:
         mmio_lookup = mmio.lookup
         masks = [(1 << (8 * n)) - 1 for n in range(9)]
         while not vm.stopping:
-            if ioctl(fd, KVM_RUN, zero) < 0:
-                err = ffi.errno
+            if (err := kvm_run(*run_args)) < 0:
+                err = -err if native is not None else ffi.errno
                 if err in (errno.EINTR, errno.EAGAIN):
                     run.immediate_exit = 0
                     if self.fixup is not None and not vm.stopping:
