@@ -14,6 +14,7 @@ import threading
 import pytest
 
 from vmrun.core.exits import ExitCode
+from vmrun.testing import RecordingDevice
 from vmrun.testing import guests as g
 
 pytestmark = [
@@ -22,20 +23,7 @@ pytestmark = [
 ]
 
 
-class Recorder:
-    """A bus device that records writes and answers reads with a fixed value."""
-
-    def __init__(self, value: int = 0) -> None:
-        self.value = value
-        self.writes: list[tuple[int, int, int]] = []
-        self.reads: list[tuple[int, int]] = []
-
-    def read(self, offset: int, size: int) -> int:
-        self.reads.append((offset, size))
-        return self.value
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        self.writes.append((offset, size, value))
+Recorder = RecordingDevice
 
 
 def run(vm, timeout: float = 20.0):

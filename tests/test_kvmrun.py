@@ -16,6 +16,7 @@ import pytest
 
 from vmrun.core import kvmrun
 from vmrun.core.exits import ExitCode
+from vmrun.testing import RecordingDevice
 
 REPO = Path(__file__).resolve().parent.parent
 HAVE_KVM = os.access("/dev/kvm", os.R_OK | os.W_OK)
@@ -131,15 +132,7 @@ def test_a_broken_compiler_falls_back(monkeypatch, tmp_path: Path) -> None:
 kvm_test = pytest.mark.skipif(not HAVE_KVM, reason="no /dev/kvm")
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.writes: list[tuple[int, int, int]] = []
-
-    def read(self, offset: int, size: int) -> int:
-        return 0
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        self.writes.append((offset, size, value))
+Recorder = RecordingDevice
 
 
 @pytest.fixture(params=["native", "abi"])

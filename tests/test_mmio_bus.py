@@ -12,24 +12,16 @@ import pytest
 from vmrun.core.bus import PAGE_CACHE_MAX, BusConflict, MmioBus
 from vmrun.core.exits import ExitCode
 from vmrun.core.pci import PciBarWindow
+from vmrun.testing import RecordingDevice
 
 BASE = 0xFEB0_0000
 
 
-class Recorder:
-    """Records accesses; reads answer ``value`` (all 8 bytes set, so a wrong mask shows)."""
+class Recorder(RecordingDevice):
+    """Reads answer all 8 bytes set, so a wrong mask shows."""
 
     def __init__(self, value: int = 0x8877_6655_4433_2211) -> None:
-        self.value = value
-        self.writes: list[tuple[int, int, int]] = []
-        self.reads: list[tuple[int, int]] = []
-
-    def read(self, offset: int, size: int) -> int:
-        self.reads.append((offset, size))
-        return self.value
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        self.writes.append((offset, size, value))
+        super().__init__(value)
 
 
 class BarDevice:

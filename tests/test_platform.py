@@ -408,3 +408,24 @@ def test_host_context_keeps_resources_across_boots() -> None:
     assert first is again and made == [1]
     host.close()
     assert Res.closed
+
+
+def test_a_regular_file_is_an_always_ready_source(loop: EventLoop, tmp_path: Path) -> None:
+    """epoll refuses regular files (and /dev/null); the loop serves them anyway, while on."""
+    f = tmp_path / "input"
+    f.write_bytes(b"x" * 10)
+    fd = os.open(f, os.O_RDONLY | os.O_NONBLOCK)
+    got = bytearray()
+
+    def read(fd: int) -> None:
+        data = os.read(fd, 3)
+        got.extend(data)
+        if not data:
+            src.remove()
+
+    src = loop.add(fd, read, enabled=False)
+    loop.sync()
+    assert got == b""
+    src.enable()
+    _wait(lambda: len(got) == 10)
+    os.close(fd)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import select
 import socket
 import sys
 import termios
@@ -30,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from vmrun.core.eventloop import EventLoop, Source
+from vmrun.core.eventloop import EventLoop, ReadySource, Source
 from vmrun.errors import VmrunError
 
 log = logging.getLogger("vmrun.chardev")
@@ -52,54 +51,6 @@ class Sink(Protocol):
     def feed(self, data: bytes) -> int: ...
 
 
-def _pollable(fd: int) -> bool:
-    """Whether epoll takes ``fd`` (regular files and /dev/null are refused: always ready)."""
-    ep = select.epoll()
-    try:
-        ep.register(fd, select.EPOLLIN)
-        return True
-    except PermissionError:
-        return False
-    finally:
-        ep.close()
-
-
-class _AlwaysReady:
-    """Stands in for a loop source when epoll refuses the fd (stdin from a file or /dev/null,
-    where a read never blocks): while enabled, the callback runs again through ``call_soon``
-    until the input ends. Loop thread only, like the backend's use of a real source."""
-
-    def __init__(self, loop: EventLoop, fd: int, callback: Callable[[int], object],
-                 owner: Backend) -> None:
-        self.loop = loop
-        self.fd = fd
-        self.callback = callback
-        self.owner = owner
-        self.enabled = False
-        self._queued = False
-        self._removed = False
-
-    def enable(self) -> None:
-        self.enabled = True
-        if not self._queued and not self._removed:
-            self._queued = True
-            self.loop.call_soon(self._run, owner=self.owner)
-
-    def disable(self) -> None:
-        self.enabled = False
-
-    def remove(self) -> None:
-        self._removed = True
-        self.enabled = False
-
-    def _run(self) -> None:
-        self._queued = False
-        if self.enabled and not self._removed:
-            self.callback(self.fd)
-            if self.enabled:
-                self.enable()
-
-
 class Backend:
     """Base: output to ``out_fd`` if set; input from :attr:`input_source` (a loop source),
     fed to the attached sink on the loop thread."""
@@ -111,7 +62,7 @@ class Backend:
         self.sink: Sink | None = None
         self.out_fd = -1
         self.on_quit: Callable[[], None] | None = None
-        self.input_source: Source | _AlwaysReady | None = None
+        self.input_source: Source | ReadySource | None = None
         self._pending = bytearray()     # read, not yet taken by the sink (loop thread only)
         self._closed = False
 
@@ -153,14 +104,10 @@ class Backend:
             self.out_fd = -1
 
     # -- input (the loop thread) ------------------------------------------------------------
-    def _watch(self, fd: int) -> Source | _AlwaysReady:
+    def _watch(self, fd: int) -> Source | ReadySource:
         """Make ``fd`` the input source; it starts off and is switched on by :meth:`_resume`
         once a sink can take input."""
-        src: Source | _AlwaysReady
-        if _pollable(fd):
-            src = self.loop.add(fd, self._readable, owner=self, enabled=False)
-        else:
-            src = _AlwaysReady(self.loop, fd, self._readable, self)
+        src = self.loop.add(fd, self._readable, owner=self, enabled=False)
         self.input_source = src
         return src
 
@@ -212,7 +159,7 @@ class Backend:
             if src is not None:
                 src.enable()
 
-    def _input_ended(self, src: Source | _AlwaysReady) -> None:
+    def _input_ended(self, src: Source | ReadySource) -> None:
         """EOF (or an error) on the input fd: stop watching it; held input is still delivered."""
         src.remove()
         if self.input_source is src:
@@ -315,7 +262,7 @@ class StdioBackend(Backend):
         if brk is not None:
             brk()
 
-    def _input_ended(self, src: Source | _AlwaysReady) -> None:
+    def _input_ended(self, src: Source | ReadySource) -> None:
         super()._input_ended(src)
         self._close_read_fd()
 

@@ -90,6 +90,54 @@ class Source:
         self.loop.remove(self)
 
 
+class ReadySource:
+    """Stands in for a :class:`Source` when epoll refuses the fd (a regular file, /dev/null:
+    a read never blocks, so it is always ready): while enabled, the callback runs again
+    through ``call_soon`` until the source is switched off or removed."""
+
+    def __init__(self, loop: EventLoop, fd: int, callback: Callable[[int], Any],
+                 owner: Owner | None) -> None:
+        self.loop = loop
+        self.fd = fd
+        self.callback = callback
+        self.owner = owner
+        self.enabled = False
+        self._queued = False
+        self._removed = False
+
+    def enable(self) -> None:
+        self.enabled = True
+        if not self._queued and not self._removed:
+            self._queued = True
+            self.loop.call_soon(self._run, owner=self.owner)
+
+    def disable(self) -> None:
+        self.enabled = False
+
+    def remove(self) -> None:
+        self._removed = True
+        self.enabled = False
+
+    def _run(self) -> None:
+        self._queued = False
+        if self.enabled and not self._removed:
+            self.callback(self.fd)
+            if self.enabled:
+                self.enable()
+
+
+def pollable(fd: int) -> bool:
+    """Whether epoll takes ``fd`` (it refuses regular files and /dev/null: always ready)."""
+    ep = select.epoll()
+    try:
+        ep.register(fd, select.EPOLLIN)
+        return True
+    except PermissionError:
+        return False
+    finally:
+        ep.close()
+
+
 class Timer:
     """A timerfd on the loop: :meth:`arm` (one-shot or periodic), :meth:`cancel`."""
 
@@ -152,7 +200,14 @@ class EventLoop:
     # -- sources ---------------------------------------------------------------------
     def add(self, fd: int, callback: Callable[[int], Any], owner: Owner | None = None,
             events: int = READABLE, enabled: bool = True) -> Source:
-        """Watch ``fd``; ``callback(fd)`` runs on the loop thread when it is ready."""
+        """Watch ``fd``; ``callback(fd)`` runs on the loop thread when it is ready. An fd that
+        epoll refuses (a regular file, /dev/null) gets a :class:`ReadySource`: it is always
+        ready, so its callback runs again and again while the source is on."""
+        if not pollable(fd):
+            ready = ReadySource(self, fd, callback, owner)
+            if enabled:
+                ready.enable()
+            return ready    # type: ignore[return-value]
         src = Source(self, fd, callback, owner, events)
         src.enabled = enabled
         with self._lock:

@@ -11,8 +11,8 @@ Use them as pytest fixtures in a plugin's tests::
     from vmrun.testing import FakeVm, VirtioDriver
 """
 
-from vmrun.testing.fakes import FakeVm
+from vmrun.testing.fakes import FakeVm, RecordingDevice
 from vmrun.testing.pcidriver import PciDriver
 from vmrun.testing.virtio import MockVirtqueue, VirtioDriver
 
-__all__ = ["FakeVm", "PciDriver", "MockVirtqueue", "VirtioDriver"]
+__all__ = ["FakeVm", "RecordingDevice", "PciDriver", "MockVirtqueue", "VirtioDriver"]

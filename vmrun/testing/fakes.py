@@ -12,6 +12,23 @@ from vmrun.core.memory import GuestMemory
 from vmrun.core.pci import ConfigMechanism1, PciRoot
 
 
+class RecordingDevice:
+    """A bus device that records every access; reads answer ``value`` (masked by the bus to
+    the access size, so give all 8 bytes to see a wrong mask)."""
+
+    def __init__(self, value: int = 0) -> None:
+        self.value = value
+        self.writes: list[tuple[int, int, int]] = []
+        self.reads: list[tuple[int, int]] = []
+
+    def read(self, offset: int, size: int) -> int:
+        self.reads.append((offset, size))
+        return self.value
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.writes.append((offset, size, value))
+
+
 class FakeVm:
     """Enough of :class:`vmrun.core.vm.Vm` for device logic tests.
 
