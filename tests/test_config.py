@@ -527,3 +527,14 @@ def test_compat_profile() -> None:
     assert all(COMPAT_PROFILE[n] is False for n in off)
     assert COMPAT_PROFILE["xsaveerptr"] is True
     assert [n for n, on in COMPAT_PROFILE.items() if on] == ["xsaveerptr"]
+
+
+def test_huge_pages_auto_true_false(tmp_path) -> None:
+    from vmrun.config import load_machine
+
+    (tmp_path / "vmlinux").write_bytes(b"\x7fELF")
+    for text, want in (("", None), ('huge_pages = "auto"\n', None), ("huge_pages = true\n", True),
+                       ("huge_pages = false\n", False)):
+        f = tmp_path / "m.toml"
+        f.write_text(f'name = "m"\n{text}[boot]\nkernel = "vmlinux"\n')
+        assert load_machine(f).huge_pages is want

@@ -63,8 +63,8 @@ PATH_BACKENDS = ("file", "socket")
 
 # The keys each table accepts (machines/reference.toml must document all of them; a test
 # checks). [cpu.features] takes feature names, [devices.ID] also the model's own options.
-TOP_KEYS = ("name", "cpus", "memory", "uuid", "rtc", "on_reboot", "on_unhandled_io", "cpu",
-            "boot", "serial", "devices")
+TOP_KEYS = ("name", "cpus", "memory", "huge_pages", "uuid", "rtc", "on_reboot",
+            "on_unhandled_io", "cpu", "boot", "serial", "devices")
 CPU_KEYS = ("profile", "features")
 BOOT_KEYS = ("kernel", "initrd", "cmdline")
 SERIAL_KEYS = ("backend", "path")
@@ -117,6 +117,7 @@ class MachineConfig:
     boot: BootConfig
     serial: dict[str, SerialConfig]
     devices: dict[str, Any]
+    huge_pages: bool | None = None      # None: "auto"
 
 
 def format_value(value: Any, limit: int = 60) -> str:
@@ -300,6 +301,11 @@ def parse_machine(text: str, file: Path, device_validator: DeviceValidator | Non
     rtc = c.choice(data, "rtc", "rtc", RTC_MODES, "utc")
     on_reboot = c.choice(data, "on_reboot", "on_reboot", ON_REBOOT, "restart")
     on_io = c.choice(data, "on_unhandled_io", "on_unhandled_io", ON_UNHANDLED_IO, "ignore")
+    huge_pages = data.get("huge_pages", "auto")
+    if huge_pages == "auto":
+        huge_pages = None
+    elif not isinstance(huge_pages, bool):
+        raise c.error("huge_pages", 'must be true, false or "auto"', huge_pages)
 
     cpu = _cpu(c, data.get("cpu", {}))
     boot = _boot(c, data)
@@ -311,7 +317,7 @@ def parse_machine(text: str, file: Path, device_validator: DeviceValidator | Non
         devices_checker(file, devices)
 
     return MachineConfig(file, name, cpus, memory, machine_uuid, rtc, on_reboot, on_io, cpu,
-                         boot, serial, devices)
+                         boot, serial, devices, huge_pages)
 
 
 def _memory(c: _Checker, value: Any) -> int:

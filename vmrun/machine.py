@@ -82,7 +82,8 @@ class Machine:
         self.vm = Vm(cfg.memory, cfg.cpus, cpu_profile=cfg.cpu.profile,
                      cpu_features=cfg.cpu.features,
                      exit_on_unhandled_io=cfg.on_unhandled_io == "exit",
-                     syscall_fixup=kvm_pvm, huge_pages=not kvm_pvm)
+                     syscall_fixup=kvm_pvm,
+                     huge_pages=not kvm_pvm if cfg.huge_pages is None else cfg.huge_pages)
         try:
             self._build(serial, debug_out)
         except BaseException:

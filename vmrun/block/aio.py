@@ -147,12 +147,13 @@ class AioContext:
                                        ffi.cast("unsigned long", self.ctx), ffi.cast("long", 0),
                                        ffi.cast("long", self.depth), self._events, self._zero),
                          "io_getevents")
-            if got == 0:
-                break
             for i in range(got):
                 ev = self._events[i]
                 if ev.data in self._inflight:
                     out.append((self._release(ev.data), ev.res))
+            if got < self.depth:
+                # Drained: a completion after the eventfd read above signals it again.
+                break
         return out
 
     @property
