@@ -168,6 +168,9 @@ class BlockQueue:
             return
         with self._reap_lock:
             events = aio.reap()
+        if not events:
+            return
+        finished = []
         for (done, sg, write, offset), res in events:    # type: ignore[misc]
             if res == -errno.EINVAL:
                 # The O_DIRECT alignment guess was too small: the workers re-align.
@@ -176,7 +179,16 @@ class BlockQueue:
             if 0 <= res != sg.nbytes:
                 log.warning("%s: short transfer %d of %d", self.name, res, sg.nbytes)
                 res = -errno.EIO
-            self._deliver(done, res, on_loop)
+            finished.append((done, res))
+        with self._count_lock:              # one update for the whole batch
+            self._inflight -= len(finished)
+        loop = self.loop
+        if on_loop or loop is None or loop.on_loop_thread:
+            for done, res in finished:
+                done(res)
+        else:
+            for done, res in finished:
+                loop.call_soon(done, res, owner=self.owner)
 
     # -- lifetime --------------------------------------------------------------------------
     def drain(self, timeout: float = 60.0) -> bool:

@@ -141,20 +141,24 @@ class VirtioBlk(VirtioDevice):
             reader = dma.sg(readable).reader()
             rtype, _reserved, sector = reader.read_struct(_HEADER)
             rest = reader.take().pieces
-        done = self._completion(index, chain, status)
+        done = self._completion(index, chain, status,
+                                rtype in (VIRTIO_BLK_T_IN, VIRTIO_BLK_T_GET_ID))
         try:
             self._dispatch(rtype, sector, rest, data_in, done)
         except RequestError as e:
             log.debug("request at head %d: %s", chain.head, e)
             done(-errno.EIO if e.status == VIRTIO_BLK_S_IOERR else -errno.EOPNOTSUPP)
 
-    def _completion(self, index: int, chain: DescriptorChain, status: memoryview):
+    def _completion(self, index: int, chain: DescriptorChain, status: memoryview,
+                    writes_data: bool):
+        """The request's one completion: status byte, used ring. Bytes written into the
+        chain are ``result`` for a read or GET_ID (what was read), none otherwise."""
         complete = self.transport.complete
 
-        def done(result: int, data_in: int = 0) -> None:
+        def done(result: int) -> None:
             if result >= 0:
                 status[0] = VIRTIO_BLK_S_OK
-                complete(index, chain, data_in + 1)
+                complete(index, chain, (result if writes_data else 0) + 1)
                 return
             status[0] = VIRTIO_BLK_S_UNSUPP if result == -errno.EOPNOTSUPP else \
                 VIRTIO_BLK_S_IOERR
@@ -169,9 +173,8 @@ class VirtioBlk(VirtioDevice):
         assert io is not None
         if rtype == VIRTIO_BLK_T_IN:
             data = self.dma.sg(data_in)
-            nbytes = data.nbytes
-            self._check_range(sector, nbytes)
-            io.read(sector * SECTOR, data, lambda r: done(r, nbytes))
+            self._check_range(sector, data.nbytes)
+            io.read(sector * SECTOR, data, done)
         elif rtype == VIRTIO_BLK_T_OUT:
             if self.read_only:
                 raise RequestError(VIRTIO_BLK_S_IOERR, "write to a read-only disk")
@@ -184,7 +187,7 @@ class VirtioBlk(VirtioDevice):
             w = self.dma.sg(data_in).writer()
             ident = self.serial.ljust(VIRTIO_BLK_ID_BYTES, b"\0")[:w.remaining]
             w.write(ident)
-            done(0, len(ident))
+            done(len(ident))
         elif rtype in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
             if self.read_only:
                 raise RequestError(VIRTIO_BLK_S_IOERR, "discard on a read-only disk")
