@@ -429,3 +429,21 @@ def test_a_regular_file_is_an_always_ready_source(loop: EventLoop, tmp_path: Pat
     src.enable()
     _wait(lambda: len(got) == 10)
     os.close(fd)
+
+
+def test_block_queue_aio_with_many_pieces(tmp_path: Path, loop: EventLoop) -> None:
+    """More pieces than a slot keeps inline (16) still go out as one vectored AIO request."""
+    m = GuestMemory([(0, 4 * MiB)])
+    img = tmp_path / "d.img"
+    img.write_bytes(bytes(range(256)) * 4096)
+    bq = BlockQueue(RawFile(img, nocache=True), loop)
+    out: list[int] = []
+    pieces = [(0x100000 + 2 * i * 4096, 4096) for i in range(20)]   # every other page
+    bq.read(0, SgList(m, pieces), out.append)
+    bq.submit()
+    _wait(lambda: out)
+    assert out == [20 * 4096] and bq.aio_submitted == 1
+    got = b"".join(m.read(a, n) for a, n in pieces)
+    assert got == img.read_bytes()[:20 * 4096]
+    bq.close()
+    m.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
 
 import cffi
 
@@ -32,6 +33,7 @@ long syscall(long number, ...);
 _libc = ffi.dlopen(None)
 
 SYS_IO_SETUP, SYS_IO_DESTROY, SYS_IO_GETEVENTS, SYS_IO_SUBMIT = 206, 207, 208, 209
+IOCB_CMD_PREAD, IOCB_CMD_PWRITE = 0, 1
 IOCB_CMD_PREADV, IOCB_CMD_PWRITEV = 7, 8
 IOCB_FLAG_RESFD = 1
 
@@ -48,6 +50,10 @@ def _check(ret: int, what: str) -> int:
 
 
 INLINE_IOV = 16   # iovecs per request kept in the preallocated slot (more: allocated)
+# struct iocb, packed in one call: data, key, rw_flags, opcode, reqprio, fildes, buf,
+# nbytes, offset, reserved2, flags, resfd.
+_IOCB = struct.Struct("<QIiHhIQQqQII")
+_IOV = struct.Struct("<QQ")
 
 
 class AioContext:
@@ -66,11 +72,14 @@ class AioContext:
         self.eventfd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._events = ffi.new("struct io_event[]", depth)
         self._cbs = ffi.new("struct iocb[]", depth)
+        assert ffi.sizeof("struct iocb") == _IOCB.size
+        self._cb_buf = memoryview(ffi.buffer(self._cbs)).cast("B")
         self._iovs = ffi.new("struct iovec[]", depth * INLINE_IOV)
         self._ptrs = ffi.new("struct iocb *[]", depth)
         self._cb_ptrs = [self._cbs + i for i in range(depth)]
         self._iov_ptrs = [self._iovs + i * INLINE_IOV for i in range(depth)]
         self._iov_addr = [int(ffi.cast("uintptr_t", p)) for p in self._iov_ptrs]
+        self._iov_view = memoryview(ffi.buffer(self._iovs)).cast("B")
         self._free = list(range(depth - 1, -1, -1))
         self._inflight: dict[int, tuple[object, object]] = {}
         self._zero = ffi.new("long long[2]")   # struct timespec {0, 0}: do not wait
@@ -90,6 +99,8 @@ class AioContext:
             return []
         free = self._free
         ptrs = self._ptrs
+        cb_buf = self._cb_buf
+        resfd = self.eventfd
         taken: list[int] = []
         refused: list[object] = []
         for token, fd, write, offset, bufs in requests:
@@ -97,21 +108,26 @@ class AioContext:
                 refused.append(token)
                 continue
             slot = free.pop()
-            cb = self._cbs[slot]
             extra = None
-            if len(bufs) <= INLINE_IOV:
-                iov = self._iov_ptrs[slot]
-                cb.aio_buf = self._iov_addr[slot]
+            if len(bufs) == 1:                   # one buffer: plain pread/pwrite
+                buf, nbytes = bufs[0]
+                op = IOCB_CMD_PWRITE if write else IOCB_CMD_PREAD
             else:
-                extra = iov = ffi.new("struct iovec[]", len(bufs))
-                cb.aio_buf = int(ffi.cast("uintptr_t", iov))
-            for j, (addr, length) in enumerate(bufs):
-                iov[j].iov_base = addr
-                iov[j].iov_len = length
-            cb.aio_lio_opcode = IOCB_CMD_PWRITEV if write else IOCB_CMD_PREADV
-            cb.aio_fildes = fd
-            cb.aio_nbytes = len(bufs)
-            cb.aio_offset = offset
+                op = IOCB_CMD_PWRITEV if write else IOCB_CMD_PREADV
+                nbytes = len(bufs)
+                if nbytes <= INLINE_IOV:
+                    iov_buf = self._iov_view
+                    base = slot * INLINE_IOV * _IOV.size
+                    buf = self._iov_addr[slot]
+                else:
+                    extra = ffi.new("struct iovec[]", nbytes)
+                    iov_buf = memoryview(ffi.buffer(extra)).cast("B")
+                    base = 0
+                    buf = int(ffi.cast("uintptr_t", extra))
+                for j, (addr, length) in enumerate(bufs):
+                    _IOV.pack_into(iov_buf, base + j * _IOV.size, addr, length)
+            _IOCB.pack_into(cb_buf, slot * _IOCB.size, slot, 0, 0, op, 0, fd, buf, nbytes,
+                            offset, 0, IOCB_FLAG_RESFD, resfd)
             ptrs[len(taken)] = self._cb_ptrs[slot]
             self._inflight[slot] = (token, extra)
             taken.append(slot)

@@ -168,18 +168,31 @@ class SgWriter(_Cursor):
 class GuestDma:
     """A device's access to guest memory, gated by its bus-master enable."""
 
-    __slots__ = ("mem", "_enabled")
+    __slots__ = ("mem", "_enabled", "_gate", "_byte", "_bit")
 
-    def __init__(self, mem: GuestMemory, enabled: Callable[[], bool] = lambda: True) -> None:
+    def __init__(self, mem: GuestMemory, enabled: Callable[[], bool] | None = None, *,
+                 gate: bytearray | None = None, byte: int = 0, bit: int = 0) -> None:
+        """``gate[byte] & bit`` (a PCI function's command register: the core passes its
+        config space) or ``enabled()`` says whether DMA is allowed; neither: always."""
         self.mem = mem
         self._enabled = enabled
+        self._gate = gate
+        self._byte = byte
+        self._bit = bit
 
     @property
     def enabled(self) -> bool:
-        return bool(self._enabled())
+        g = self._gate
+        if g is not None:
+            return bool(g[self._byte] & self._bit)
+        return self._enabled is None or bool(self._enabled())
 
     def check(self) -> None:
-        if not self._enabled():
+        g = self._gate
+        if g is not None:
+            if not g[self._byte] & self._bit:
+                raise DmaDisabled("bus mastering is off")
+        elif self._enabled is not None and not self._enabled():
             raise DmaDisabled("bus mastering is off")
 
     def sg(self, pieces: Iterable[tuple[int, int]]) -> SgList:

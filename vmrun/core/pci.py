@@ -406,7 +406,7 @@ class PciRoot:
         dev.loop = self.loop
         mem = self.vm.memory
         config = dev.config
-        dev.dma = GuestDma(mem, lambda: bool(config.data[COMMAND] & COMMAND_MASTER))
+        dev.dma = GuestDma(mem, gate=config.data, byte=COMMAND, bit=COMMAND_MASTER)
         if dev.irq is not None:
             dev.irq.add_capabilities()
         self.devices[(slot, func)] = dev

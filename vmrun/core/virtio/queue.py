@@ -40,22 +40,17 @@ class VirtqueueError(GuestError):
     """The driver put something invalid in the queue (one line, says what)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class DescriptorChain:
-    """One request: its head index and its buffers, split by direction."""
+    """One request: its head index and its buffers, split by direction, with their total
+    lengths (counted during the walk)."""
 
     head: int
     readable: list[tuple[int, int]] = field(default_factory=list)   # (gpa, len)
     writable: list[tuple[int, int]] = field(default_factory=list)
     epoch: int = 0        # the transport's reset count when it was popped
-
-    @property
-    def readable_len(self) -> int:
-        return sum(n for _, n in self.readable)
-
-    @property
-    def writable_len(self) -> int:
-        return sum(n for _, n in self.writable)
+    readable_len: int = 0
+    writable_len: int = 0
 
 
 class Virtqueue:
@@ -141,7 +136,9 @@ class Virtqueue:
         n = self.size
         if head >= n:
             raise VirtqueueError(f"queue {self.index}: head {head} is outside the table of {n}")
-        chain = DescriptorChain(head, epoch=self.epoch)
+        readable: list[tuple[int, int]] = []
+        writable: list[tuple[int, int]] = []
+        rlen = wlen = 0
         mem = self.mem
         assert mem is not None
         table: memoryview = self._desc_view  # type: ignore[assignment]
@@ -175,20 +172,24 @@ class Virtqueue:
                 i = 0
                 seen = 0
                 continue
-            if flags & VIRTQ_DESC_F_WRITE:
-                if length:
-                    chain.writable.append((addr, length))
-            else:
-                if chain.writable:
+            if length:
+                if not mem.contains(addr, length):
+                    raise VirtqueueError(f"queue {self.index}: buffer {addr:#x}+{length:#x} is "
+                                         f"outside guest RAM")
+                if flags & VIRTQ_DESC_F_WRITE:
+                    writable.append((addr, length))
+                    wlen += length
+                elif writable:
                     raise VirtqueueError(f"queue {self.index}: device-readable buffer after a "
                                          f"writable one in chain at head {head}")
-                if length:
-                    chain.readable.append((addr, length))
-            if length and not mem.contains(addr, length):
-                raise VirtqueueError(f"queue {self.index}: buffer {addr:#x}+{length:#x} is "
-                                     f"outside guest RAM")
+                else:
+                    readable.append((addr, length))
+                    rlen += length
+            elif not flags & VIRTQ_DESC_F_WRITE and writable:
+                raise VirtqueueError(f"queue {self.index}: device-readable buffer after a "
+                                     f"writable one in chain at head {head}")
             if not flags & VIRTQ_DESC_F_NEXT:
-                return chain
+                return DescriptorChain(head, readable, writable, self.epoch, rlen, wlen)
             if nxt >= table_len:
                 raise VirtqueueError(f"queue {self.index}: next {nxt} is outside the table of "
                                      f"{table_len}")
