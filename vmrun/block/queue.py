@@ -114,9 +114,8 @@ class BlockQueue:
     def _rw(self, offset: int, sg: SgList, done: Done, write: bool) -> None:
         self._start()
         if self.aio is not None and sg.nbytes and offset % self._align == 0:
-            align = self._align
-            iov = sg.iovecs()
-            if all(a % align == 0 and n % align == 0 for a, n in iov):
+            iov = sg.iovecs(self._align)
+            if iov is not None:
                 self._batch.append(((done, sg, write, offset), self._direct_fd, write, offset,
                                     iov))
                 return

@@ -70,9 +70,18 @@ class SgList:
         sg.nbytes = sum(n for _, n in pieces)
         return sg
 
-    def iovecs(self) -> list[tuple[int, int]]:
-        """(host address, length) pairs, for I/O the kernel does into guest RAM (AIO)."""
-        return [(self.mem.host_address_of(g, n), n) for g, n in self.pieces]
+    def iovecs(self, align: int = 1) -> list[tuple[int, int]] | None:
+        """(host address, length) pairs, for I/O the kernel does into guest RAM (AIO); None
+        when an address or a length is not a multiple of ``align`` (a power of two)."""
+        mask = align - 1
+        host = self.mem.host_address_of
+        out = []
+        for g, n in self.pieces:
+            h = host(g, n)
+            if (h | n) & mask:
+                return None
+            out.append((h, n))
+        return out
 
     def reader(self) -> SgReader:
         return SgReader(self)
