@@ -41,19 +41,26 @@ class DmaDisabled(GuestError):
 class SgList:
     """Guest ranges, each checked to lie inside one RAM slot; views taken once."""
 
-    __slots__ = ("pieces", "views", "nbytes", "mem")
+    __slots__ = ("pieces", "views", "hvas", "nbytes", "mem")
 
     def __init__(self, mem: GuestMemory, pieces: Iterable[tuple[int, int]]) -> None:
         self.mem = mem
         self.pieces: list[tuple[int, int]] = []
         self.views: list[memoryview] = []
+        self.hvas: list[int] | None = []
         total = 0
+        low = mem._low
         for gpa, length in pieces:
-            if length == 0:
+            if length <= 0:
+                if length:
+                    raise GuestError(f"negative length {length} at {gpa:#x}")
                 continue
-            if length < 0:
-                raise GuestError(f"negative length {length} at {gpa:#x}")
-            self.views.append(mem.view(gpa, length))    # GuestMemoryError outside RAM
+            # The slot check (GuestMemoryError outside RAM), the view and the host address
+            # in one step: the low slot first, as GuestMemory does.
+            s = low if low.gpa <= gpa and gpa + length <= low.end else mem._slot(gpa, length)
+            off = gpa - s.gpa
+            self.views.append(s.view[off:off + length])
+            self.hvas.append(s.hva + off)
             self.pieces.append((gpa, length))
             total += length
         self.nbytes = total
@@ -66,7 +73,7 @@ class SgList:
                  views: list[memoryview]) -> SgList:
         """A sub-list of an already checked one (no second check)."""
         sg = cls.__new__(cls)
-        sg.mem, sg.pieces, sg.views = mem, pieces, views
+        sg.mem, sg.pieces, sg.views, sg.hvas = mem, pieces, views, None
         sg.nbytes = sum(n for _, n in pieces)
         return sg
 
@@ -74,10 +81,12 @@ class SgList:
         """(host address, length) pairs, for I/O the kernel does into guest RAM (AIO); None
         when an address or a length is not a multiple of ``align`` (a power of two)."""
         mask = align - 1
-        host = self.mem.host_address_of
+        hvas = self.hvas
+        if hvas is None:
+            host = self.mem.host_address_of
+            hvas = self.hvas = [host(g, n) for g, n in self.pieces]
         out = []
-        for g, n in self.pieces:
-            h = host(g, n)
+        for h, (_, n) in zip(hvas, self.pieces, strict=True):
             if (h | n) & mask:
                 return None
             out.append((h, n))

@@ -35,9 +35,18 @@ class Slot:
     mm: mmap.mmap
     view: memoryview
     end: int = 0
+    hva: int = 0          # host virtual address of the slot's first byte
 
     def __post_init__(self) -> None:
         self.end = self.gpa + self.size
+        if self.mm is not None:
+            self.hva = _address_of(self.mm)
+
+
+def _address_of(mm: mmap.mmap) -> int:
+    from vmrun.core.kvm import ffi
+
+    return int(ffi.cast("uintptr_t", ffi.from_buffer(mm)))
 
 
 _NO_SLOT = Slot(-1, 1, -1, None, None)  # type: ignore[arg-type]  # matches no range
@@ -143,16 +152,10 @@ class GuestMemory:
 
     def host_address(self, slot: Slot) -> int:
         """The host virtual address of a slot (for KVM_SET_USER_MEMORY_REGION)."""
-        from vmrun.core.kvm import ffi
-
-        return int(ffi.cast("uintptr_t", ffi.from_buffer(slot.mm)))
+        return slot.hva
 
     def host_address_of(self, gpa: int, length: int) -> int:
         """The host virtual address of guest range ``gpa``..``gpa+length`` (checked), for
         I/O the kernel does straight into guest RAM (native AIO)."""
         s = self._slot(gpa, length)
-        bases = self.__dict__.setdefault("_host_bases", {})
-        base = bases.get(s.index)
-        if base is None:
-            base = bases[s.index] = self.host_address(s)
-        return base + gpa - s.gpa
+        return s.hva + gpa - s.gpa
