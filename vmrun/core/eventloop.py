@@ -7,9 +7,10 @@ doorbell goes straight back into the guest; the loop thread does the device's wo
 
 One loop for all devices, not one per device, by measurement (``python bench/eventloop.py``:
 "vCPU" threads ring doorbells and wait for the device's interrupt eventfd; the device does a
-little Python work per ring). On this 2-core machine one shared loop served 1.12x the round
-trips of a loop per device with 2 devices and 1.31x with 4 (56 K vs 50 K/s, 65 K vs 50 K/s;
-with one device both set-ups are the same code, and runs differed by up to 25% from noise).
+little Python work per ring). On this 2-core machine, idle, one shared loop served 1.06x the
+round trips of a loop per device with 2 devices and 1.98x with 4 (29 K vs 27 K/s, 54 K vs
+27 K/s; with one device both set-ups are the same code: 0.99). Busy, the gap was smaller but
+the same way round (1.12x and 1.31x).
 The device work is Python, so the GIL serialises it whatever the thread count, and more
 threads only add GIL hand-offs and wake-ups. One loop also keeps every device's callbacks
 ordered with respect to each other. Devices must therefore never block in a callback: block
