@@ -108,6 +108,12 @@ class GuestMemory:
                 return s
         raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is outside guest RAM")
 
+    @property
+    def low_range(self) -> tuple[int, int]:
+        """(start, end) of the lowest slot: a range inside it is inside RAM (hot checks test
+        it inline before calling :meth:`contains`)."""
+        return self._low.gpa, self._low.end
+
     def contains(self, gpa: int, length: int) -> bool:
         s = self._low
         if s.gpa <= gpa and 0 <= length and gpa + length <= s.end:

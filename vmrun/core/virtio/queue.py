@@ -141,6 +141,7 @@ class Virtqueue:
         rlen = wlen = 0
         mem = self.mem
         assert mem is not None
+        low_start, low_end = mem.low_range
         table: memoryview = self._desc_view  # type: ignore[assignment]
         table_len = n
         i = head
@@ -173,7 +174,8 @@ class Virtqueue:
                 seen = 0
                 continue
             if length:
-                if not mem.contains(addr, length):
+                if not (low_start <= addr and addr + length <= low_end) and \
+                        not mem.contains(addr, length):
                     raise VirtqueueError(f"queue {self.index}: buffer {addr:#x}+{length:#x} is "
                                          f"outside guest RAM")
                 if flags & VIRTQ_DESC_F_WRITE:
