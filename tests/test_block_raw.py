@@ -123,9 +123,9 @@ def test_lock_prevents_a_second_writer(tmp_path: Path) -> None:
 def test_open_errors_are_one_line(tmp_path: Path) -> None:
     with pytest.raises(VmrunError, match="no such disk image"):
         RawFile(tmp_path / "missing.img")
-    with pytest.raises(VmrunError, match="Is a directory"):
+    with pytest.raises(VmrunError, match="is a directory"):
         RawFile(tmp_path)
-    with pytest.raises(VmrunError, match="not a regular file or a block device"):
+    with pytest.raises(VmrunError, match="is a directory, not a regular file or a block device"):
         RawFile(tmp_path, read_only=True)
     with pytest.raises(VmrunError) as info:
         RawFile(tmp_path / "missing.img")

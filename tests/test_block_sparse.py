@@ -265,14 +265,19 @@ def test_corrupt_or_mismatched_images(tmp_path: Path) -> None:
     with pytest.raises(VmrunError, match="already exists"):
         from vmrun.block.sparse import create_sparse_split
         create_sparse_split(base, 8 * SS, 4 * SS, True)
-    # An entry pointing past its segment's data: found by check(), an EIO on the data path.
+    # An entry pointing past its segment's data: refused at open; with verify=False found by
+    # problems()/check(), and an EIO on the data path.
     raw = bytearray(lut_path(base).read_bytes())
     raw[4:8] = (3).to_bytes(4, "little")
     lut_path(base).write_bytes(bytes(raw))
-    with SparseSplitDisk(base, split=4 * SS) as disk:
-        with pytest.raises(VmrunError, match=r"disk\.lut: sector 1 points past the end") as e:
+    with pytest.raises(VmrunError, match=r"disk\.lut: sector 1 points at slot 3, past the end") \
+            as e:
+        SparseSplitDisk(base, split=4 * SS)
+    one_line(e)
+    with SparseSplitDisk(base, split=4 * SS, verify=False) as disk:
+        with pytest.raises(VmrunError, match=r"disk\.lut: sector 1 points at slot 3, past the end"):
             disk.check()
-        one_line(e)
+        assert len(disk.problems()) == 1
         with pytest.raises(OSError, match="corrupt LUT"):
             read(disk, 0, 2 * SS)
         assert read(disk, 4 * SS, SS) == bytes(SS)

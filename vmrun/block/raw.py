@@ -83,17 +83,65 @@ def lock_image(fd: int, path: object, read_only: bool) -> None:
         raise VmrunError(f"{path}: image is in use by another process") from None
 
 
-def open_image_file(path: Path, flags: int, what: str = "disk image") -> int:
-    """os.open with the failure as a one-line user error naming the file."""
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, in words, for the one-line refusals."""
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISLNK, "a symlink")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _refuse_kind(path: Path, mode: int, what: str, allow_block: bool) -> None:
+    if stat.S_ISREG(mode) or (allow_block and stat.S_ISBLK(mode)):
+        return
+    allowed = "a regular file or a block device" if allow_block else "a regular file"
+    raise VmrunError(f"{path}: {what} is {file_kind(mode)}, not {allowed}")
+
+
+def open_image_file(path: Path, flags: int, what: str = "disk image", *,
+                    allow_block: bool = True, nofollow: bool = False) -> int:
+    """Open one file of an image; every failure is a one-line user error naming the file.
+
+    Only a regular file (or, with ``allow_block``, a block device) is accepted: the type is
+    checked with ``stat`` before opening, so a FIFO, socket or character device is never even
+    opened, and again with ``fstat`` on the descriptor (opened ``O_NONBLOCK``, so a file that
+    changed type in between cannot block us). With ``nofollow`` a symlink is refused too (the
+    LUT and segments of a sparse/split image must be its own files).
+    """
     try:
-        return os.open(path, flags | os.O_CLOEXEC)
+        st = os.lstat(path) if nofollow else os.stat(path)
+    except FileNotFoundError:
+        raise VmrunError(f"{path}: no such {what}") from None
+    except OSError as e:
+        raise VmrunError(f"{path}: cannot open {what}: {e.strerror}") from None
+    if nofollow and stat.S_ISLNK(st.st_mode):
+        raise VmrunError(f"{path}: {what} is a symlink (the files of a split or sparse image "
+                         "must not be links to other files)")
+    _refuse_kind(path, st.st_mode, what, allow_block)
+    extra = os.O_NONBLOCK | os.O_CLOEXEC | (os.O_NOFOLLOW if nofollow else 0)
+    try:
+        fd = os.open(path, flags | extra)
     except FileNotFoundError:
         raise VmrunError(f"{path}: no such {what}") from None
     except OSError as e:
         if e.errno == errno.EINVAL and flags & os.O_DIRECT:
             raise VmrunError(f"{path}: the filesystem does not support nocache (O_DIRECT)") \
                 from None
+        if e.errno == errno.ELOOP and nofollow:
+            raise VmrunError(f"{path}: {what} is a symlink (the files of a split or sparse "
+                             "image must not be links to other files)") from None
+        if e.errno == errno.EISDIR:
+            raise VmrunError(f"{path}: {what} is a directory, not a regular file") from None
         raise VmrunError(f"{path}: cannot open {what}: {e.strerror}") from None
+    try:
+        _refuse_kind(path, os.fstat(fd).st_mode, what, allow_block)
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _host_block_size(fd: int, st: os.stat_result) -> int:
@@ -117,7 +165,9 @@ class RawFile(BlockBackend):
 
     def __init__(self, path: str | os.PathLike[str], read_only: bool = False,
                  nocache: bool = False, sync: bool = False,
-                 sector_size: tuple[int, int] = (512, 512), discard: bool = True) -> None:
+                 sector_size: tuple[int, int] = (512, 512), discard: bool = True,
+                 image_part: bool = False) -> None:
+        """``image_part``: the file is a segment of a split image (a regular file, no symlink)."""
         self.path = Path(path)
         try:
             self.logical_sector_size, self.physical_sector_size = check_sector_sizes(*sector_size)
@@ -130,22 +180,27 @@ class RawFile(BlockBackend):
             flags |= os.O_SYNC
         if nocache:
             flags |= os.O_DIRECT
-        self._fd = open_image_file(self.path, flags)
+        what = "segment file" if image_part else "disk image"
+        self._fd = open_image_file(self.path, flags, what, allow_block=not image_part,
+                                   nofollow=image_part)
         self._buffered_fd = -1
         try:
             st = os.fstat(self._fd)
-            if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-                raise VmrunError(f"{self.path}: not a regular file or a block device")
             self.is_block_device = stat.S_ISBLK(st.st_mode)
             lock_image(self._fd, self.path, read_only)
             self.size = os.lseek(self._fd, 0, os.SEEK_END)
+            if self.size < self.logical_sector_size and not image_part:
+                raise VmrunError(f"{self.path}: image is {self.size} bytes, smaller than one "
+                                 f"{self.logical_sector_size}-byte sector")
             self._read_limit = -(-self.size // self.logical_sector_size) * self.logical_sector_size
             self._align = 1
             if nocache:
                 self._align = max(_host_block_size(self._fd, st), self.logical_sector_size)
                 if self.size % max(self._align, PAGE):
                     # O_DIRECT cannot touch the final partial block without growing the file.
-                    self._buffered_fd = open_image_file(self.path, flags & ~os.O_DIRECT)
+                    self._buffered_fd = open_image_file(self.path, flags & ~os.O_DIRECT, what,
+                                                        allow_block=not image_part,
+                                                        nofollow=image_part)
             self.supports_discard = (discard and not read_only and not self.is_block_device
                                      and probe_punch_hole(self._fd, self.size))
         except BaseException:
