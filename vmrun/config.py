@@ -11,10 +11,7 @@ NAME`` (see :mod:`vmrun.image`). ``machines/reference.toml`` documents every key
 
 from __future__ import annotations
 
-import datetime
 import difflib
-import json
-import math
 import os
 import re
 import stat
@@ -29,12 +26,25 @@ try:
 except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib  # type: ignore[no-redef]
 
+from vmrun.core import boot as bootloader
 from vmrun.core.cpufeatures import FEATURES
 from vmrun.errors import ConfigError
 from vmrun.plugins import placement
 from vmrun.units import GiB as GiB
 from vmrun.units import KiB as KiB
-from vmrun.units import MiB, TiB, parse_size, parse_slot
+from vmrun.units import (
+    MiB,
+    TiB,
+    check_input_file,
+    check_output_file,
+    check_path_text,
+    file_identity,
+    file_kind,
+    format_value,
+    key_part,
+    parse_size,
+    parse_slot,
+)
 
 # ConfigError, parse_size and parse_slot live in the leaf modules vmrun.errors and vmrun.units
 # (so that vmrun.plugins and vmrun.block never need this module); they, and the size constants,
@@ -44,6 +54,8 @@ from vmrun.units import MiB, TiB, parse_size, parse_slot
 # change between vmrun versions, or the guest would see a new NIC and a new SMBIOS identity.
 UUID_NAMESPACE = uuidlib.UUID("6f0c5d3e-6a0b-4f4e-9c1e-76d6e2b3a001")
 
+MAX_MACHINE_FILE = MiB             # the largest machine file we read (bytes)
+MAX_TOML_DEPTH = 100               # arrays / inline tables nested deeper are refused
 MAX_CPUS = 16
 MIN_MEMORY, MAX_MEMORY = 16 * MiB, TiB
 DEFAULT_MEMORY = "256M"            # xhyve's default
@@ -120,35 +132,9 @@ class MachineConfig:
     huge_pages: bool | None = None      # None: "auto"
 
 
-def format_value(value: Any, limit: int = 60) -> str:
-    """``value`` as it would be written in TOML, on one line, cut to about ``limit`` chars."""
-    text = _toml(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        return ("inf" if value > 0 else "-inf") if math.isinf(value) else repr(value)
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)   # JSON string escapes are valid TOML
-    if isinstance(value, datetime.date | datetime.time):
-        return value.isoformat()
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{_key_part(k)} = {_toml(v)}" for k, v in value.items()) + "}"
-    return repr(value)
-
-
-def _key_part(key: str) -> str:
-    """A key as TOML spells it in a dotted path: bare when it can be, quoted otherwise."""
-    return key if DEVICE_ID_RE.fullmatch(key) else json.dumps(key, ensure_ascii=False)
+# format_value (values as TOML writes them) lives in vmrun.units, shared with the plugin
+# system's errors; it stays importable from here.
+_key_part = key_part
 
 
 def _join(prefix: str, key: str) -> str:
@@ -216,8 +202,12 @@ class _Checker:
             raise self.error(path, f"must be {_alternatives(choices)}", v)
         return v
 
-    def local_path(self, value: str) -> Path:
+    def local_path(self, value: str, key: str = "") -> Path:
         """A path from the file: ``~`` expanded, relative to the machine file, absolute."""
+        try:
+            check_path_text(value)
+        except ValueError as e:
+            raise self.error(key or "path", str(e), value) from None
         p = Path(value).expanduser()
         if not p.is_absolute():
             p = self.file.parent / p
@@ -227,13 +217,11 @@ class _Checker:
         """An existing, readable file: a local path or ``image:NAME/FILE``."""
         if value.startswith("image:"):
             return self.image_file(value, path, what)
-        p = self.local_path(value)
-        if not p.exists():
-            raise self.error(path, f"{what} {p} does not exist", value)
-        if p.is_dir():
-            raise self.error(path, f"{what} {p} is a directory", value)
-        if not os.access(p, os.R_OK):
-            raise self.error(path, f"{what} {p} is not readable", value)
+        p = self.local_path(value, path)
+        try:
+            check_input_file(p, what)
+        except ValueError as e:
+            raise self.error(path, str(e), value) from None
         return p
 
     def image_file(self, value: str, path: str, what: str) -> Path:
@@ -249,7 +237,38 @@ class _Checker:
         if not p.is_file():
             raise self.error(path, f"{what} {p} is not built yet: run `vmrun image build "
                              f"{name}`", value)
+        try:
+            check_input_file(p, what)
+        except ValueError as e:
+            raise self.error(path, str(e), value) from None
         return p
+
+
+def _too_deep_line(text: str) -> int:
+    """The line where brackets first nest deeper than MAX_TOML_DEPTH (strings not parsed:
+    a good guess for the message), else the last line."""
+    depth = 0
+    for n, line in enumerate(text.splitlines(), 1):
+        for ch in line:
+            if ch in "[{":
+                depth += 1
+                if depth > MAX_TOML_DEPTH:
+                    return n
+            elif ch in "]}":
+                depth -= 1
+    return text.count("\n") + 1
+
+
+def _toml_depth(value: Any) -> int:
+    """How deep arrays and inline tables nest in ``value`` (iteratively: no recursion)."""
+    deepest, todo = 0, [(value, 0)]
+    while todo:
+        v, d = todo.pop()
+        if isinstance(v, dict | list):
+            deepest = max(deepest, d)
+            if d < MAX_TOML_DEPTH + 1:
+                todo.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return deepest
 
 
 def _toml_error(file: Path, text: str, err: Exception) -> ConfigError:
@@ -268,13 +287,18 @@ def _toml_error(file: Path, text: str, err: Exception) -> ConfigError:
 
 
 def parse_machine(text: str, file: Path, device_validator: DeviceValidator | None = None,
-                  devices_checker: DevicesChecker | None = None) -> MachineConfig:
+                  devices_checker: DevicesChecker | None = None, *,
+                  check_contents: bool = False) -> MachineConfig:
     """Validate the machine file ``text`` (read from ``file``) into a :class:`MachineConfig`.
 
     ``device_validator(file, "devices.ID", ID, table)`` turns each ``[devices.ID]`` table into
     the object kept in ``MachineConfig.devices`` (raising ConfigError for bad options); without
     one the tables stay dicts. ``devices_checker(file, devices)`` then runs the checks that
     involve several devices; it defaults to the plugin system's when the validator is.
+
+    ``check_contents`` (what :func:`load_machine` does) then also looks into the files and the
+    host, last, so that every problem of the file itself is reported first: the kernel's
+    headers, whether the initrd fits into the machine's RAM, whether the host can map that RAM.
     """
     file = Path(file)
     c = _Checker(file)
@@ -282,6 +306,14 @@ def parse_machine(text: str, file: Path, device_validator: DeviceValidator | Non
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise _toml_error(file, text, e) from None
+    except RecursionError:
+        raise ConfigError(f"{file}: line {_too_deep_line(text)}: TOML syntax: arrays or inline "
+                          f"tables nested too deeply (at most {MAX_TOML_DEPTH} levels)") from None
+    except ValueError as e:   # e.g. an integer of more than 4300 digits
+        raise ConfigError(f"{file}: line {text.count(chr(10)) + 1}: TOML syntax: {e}") from None
+    if _toml_depth(data) > MAX_TOML_DEPTH:
+        raise ConfigError(f"{file}: line {_too_deep_line(text)}: TOML syntax: arrays or inline "
+                          f"tables nested too deeply (at most {MAX_TOML_DEPTH} levels)")
     c.unknown(data, TOP_KEYS, "")
 
     name = c.string(data, "name", "name", required=True)
@@ -315,6 +347,9 @@ def parse_machine(text: str, file: Path, device_validator: DeviceValidator | Non
         devices_checker = _plugin_checker(device_validator)
     if devices_checker is not None:
         devices_checker(file, devices)
+    if check_contents:
+        _check_memory_fits_host(c, memory, data.get("memory", DEFAULT_MEMORY))
+        _check_boot_files(c, data["boot"], boot, memory)
 
     return MachineConfig(file, name, cpus, memory, machine_uuid, rtc, on_reboot, on_io, cpu,
                          boot, serial, devices, huge_pages)
@@ -338,6 +373,51 @@ def _memory(c: _Checker, value: Any) -> int:
     if memory % MiB:
         raise c.error("memory", "must be a whole number of MiB", value)
     return memory
+
+
+def host_memory() -> int | None:
+    """MemTotal + SwapTotal of this host in bytes (None where /proc/meminfo says nothing)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii", errors="replace") as f:
+            info = dict(line.split(":", 1) for line in f if ":" in line)
+        return sum(int(info[k].split()[0]) * KiB for k in ("MemTotal", "SwapTotal"))
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
+
+
+def _check_memory_fits_host(c: _Checker, memory: int, value: Any) -> None:
+    """Guest RAM is one anonymous mapping per slot: more than the host's RAM and swap cannot
+    be backed, and the guest would die (or take the host down) when it touches it."""
+    host = host_memory()
+    if host is not None and memory > host:
+        raise c.error("memory", f"is more than this host's RAM and swap ({host // MiB} MiB)",
+                      value)
+
+
+def _check_boot_files(c: _Checker, table: dict[str, Any], boot: BootConfig, memory: int) -> None:
+    """The kernel's headers as the loader will read them, and the initrd against the RAM the
+    boot protocol can put it in (see :func:`vmrun.core.boot.initrd_limit`)."""
+    try:
+        fmt, kernel_end = bootloader.probe_kernel(boot.kernel, boot.kernel.stat().st_size)
+    except ValueError as e:
+        raise c.error("boot.kernel", f"kernel {boot.kernel}: {e}", table["kernel"]) from None
+    except OSError as e:
+        raise c.error("boot.kernel", f"kernel {boot.kernel}: {e.strerror}",
+                      table["kernel"]) from None
+    low = min(memory, bootloader.layout.LOW_RAM_END)
+    if kernel_end > low:
+        raise c.error("boot.kernel", f"kernel {boot.kernel} needs RAM up to "
+                      f"{-(-kernel_end // MiB)} MiB; give the machine more memory",
+                      table["kernel"])
+    if boot.initrd is None:
+        return
+    size = boot.initrd.stat().st_size
+    limit = bootloader.initrd_limit(memory, kernel_end)
+    if size > limit:
+        raise c.error("boot.initrd", f"initrd {boot.initrd} of {size} bytes does not fit: with "
+                      f"{memory // MiB} MiB of RAM and this kernel at most {limit} bytes fit "
+                      "(below min(memory, 896 MiB), above the kernel); give the machine more "
+                      "memory", table["initrd"])
 
 
 def _cpu(c: _Checker, value: Any) -> CpuConfig:
@@ -382,7 +462,7 @@ def _serial(c: _Checker, data: dict[str, Any]) -> dict[str, SerialConfig]:
     c.unknown(ports, SERIAL_PORTS, "serial")
     serial: dict[str, SerialConfig] = {}
     stdio: str | None = None
-    used: dict[Path, str] = {}
+    used: dict[Any, str] = {}
     for port, value in ports.items():
         prefix = f"serial.{port}"
         t = c.table(value, prefix)
@@ -402,10 +482,11 @@ def _serial(c: _Checker, data: dict[str, Any]) -> dict[str, SerialConfig]:
             if path_text is None:
                 raise c.error(f"{prefix}.path", f"is required for the {backend} backend")
             path = _serial_path(c, backend, path_text, f"{prefix}.path")
-            if path in used:
-                raise c.error(f"{prefix}.path", f"serial.{used[path]} already uses it",
+            ident = file_identity(path)      # hard links and symlinks are the same file
+            if ident in used:
+                raise c.error(f"{prefix}.path", f"serial.{used[ident]} already uses it",
                               path_text)
-            used[path] = port
+            used[ident] = port
         elif path_text is not None:
             raise c.error(f"{prefix}.path", f"is only for the file and socket backends, not "
                           f"{backend}", path_text)
@@ -415,20 +496,25 @@ def _serial(c: _Checker, data: dict[str, Any]) -> dict[str, SerialConfig]:
 
 def _serial_path(c: _Checker, backend: str, text: str, key: str) -> Path:
     """Where a file backend writes or a socket backend listens: its directory must exist (we
-    create no directories), and an existing non-socket is never replaced by a socket."""
-    p = c.local_path(text)
+    create no directories), and an existing non-socket is never replaced by a socket. A file
+    backend writes to a regular file or a character device, never a FIFO (opening one would
+    wait for a reader), a socket or a directory."""
+    p = c.local_path(text, key)
     if not p.parent.is_dir():
         raise c.error(key, f"directory {p.parent} does not exist", text)
     if p.is_dir():
         raise c.error(key, f"{p} is a directory", text)
-    if backend == "socket":
+    if backend == "file":
+        try:
+            check_output_file(p)
+        except ValueError as e:
+            raise c.error(key, str(e), text) from None
+    elif backend == "socket":
         if len(os.fsencode(p)) > UNIX_PATH_MAX:
             raise c.error(key, f"unix socket paths are at most {UNIX_PATH_MAX} bytes, {p} is "
                           f"{len(os.fsencode(p))}", text)
         if p.exists() and not stat.S_ISSOCK(p.stat().st_mode):
             raise c.error(key, f"{p} exists and is not a socket", text)
-    elif not os.access(p if p.exists() else p.parent, os.W_OK):
-        raise c.error(key, f"{p} is not writable", text)
     return p
 
 
@@ -475,15 +561,50 @@ def load_machine(path: str | Path, device_validator: DeviceValidator | None = No
     or ``validate_devices`` is False, which keeps them as raw tables.
     """
     file = Path(path)
-    try:
-        text = file.read_bytes().decode()
-    except FileNotFoundError:
-        raise ConfigError(f"{file}: machine file does not exist") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{file}: machine file is not UTF-8 text (byte {e.start})") from None
-    except OSError as e:
-        raise ConfigError(f"{file}: cannot read machine file: {e.strerror}") from None
+    text = read_machine_file(file)
     if device_validator is None and validate_devices:
         device_validator = placement.validate_device
         devices_checker = devices_checker or placement.check_devices
-    return parse_machine(text, file, device_validator, devices_checker)
+    return parse_machine(text, file, device_validator, devices_checker, check_contents=True)
+
+
+def read_machine_file(file: Path) -> str:
+    """The text of the machine file: a regular file of at most MAX_MACHINE_FILE bytes, UTF-8.
+
+    It is opened with O_NONBLOCK and checked with fstat before a byte is read, so a FIFO,
+    a device such as /dev/zero or a directory is refused at once instead of read forever;
+    and at most MAX_MACHINE_FILE + 1 bytes are ever read.
+    """
+    try:
+        check_path_text(str(file))
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except ValueError as e:
+        raise ConfigError(f"{file}: cannot read machine file: {e}") from None
+    except FileNotFoundError:
+        raise ConfigError(f"{file}: machine file does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"{file}: cannot read machine file: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{file}: cannot read machine file: it is "
+                              f"{file_kind(st.st_mode)}, not a regular file")
+        if st.st_size > MAX_MACHINE_FILE:
+            raise ConfigError(f"{file}: machine file is {st.st_size} bytes (at most "
+                              f"{MAX_MACHINE_FILE})")
+        os.set_blocking(fd, True)
+        chunks, got = [], 0
+        while got <= MAX_MACHINE_FILE and (chunk := os.read(fd, MAX_MACHINE_FILE + 1 - got)):
+            chunks.append(chunk)
+            got += len(chunk)
+    except OSError as e:
+        raise ConfigError(f"{file}: cannot read machine file: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    raw = b"".join(chunks)
+    if len(raw) > MAX_MACHINE_FILE:
+        raise ConfigError(f"{file}: machine file is more than {MAX_MACHINE_FILE} bytes")
+    try:
+        return raw.decode()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{file}: machine file is not UTF-8 text (byte {e.start})") from None

@@ -1,13 +1,21 @@
-"""Sizes and PCI slot numbers as machine files and the command line write them.
+"""Sizes and PCI slot numbers as machine files and the command line write them, values as
+TOML writes them, and the file-system rules for the paths a machine file names.
 
 A leaf module: it imports nothing from vmrun (not even :mod:`vmrun.errors`), so the config
 loader, the plugin registry, the block layer and the CLI all share these rules without import
-cycles. Both parsers raise ValueError; callers turn that into their own one-line error.
+cycles. The parsers and path checks raise ValueError; callers turn that into their own
+one-line error.
 """
 
 from __future__ import annotations
 
+import datetime
+import json
+import math
+import os
 import re
+import stat
+from pathlib import Path
 from typing import Any
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
@@ -57,3 +65,113 @@ def parse_slot(value: Any) -> tuple[int, int]:
     if not 0 <= func <= MAX_FUNC:
         raise ValueError(f"function must be between 0 and {MAX_FUNC}")
     return slot, func
+
+
+# -- values as TOML writes them --------------------------------------------------------------
+_BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def format_value(value: Any, limit: int = 60) -> str:
+    """``value`` as it would be written in TOML, on one line, cut to about ``limit`` chars."""
+    try:
+        text = _toml(value)
+    except RecursionError:   # nested deeper than we care to write out
+        text = "[...]" if isinstance(value, list) else "{...}"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return ("inf" if value > 0 else "-inf") if math.isinf(value) else repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)   # JSON string escapes are valid TOML
+    if isinstance(value, datetime.date | datetime.time):
+        return value.isoformat()
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key_part(k)} = {_toml(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, Path):
+        return _toml(str(value))
+    return repr(value)
+
+
+def key_part(key: str) -> str:
+    """A key as TOML spells it in a dotted path: bare when it can be, quoted otherwise."""
+    return key if _BARE_KEY_RE.fullmatch(key) else json.dumps(key, ensure_ascii=False)
+
+
+# -- paths ------------------------------------------------------------------------------------
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+          (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"))
+
+
+def file_kind(mode: int) -> str:
+    """The kind of a non-regular file ("a directory", "a FIFO", ...) from its ``st_mode``."""
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def check_path_text(text: str) -> None:
+    """A path string must not hold a NUL (no system call can take it)."""
+    if "\0" in text:
+        raise ValueError("a path must not contain a NUL character")
+
+
+def check_input_file(p: Path, what: str, *, empty_ok: bool = True) -> os.stat_result:
+    """``p`` must be an existing, readable regular file (not a FIFO, socket, device or
+    directory: reading one could block or never end). Opened with O_NONBLOCK, so a FIFO
+    cannot hang the check. Returns its ``stat``."""
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise ValueError(f"{what} {p} does not exist") from None
+    except OSError as e:
+        raise ValueError(f"{what} {p}: {e.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ValueError(f"{what} {p} is a directory")
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{what} {p} is {file_kind(st.st_mode)}, not a regular file")
+    if not os.access(p, os.R_OK):
+        raise ValueError(f"{what} {p} is not readable")
+    try:
+        os.close(os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+    except OSError as e:
+        raise ValueError(f"{what} {p} is not readable ({e.strerror})") from None
+    if not empty_ok and st.st_size == 0:
+        raise ValueError(f"{what} {p} is empty (0 bytes)")
+    return st
+
+
+def check_output_file(p: Path) -> None:
+    """Where a ``file`` backend writes: a regular file (new or existing) or a character
+    device such as /dev/null or a tty, in an existing directory we may write to. A directory,
+    a FIFO (opening it would wait for a reader), a socket or a block device is refused."""
+    if not p.parent.is_dir():
+        raise ValueError(f"directory {p.parent} does not exist")
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise ValueError(f"{p}: {e.strerror}") from None
+    if st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode)):
+        raise ValueError(f"{p} is {file_kind(st.st_mode)}")
+    if not os.access(p if st is not None else p.parent, os.W_OK):
+        raise ValueError(f"{p} is not writable")
+
+
+def file_identity(p: Path) -> tuple[int, int] | Path:
+    """What makes two paths one file: ``(st_dev, st_ino)`` when it exists (so hard links and
+    symlinks match), else the resolved path."""
+    try:
+        st = os.stat(p)
+    except (OSError, ValueError):
+        return p.resolve()
+    return st.st_dev, st.st_ino

@@ -71,11 +71,93 @@ def detect_kernel_format(data: bytes) -> str:
     return "unknown"
 
 
+INITRD_TOP = 0x3800_0000    # 896 MiB: the lowmem limit older kernels assume for the initrd
+PROBE_BYTES = 64 << 10      # what probe_kernel reads of headers, program headers and notes
+
+
+def initrd_limit(memory: int, kernel_end: int) -> int:
+    """The largest initrd :func:`place_initrd` can put into a machine of ``memory`` bytes of
+    RAM, above a kernel ending at ``kernel_end``: it must fit, page aligned, between the end of
+    the kernel and the top of low RAM, 896 MiB at most (so 895 MiB less the kernel however
+    much memory the machine has)."""
+    top = min(memory, layout.LOW_RAM_END, INITRD_TOP)
+    return max(0, top - ((kernel_end + 0xFFF) & ~0xFFF))
+
+
+def probe_kernel(path: Path, size: int) -> tuple[str, int]:
+    """Check the kernel image at ``path`` (``size`` bytes, a regular file) the way the loaders
+    will, reading only its headers: -> (format, guest address where the loaded kernel ends).
+
+    Raises ValueError with the reason (the caller names the key and the file), so that the
+    machine file check refuses what :func:`load_kernel` would, before a VM exists.
+    """
+    if size == 0:
+        raise ValueError("the file is empty (0 bytes)")
+    with open(path, "rb") as f:
+        head = f.read(PROBE_BYTES)
+        fmt = detect_kernel_format(head)
+        if fmt == "elf":
+            return fmt, _probe_elf(f, head, size)
+    if fmt == "bzimage":
+        return fmt, _probe_bzimage(head, size)
+    raise ValueError("not a Linux kernel (neither an ELF vmlinux nor a bzImage)")
+
+
+def _probe_elf(f, head: bytes, size: int) -> int:
+    if len(head) < 64 or head[4] != 2 or head[5] != 1:
+        raise ValueError("not a 64-bit little-endian ELF kernel")
+    e_machine = struct.unpack_from("<H", head, 18)[0]
+    e_phoff = struct.unpack_from("<Q", head, 32)[0]
+    e_phentsize, e_phnum = struct.unpack_from("<HH", head, 54)
+    if e_machine != 62:
+        raise ValueError(f"ELF machine {e_machine} is not x86-64")
+    if e_phentsize != 56 or e_phoff + e_phnum * 56 > size:
+        raise ValueError("truncated or corrupt ELF program headers")
+    f.seek(e_phoff)
+    phdrs = f.read(e_phnum * 56)
+    end = 0
+    entry = None
+    for i in range(e_phnum):
+        p_type, _pf, p_offset, _vaddr, p_paddr, p_filesz, p_memsz, _align = \
+            struct.unpack_from("<IIQQQQQQ", phdrs, i * 56)
+        if p_offset + p_filesz > size:
+            raise ValueError(f"ELF segment {i} runs past the end of the file (truncated image?)")
+        if p_type == 1:
+            end = max(end, p_paddr + p_memsz)
+        elif p_type == 4 and entry is None:
+            f.seek(p_offset)
+            entry = _find_pvh_note(f.read(min(p_filesz, PROBE_BYTES)))
+    if entry is None:
+        raise ValueError("ELF kernel has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY); build it "
+                         "with CONFIG_PVH=y or boot its bzImage")
+    if end == 0:
+        raise ValueError("ELF kernel has no loadable segments")
+    return end
+
+
+def _probe_bzimage(head: bytes, size: int) -> int:
+    if len(head) < 0x270:
+        raise ValueError("not a Linux bzImage (truncated boot header)")
+    version = struct.unpack_from("<H", head, 0x206)[0]
+    if version < 0x20A:
+        raise ValueError(f"boot protocol {version >> 8}.{version & 0xFF:02} is too old (need "
+                         "2.10 or later)")
+    if not struct.unpack_from("<H", head, 0x236)[0] & XLF_KERNEL_64:
+        raise ValueError("bzImage has no 64-bit entry point (XLF_KERNEL_64 clear)")
+    if not head[0x211] & LOADED_HIGH:
+        raise ValueError("bzImage is not loadable at 1 MiB (zImage?)")
+    setup_size = ((head[0x1F1] or 4) + 1) * 512
+    if setup_size >= size:
+        raise ValueError(f"bzImage is truncated (setup of {setup_size} bytes, file of {size})")
+    init_size = struct.unpack_from("<I", head, 0x260)[0]
+    return layout.KERNEL_START + max(size - setup_size, init_size)
+
+
 def place_initrd(mem: GuestMemory, initrd: bytes, kernel_end: int, path: Path) -> int:
     """Put the initrd as high in low RAM as fits (page aligned, below 4 GiB and 896 MiB's
     lowmem limit that older kernels assume); returns its guest address."""
     low = mem.slots[0]
-    top = min(low.end, 0x3800_0000)
+    top = min(low.end, INITRD_TOP)
     addr = (top - len(initrd)) & ~0xFFF
     if addr < kernel_end:
         raise VmrunError(f"{path}: initrd of {len(initrd)} bytes does not fit in guest RAM "

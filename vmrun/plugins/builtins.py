@@ -3,13 +3,18 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from typing import Any
 
 from vmrun.core.pci import BAR_IO, BarSpec, PciDevice
 from vmrun.core.virtio.pci import VirtioPciTransport
 from vmrun.devices.virtio_rnd import VirtioRng
 from vmrun.plugins import hookimpl
-from vmrun.plugins.registry import DeviceContext, DeviceType, Option
+from vmrun.plugins.registry import DeviceContext, DeviceType, Option, OptionError
+from vmrun.units import check_output_file
+
+UNIX_PATH_MAX = 107                # sun_path is 108 bytes including the NUL
 
 
 class HostBridge(PciDevice):
@@ -77,10 +82,29 @@ def _uart_factory(ctx: DeviceContext, opts: dict[str, Any]) -> PciDevice:
 
 
 def _uart_check(opts: dict[str, Any]) -> None:
-    if opts["backend"] in ("file", "socket") and opts["path"] is None:
-        raise ValueError(f"backend {opts['backend']} needs a path")
-    if opts["backend"] not in ("file", "socket") and opts["path"] is not None:
-        raise ValueError(f"backend {opts['backend']} takes no path")
+    """The backend's path as the serial ports' (see vmrun.config): a file backend writes to
+    a regular file or a character device in an existing directory, never a directory or a
+    FIFO (opening one would wait for a reader); a socket backend never replaces a
+    non-socket. Checked here, so ``vmrun check`` refuses what opening the backend would."""
+    backend, path = opts["backend"], opts["path"]
+    if backend in ("file", "socket") and path is None:
+        raise ValueError(f"backend {backend} needs a path")
+    if backend not in ("file", "socket") and path is not None:
+        raise ValueError(f"backend {backend} takes no path")
+    if path is None:
+        return
+    try:
+        if backend == "file":
+            check_output_file(path)
+        elif not path.parent.is_dir():
+            raise ValueError(f"directory {path.parent} does not exist")
+        elif path.exists() and not stat.S_ISSOCK(path.stat().st_mode):
+            raise ValueError(f"{path} exists and is not a socket")
+        elif len(os.fsencode(path)) > UNIX_PATH_MAX:
+            raise ValueError(f"unix socket paths are at most {UNIX_PATH_MAX} bytes, {path} is "
+                             f"{len(os.fsencode(path))}")
+    except ValueError as e:
+        raise OptionError("path", str(e), str(path)) from None
 
 
 @hookimpl

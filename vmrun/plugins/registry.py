@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vmrun.units import parse_size
+from vmrun.units import check_path_text, parse_size
 
 if TYPE_CHECKING:
     from vmrun.core.eventloop import EventLoop
@@ -94,7 +94,10 @@ class DeviceType:
     # Option names whose (path) value must be unique among devices: an image can only be used
     # by one device.
     exclusive_paths: tuple[str, ...] = ()
-    check: Callable[[dict[str, Any]], None] | None = None   # cross-option check (ValueError)
+    # Cross-option check, run while the machine file is checked (so by ``vmrun check`` too):
+    # raises ValueError with the reason; setting ``e.option = "NAME"`` on it puts the error on
+    # ``devices.ID.NAME`` (with the value the user wrote) instead of ``devices.ID``.
+    check: Callable[[dict[str, Any]], None] | None = None
 
 
 @dataclass
@@ -149,8 +152,9 @@ def validate_options(dtype: DeviceType, table: dict[str, Any], base_dir: Path) -
             dtype.check(out)
         except OptionError:
             raise
-        except ValueError as e:
-            raise OptionError("", str(e), None) from None
+        except ValueError as e:   # a check may name the option: e.option = "path"
+            key = getattr(e, "option", "")
+            raise OptionError(key, str(e), table.get(key) if key else None) from None
     return out
 
 
@@ -181,6 +185,7 @@ def _parse_value(opt: Option, value: Any, base_dir: Path) -> Any:
         elif t == "path":
             if not isinstance(value, str) or not value:
                 raise ValueError("must be a non-empty path string")
+            check_path_text(value)
             p = Path(value).expanduser()
             if not p.is_absolute():
                 p = base_dir / p

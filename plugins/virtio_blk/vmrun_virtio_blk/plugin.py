@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from typing import Any
 
 from vmrun.api import (
@@ -25,12 +27,44 @@ def _serial(value: str) -> None:
         raise ValueError("must be at most 20 bytes")
 
 
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+          (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"))
+
+
+def _path_error(message: str) -> ValueError:
+    e = ValueError(message)
+    e.option = "path"   # type: ignore[attr-defined]   # the error is on devices.ID.path
+    return e
+
+
 def _check(opts: dict[str, Any]) -> None:
+    """What opening the image would trip over, found while the machine file is checked (so
+    by ``vmrun check`` too): a raw image is a regular file (not empty) or a block device,
+    readable, and writable unless ``ro = true``."""
     if opts["sparse"] or opts["split"]:
         return
-    if opts["size"] is None and not opts["path"].exists():
-        raise ValueError(f"{opts['path']}: disk image does not exist (give size = \"...\" to "
-                         "create it)")
+    path = opts["path"]
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if opts["size"] is None:
+            raise _path_error(f"{path}: disk image does not exist (give size = \"...\" "
+                              "to create it)") from None
+        if not path.parent.is_dir():
+            raise _path_error(f"{path}: directory {path.parent} does not exist") from None
+        return
+    except OSError as e:
+        raise _path_error(f"{path}: {e.strerror}") from None
+    for test, kind in _KINDS:
+        if test(st.st_mode):
+            raise _path_error(f"{path}: disk image is {kind}, not a regular file or a "
+                              "block device")
+    if stat.S_ISREG(st.st_mode) and st.st_size == 0:
+        raise _path_error(f"{path}: disk image is empty (0 bytes)")
+    if not os.access(path, os.R_OK):
+        raise _path_error(f"{path}: disk image is not readable")
+    if not opts["ro"] and not os.access(path, os.W_OK):
+        raise _path_error(f"{path}: disk image is read-only (set ro = true to use it so)")
 
 
 def _factory(ctx: DeviceContext, opts: dict[str, Any]):
