@@ -2,54 +2,208 @@
 
 Every error the user can cause is one red line on stderr and exit code 4; the guest's own
 ending maps to bhyve's exit codes (0 reset, 1 power off, 2 halt, 3 triple fault).
+
+Bad command lines included: :class:`VmrunGroup` runs click itself (``standalone_mode`` off) and
+turns click's usage errors, :class:`VmrunError`, OS errors and any unexpected exception (a bug)
+into one line through :func:`print_error`, which escapes control characters with
+:func:`vmrun.errors.one_line`. ``-v`` adds the details (a traceback, a build log). Ctrl-C is one
+line and exit code 130.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 import click
 from rich.console import Console
 from rich.markup import escape
+from rich.text import Text
 
-from vmrun.errors import VmrunError
+from vmrun.errors import VmrunError, one_line
 from vmrun.units import parse_size
 
 err_console = Console(stderr=True, highlight=False)
+PROG = "vmrun"
+INTERRUPTED = 130            # 128 + SIGINT, as a shell reports a program Ctrl-C ended
+_verbose = False             # -v on vmrun or on vmrun up: details after an error line
+
+
+def _set_verbose(on: bool) -> None:
+    global _verbose
+    if on:
+        _verbose = True
+        logging.getLogger().setLevel(logging.DEBUG)
+
+
+def _end_live_displays() -> None:
+    """Take any progress bar still on screen off it, so that the error line starts a line of
+    its own and no half-drawn bar is left behind (or printed once more on a pipe)."""
+    for live in reversed(list(getattr(err_console, "_live_stack", ()))):
+        try:
+            live.transient = True
+            live.stop()
+        except Exception:  # pragma: no cover - never let the display hide the error
+            pass
+
+
+def print_error(message: object, detail: str = "") -> None:
+    """``vmrun: MESSAGE`` as exactly one line on stderr (bold red on a terminal); ``detail``
+    follows, as plain lines, only with ``-v``."""
+    _end_live_displays()
+    err_console.print(Text(f"{PROG}: {one_line(message)}", style="bold red"), soft_wrap=True)
+    if detail and _verbose:
+        err_console.print(Text(detail.rstrip("\n")), soft_wrap=True)
 
 
 def fail(message: str, code: int = 4) -> None:
-    err_console.print(f"[bold red]vmrun: {escape(message)}[/]", markup=True, soft_wrap=True)
+    print_error(message)
     sys.exit(code)
 
 
-class VmrunGroup(click.Group):
-    """Turns VmrunError anywhere below into one red line and exit 4."""
+def _command_words(ctx: click.Context | None) -> str:
+    """``image create`` for ``vmrun image create``, whatever the program was called."""
+    words = []
+    while ctx is not None and ctx.parent is not None:
+        words.append(ctx.info_name or "")
+        ctx = ctx.parent
+    return " ".join(reversed(words))
 
-    def invoke(self, ctx: click.Context):  # type: ignore[override]
+
+def _param_name(param: click.Parameter | None, ctx: click.Context | None) -> str:
+    if param is None:
+        return ""
+    if isinstance(param, click.Option):
+        return "/".join(param.opts)
+    return param.human_readable_name if ctx is None else param.make_metavar(ctx)
+
+
+def _lower_first(text: str) -> str:
+    text = text.strip().removesuffix(".")
+    return text[:1].lower() + text[1:] if text[1:2].islower() or len(text) == 1 else text
+
+
+def usage_line(e: click.ClickException) -> str:
+    """One click error as ``COMMAND: OPTION: what is wrong (try ...)``."""
+    ctx = getattr(e, "ctx", None)
+    if isinstance(e, click.BadParameter) and not isinstance(e, click.MissingParameter):
+        name = e.param_hint if isinstance(e.param_hint, str) else _param_name(e.param, ctx)
+        what = f"{name}: {_lower_first(e.message)}" if name else e.message
+    else:
+        what = e.format_message().replace(". Did you mean", "; did you mean")
+    what = _lower_first(what)
+    words = _command_words(ctx)
+    line = f"{words}: {what}" if words else what
+    if isinstance(e, click.UsageError):
+        line += f" (try `{' '.join([PROG, words, '--help'] if words else [PROG, '--help'])}`)"
+    return line
+
+
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+def run_cli(command: click.Command, args: list[str], prog_name: str = PROG, **extra) -> int:
+    """Parse ``args`` and run the command; the exit code, every error printed as one line."""
+    global _verbose
+    _verbose = False
+    try:
+        with command.make_context(prog_name, args, **extra) as ctx:
+            command.invoke(ctx)
+        return 0
+    except click.exceptions.Exit as e:           # --help, --version
+        return e.exit_code
+    except _NO_ARGS_IS_HELP as e:                # plain `vmrun` or `vmrun image`: the help
+        click.echo(e.ctx.get_help() if e.ctx else "")
+        return 0
+    except click.ClickException as e:            # usage errors, bad option values
+        print_error(usage_line(e))
+        return 4
+    except VmrunError as e:
+        print_error(e, getattr(e, "detail", ""))
+        return e.exit_code
+    except (KeyboardInterrupt, click.Abort):
+        print_error("interrupted")
+        return INTERRUPTED
+    except OSError as e:
+        if e.errno == errno.EPIPE:               # `vmrun devices | head`
+            sys.stdout = click.utils.PacifyFlushWrapper(sys.stdout)  # type: ignore[assignment]
+            return 1
+        where = f"{e.filename}: " if e.filename is not None else ""
+        print_error(f"{where}{e.strerror or e}")
+        return 4
+    except Exception as e:                       # a bug in vmrun: say so, traceback with -v
+        message = one_line(str(e)) or "(no message)"
+        print_error(f"internal error: {type(e).__name__}: {message}"
+                    + ("" if _verbose else " (run with -v for the traceback)"),
+                    traceback.format_exc())
+        return 4
+
+
+class _NamesItsCommand:
+    """Puts the context on the usage errors click's parser raises without one, so the error
+    line can say which command it is about."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         try:
-            return super().invoke(ctx)
-        except VmrunError as e:
-            first, _, rest = str(e).partition("\n")
-            err_console.print(f"[bold red]vmrun: {escape(first)}[/]", soft_wrap=True)
-            if rest:
-                err_console.print(rest, markup=False, highlight=False, soft_wrap=True)
-            sys.exit(e.exit_code)
+            return super().parse_args(ctx, args)  # type: ignore[misc]
+        except click.UsageError as e:
+            if e.ctx is None:
+                e.ctx = ctx
+            raise
 
 
-@click.group(cls=VmrunGroup, context_settings={"help_option_names": ["-h", "--help"]})
+class VmrunCommand(_NamesItsCommand, click.Command):
+    pass
+
+
+class VmrunGroup(_NamesItsCommand, click.Group):
+    """The top-level group (and its subgroups): runs the command line through
+    :func:`run_cli` (one line per error) unless a caller asks for click's non-standalone
+    mode."""
+
+    command_class = VmrunCommand
+    group_class = type
+
+    def main(self, args=None, prog_name=None, complete_var=None,  # type: ignore[override]
+             standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        prog_name = prog_name or PROG
+        completion = getattr(self, "_main_shell_completion", None)
+        if completion is not None:
+            completion(extra, prog_name, complete_var)
+        sys.exit(run_cli(self, list(sys.argv[1:] if args is None else args), prog_name,
+                         **extra))
+
+
+class FilePath(click.Path):
+    """click.Path that also refuses a NUL byte (only reachable from Python, not argv)."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and "\0" in value:
+            self.fail(f"{value!r} contains a NUL byte", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+def _file(**kw) -> FilePath:
+    return FilePath(dir_okay=False, path_type=Path, **kw)
+
+
+@click.group(name=PROG, cls=VmrunGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Log debug information to stderr.")
 @click.version_option(package_name="vmrun")
 def main(verbose: bool) -> None:
     """vmrun: run virtual machines on Linux/KVM from a TOML machine file."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="vmrun: %(message)s", stream=sys.stderr)
+    _set_verbose(verbose)
 
 
 @main.command()
-@click.argument("machine_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("machine_file", type=_file())
 @click.option("-v", "--verbose", is_flag=True, help="Log debug information to stderr.")
 def up(machine_file: Path, verbose: bool) -> None:
     """Boot MACHINE_FILE and run it until the guest powers off.
@@ -60,40 +214,38 @@ def up(machine_file: Path, verbose: bool) -> None:
     from vmrun.config import load_machine
     from vmrun.runner import Runner
 
-    if verbose:
-        logging.getLogger().setLevel(logging.DEBUG)
+    _set_verbose(verbose)
     cfg = load_machine(machine_file)
-    runner = Runner(cfg, log=lambda msg: err_console.print(f"vmrun: {msg}", markup=False,
-                                                           highlight=False))
+    runner = Runner(cfg, log=lambda msg: err_console.print(Text(f"vmrun: {one_line(msg)}"),
+                                                           soft_wrap=True))
     info = runner.run()
-    level = logging.getLogger().level
     if info.code == 4:
         first, _, rest = info.reason.partition("\n")
-        err_console.print(f"[bold red]vmrun: {escape(first)}[/]", soft_wrap=True)
-        if rest or info.detail:
-            err_console.print((rest + "\n" + info.detail).strip(), markup=False,
-                              highlight=False, soft_wrap=True)
+        detail = (rest + "\n" + info.detail).strip()
+        if info.detail and not _verbose:
+            first += " (run with -v for the traceback)"
+        print_error(first, detail)
     elif info.code == 3:
-        err_console.print(f"[bold red]vmrun: {escape(info.reason.splitlines()[0])}[/]",
+        print_error(info.reason.partition("\n")[0])
+        if "\n" in info.reason:      # the registers: the guest's own ending, not an error
+            err_console.print(Text(info.reason.partition("\n")[2]), soft_wrap=True)
+    elif _verbose:
+        err_console.print(Text(f"vmrun: {one_line(info.reason)} (exit {int(info.code)})"),
                           soft_wrap=True)
-        if "\n" in info.reason:
-            err_console.print(info.reason.partition("\n")[2], markup=False, highlight=False)
-    elif level <= logging.DEBUG:
-        err_console.print(f"vmrun: {info.reason} (exit {int(info.code)})", markup=False)
     for value, t in runner.boot_log.markers:
         logging.debug("boot marker %d at %.3fs", value, t)
     sys.exit(int(info.code))
 
 
 @main.command()
-@click.argument("machine_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("machine_file", type=_file())
 def check(machine_file: Path) -> None:
     """Validate MACHINE_FILE without starting anything."""
     from vmrun.config import load_machine
 
     cfg = load_machine(machine_file)
-    err_console.print(f"{machine_file}: ok ({cfg.name}: {cfg.cpus} vCPU, "
-                      f"{cfg.memory >> 20} MiB)", markup=False, highlight=False)
+    err_console.print(Text(one_line(f"{machine_file}: ok ({cfg.name}: {cfg.cpus} vCPU, "
+                                    f"{cfg.memory >> 20} MiB)")), soft_wrap=True)
 
 
 @main.group()
@@ -121,7 +273,7 @@ def _size(ctx, param, value):
 
 
 @image.command("create")
-@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("path", type=_file())
 @click.option("--size", required=True, callback=_size, help="Disk size, e.g. 20G.")
 @click.option("--sparse", "fmt", flag_value="sparse", help="Sparse image (<path>.lut).")
 @click.option("--raw", "fmt", flag_value="raw", default=True, help="Raw image (default).")
@@ -133,12 +285,12 @@ def image_create(path: Path, size: int, fmt: str, split: int | None, sectorsize:
     from vmrun.block import create_image
 
     create_image(path, size, fmt, split=split, sector_size=sectorsize)
-    err_console.print(f"created {path} ({fmt}, {size} bytes)", markup=False, highlight=False)
+    err_console.print(Text(one_line(f"created {path} ({fmt}, {size} bytes)")), soft_wrap=True)
 
 
 @image.command("convert")
-@click.argument("src", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("dst", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("src", type=_file())
+@click.argument("dst", type=_file())
 @click.option("--to", "fmt", type=click.Choice(["raw", "sparse"]), required=True,
               help="Format of DST.")
 @click.option("--split", callback=_size, help="Split DST into segment files of this size.")
@@ -157,20 +309,49 @@ def image_convert(src: Path, dst: Path, fmt: str, split: int | None, sectorsize:
 
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
                   TimeRemainingColumn(), console=err_console) as progress:
-        task = progress.add_task(f"{src.name} -> {dst.name}", total=None)
+        task = progress.add_task(escape(one_line(f"{src.name} -> {dst.name}")), total=None)
 
         def report(done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
 
-        convert_image(src, dst, fmt, split=split, sector_size=sectorsize, progress=report,
-                      src_split=src_split, src_sector_size=src_sectorsize)
+        try:
+            convert_image(src, dst, fmt, split=split, sector_size=sectorsize, progress=report,
+                          src_split=src_split, src_sector_size=src_sectorsize)
+        except BaseException:
+            # An error: take the bar off the screen (and print no final bar nor the blank
+            # line rich ends a non-terminal progress with), so the error is the only line.
+            progress.live.transient = True
+            progress.live.stop()
+            progress.disable = True
+            raise
+
+
+@image.command("check")
+@click.argument("path", type=_file())
+@click.option("--split", callback=_size, help="Segment size of a split image.")
+@click.option("--sectorsize", type=int, default=512, show_default=True,
+              help="Sector size of a sparse image's LUT.")
+def image_check(path: Path, split: int | None, sectorsize: int) -> None:
+    """Check the disk image at PATH (raw, sparse or split): prints "ok" or one line per
+    problem; exit code 0 or 4."""
+    try:
+        from vmrun.block.image_tools import check_image
+    except ImportError:
+        raise VmrunError("image check: this vmrun has no image checker "
+                         "(vmrun.block.image_tools.check_image)") from None
+    problems = check_image(path, split=split, sectorsize=sectorsize)
+    if not problems:
+        click.echo("ok")
+        return
+    for problem in problems:
+        print_error(problem)
+    sys.exit(4)
 
 
 @main.command()
 @click.argument("name", required=False)
 def devices(name: str | None) -> None:
     """List the device emulations every installed plugin offers, or NAME's options."""
-    from rich.markup import escape
     from rich.table import Table
 
     from vmrun.plugins import get_registry
@@ -186,7 +367,7 @@ def devices(name: str | None) -> None:
                           escape(dtype.version))
         out.print(table)
         for plugin, why in reg.broken.items():
-            err_console.print(f"[bold red]vmrun: plugin {plugin} is broken: {why}[/]")
+            print_error(f"plugin {plugin} is broken: {why}")
         return
     dtype = reg.get(name)
     if dtype is None:
@@ -213,7 +394,7 @@ def _plugin_commands() -> None:
 
         get_registry().pm.hook.vmrun_register_commands(cli=main)
     except Exception as e:  # a broken plugin must not break the CLI
-        logging.getLogger("vmrun").warning("plugin commands: %s", e)
+        logging.getLogger("vmrun").warning("plugin commands: %s", one_line(e))
 
 
 _plugin_commands()
