@@ -8,10 +8,13 @@ never leaves a half-written image behind, and an existing image is never overwri
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from vmrun.block.backend import BlockBackend
+from vmrun.block.backend import BlockBackend, check_sector_sizes
 from vmrun.block.raw import RawFile
 from vmrun.block.sparse import (
     SparseSplitDisk,
@@ -28,6 +31,7 @@ FORMATS = ("raw", "sparse")
 BLOCK = 4096  # hole granularity when copying: a host filesystem block
 
 Progress = Callable[[int, int], None]
+MAX_IMAGE_SIZE = (1 << 63) - 1  # what off_t can address
 
 
 def image_exists(path: Path) -> bool:
@@ -38,33 +42,104 @@ def image_exists(path: Path) -> bool:
 def open_disk(path: str | os.PathLike[str], *, read_only: bool = False, nocache: bool = False,
               sync: bool = False, sector_size: int | tuple[int, int] = 512,
               size: int | None = None, split: int | None = None,
-              sparse: bool = False, discard: bool = True) -> BlockBackend:
+              sparse: bool = False, discard: bool = True,
+              created: list[Path] | None = None) -> BlockBackend:
     """Open (or, given ``size``, create) the image at ``path`` with the right backend.
 
     A path whose ``.lut`` or ``.0000`` exists, or a request for ``split``/``sparse``, means the
     sparse/split format; anything else is a raw file or block device.
+
+    When this call creates the image, the paths of the files it created are appended to
+    ``created`` (when given), so a caller whose later setup fails can take the new image away
+    again with :func:`remove_created`. If opening fails after creating, the new files are
+    removed here. An image that already existed is never recorded, nor removed.
     """
     path = Path(path)
     logical, physical = (sector_size, sector_size) if isinstance(sector_size, int) \
         else sector_size
     if sparse or split is not None or is_split_image(path):
-        return SparseSplitDisk(path, size=size, split=split, sparse=sparse, sector_size=logical,
-                               read_only=read_only, sync=sync, nocache=nocache,
-                               discard=discard, physical_sector_size=physical)
-    if size is not None and not read_only and not path.exists():
+        existed = is_split_image(path)
+        try:
+            disk: BlockBackend = SparseSplitDisk(
+                path, size=size, split=split, sparse=sparse, sector_size=logical,
+                read_only=read_only, sync=sync, nocache=nocache, discard=discard,
+                physical_sector_size=physical)
+        except BaseException:
+            if not existed:
+                remove_created(image_files(path))
+            raise
+        if not existed and created is not None:
+            created.extend(image_files(path))
+        return disk
+    made = False
+    if size is not None and not read_only and not os.path.lexists(path):
         _create_raw(path, size)
-    disk = RawFile(path, read_only=read_only, nocache=nocache, sync=sync,
-                   sector_size=(logical, physical), discard=discard)
-    if size is not None and disk.size != size:
-        disk.close()
-        raise VmrunError(f"{path}: image is {disk.size} bytes but size={size}")
+        made = True
+    try:
+        disk = RawFile(path, read_only=read_only, nocache=nocache, sync=sync,
+                       sector_size=(logical, physical), discard=discard)
+        if size is not None and disk.size != size:
+            disk.close()
+            raise VmrunError(f"{path}: image is {disk.size} bytes but size={size}")
+    except BaseException:
+        if made:
+            remove_created([path])
+        raise
+    if made and created is not None:
+        created.append(path)
     return disk
+
+
+def remove_created(paths: list[Path]) -> None:
+    """Delete the files :func:`open_disk` recorded in ``created`` (close the disk first);
+    missing ones are skipped, and the list is emptied so a second call does nothing."""
+    for p in list(paths):
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            continue
+    if isinstance(paths, list):
+        paths.clear()
+
+
+@contextmanager
+def disk_being_created() -> Iterator[list[Path]]:
+    """``with disk_being_created() as created: open_disk(..., created=created); ...`` removes
+    whatever image the block created when the block raises (and keeps it when it does not).
+    Close the backend before the block ends with an error: the files are unlinked either way,
+    but a still-open descriptor keeps the space until it is closed."""
+    created: list[Path] = []
+    try:
+        yield created
+    except BaseException:
+        remove_created(created)
+        raise
+
+
+def check_size(path: Path, size: object, sector_size: int = 512) -> int:
+    """A new image's size: an int, positive, at most 2**63 - 1 and whole sectors."""
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise VmrunError(f"{path}: size {size!r} is not a whole number of bytes")
+    if size <= 0:
+        raise VmrunError(f"{path}: size must be positive, not {size}")
+    if size > MAX_IMAGE_SIZE:
+        raise VmrunError(f"{path}: size {size} is larger than the largest possible file "
+                         f"({MAX_IMAGE_SIZE} bytes)")
+    if size % sector_size:
+        raise VmrunError(f"{path}: size {size} is not a multiple of the sector size "
+                         f"{sector_size}")
+    return size
 
 
 def _create_raw(path: Path, size: int) -> None:
     """A raw image of ``size`` bytes as a sparse host file (no blocks until written)."""
-    if size <= 0:
-        raise VmrunError(f"{path}: size must be positive, not {size}")
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise VmrunError(f"{path}: size must be positive, not {size!r}")
+    if size > MAX_IMAGE_SIZE:
+        raise VmrunError(f"{path}: size {size} is larger than the largest possible file "
+                         f"({MAX_IMAGE_SIZE} bytes)")
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     except FileExistsError:
@@ -165,18 +240,43 @@ def create_image(path: str | os.PathLike[str], size: int, fmt: str = "raw",
     or ``sparse`` (LUT plus segments, one segment unless ``split``)."""
     dst = Path(path)
     _check_format(fmt)
+    try:
+        check_sector_sizes(sector_size, sector_size)
+    except ValueError as e:
+        raise VmrunError(f"{dst}: {e}") from None
+    check_size(dst, size, sector_size)
+    if split is not None:
+        check_size(dst, split, sector_size)
     _refuse_existing(dst)
-    if fmt == "raw" and split is None:
-        if size <= 0:
-            raise VmrunError(f"{dst}: size must be positive, not {size}")
-    else:
+    if fmt != "raw" or split is not None:
         check_geometry(dst, size, split, fmt == "sparse", sector_size)
     tmp = _temp_base(dst)
+    with _signals_raise(dst):
+        try:
+            _build(tmp, size, fmt, split, sector_size)
+            _publish(tmp, dst, fmt, split)
+        finally:
+            _discard_temp(tmp, fmt, split)
+
+
+@contextmanager
+def _signals_raise(dst: Path) -> Iterator[None]:
+    """While an image is being written, SIGTERM (and SIGHUP) raise, like SIGINT does, so the
+    ``finally`` that removes the temporary files runs instead of the process just dying."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise VmrunError(f"{dst}: interrupted by {signal.Signals(signum).name}; "
+                         "nothing was written")
+
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        _build(tmp, size, fmt, split, sector_size)
-        _publish(tmp, dst, fmt, split)
+        yield
     finally:
-        _discard_temp(tmp, fmt, split)
+        for sig, h in old.items():
+            signal.signal(sig, h)
 
 
 def convert_image(src: str | os.PathLike[str], dst: str | os.PathLike[str], dst_format: str,
@@ -192,10 +292,17 @@ def convert_image(src: str | os.PathLike[str], dst: str | os.PathLike[str], dst_
     """
     src, dst = Path(src), Path(dst)
     _check_format(dst_format)
+    if os.path.abspath(src) == os.path.abspath(dst):
+        raise VmrunError(f"{dst}: is the source image (refusing to overwrite)")
     _refuse_existing(dst)
-    with open_disk(src, read_only=True, split=src_split, sector_size=src_sector_size) as source:
+    with _signals_raise(dst), open_disk(src, read_only=True, split=src_split,
+                                        sector_size=src_sector_size) as source:
         total = source.size
         ss = sector_size or source.logical_sector_size
+        try:
+            check_sector_sizes(ss, ss)
+        except ValueError as e:
+            raise VmrunError(f"{dst}: {e}") from None
         if dst_format == "sparse" or split is not None:
             check_geometry(dst, total, split, dst_format == "sparse", ss)
         tmp = _temp_base(dst)
@@ -203,8 +310,11 @@ def convert_image(src: str | os.PathLike[str], dst: str | os.PathLike[str], dst_
             _build(tmp, total, dst_format, split, ss)
             with open_disk(tmp, sector_size=ss, split=split,
                            sparse=dst_format == "sparse") as target:
-                _copy(source, target, total, progress)
-                target.flush()
+                _copy(source, target, total, progress, src, dst)
+                try:
+                    target.flush()
+                except OSError as e:
+                    raise VmrunError(f"{dst}: cannot write: {e.strerror or e}") from None
             _publish(tmp, dst, dst_format, split)
         finally:
             _discard_temp(tmp, dst_format, split)
@@ -223,18 +333,56 @@ def _write_nonzero(target: BlockBackend, pos: int, chunk: memoryview) -> None:
 
 
 def _copy(source: BlockBackend, target: BlockBackend, total: int,
-          progress: Progress | None) -> None:
+          progress: Progress | None, src: Path = Path("source"),
+          dst: Path = Path("destination")) -> None:
     buf = memoryview(bytearray(CHUNK))
     pos = 0
     while pos < total:
         n = min(CHUNK, total - pos)
         chunk = buf[:n]
-        source.readv(pos, [chunk])
+        try:
+            source.readv(pos, [chunk])
+        except OSError as e:
+            raise VmrunError(f"{src}: cannot read at byte {pos}: {e.strerror or e}") from None
         if not is_zero([chunk]):
-            _write_nonzero(target, pos, chunk)
+            try:
+                _write_nonzero(target, pos, chunk)
+            except OSError as e:
+                raise VmrunError(f"{dst}: cannot write at byte {pos}: {e.strerror or e}") \
+                    from None
         pos += n
         if progress is not None:
             progress(pos, total)
     if progress is not None and total == 0:
         progress(0, 0)
 
+
+
+def check_image(path: str | os.PathLike[str], split: int | None = None,
+                sectorsize: int = 512) -> list[str]:
+    """Every problem found with the image at ``path``, one line each; empty when it is sound.
+
+    Opens the image read-only (a shared lock: a running VM holding it shows as "in use") with
+    the checks :func:`open_disk` makes (file types, symlinked parts, segment sizes and count,
+    the LUT's length), then scans the whole LUT of a sparse image: entries past their
+    segment's data and slots shared by two sectors (at most 20 lines, then a count).
+    """
+    path = Path(path)
+    disk: BlockBackend
+    try:
+        if split is not None or is_split_image(path):
+            disk = SparseSplitDisk(path, split=split, sector_size=sectorsize, read_only=True,
+                                   verify=False)
+        elif os.path.lexists(path):
+            disk = RawFile(path, read_only=True, sector_size=(sectorsize, sectorsize),
+                           discard=False)
+        else:
+            return [f"{path}: no such disk image"]
+    except VmrunError as e:
+        return [str(e)]
+    except OSError as e:
+        return [f"{path}: {e.strerror or e}"]
+    try:
+        return disk.problems() if isinstance(disk, SparseSplitDisk) else []
+    finally:
+        disk.close()
