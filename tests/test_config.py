@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import re
 import socket
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -541,3 +543,138 @@ def test_huge_pages_auto_true_false(tmp_path) -> None:
         f = tmp_path / "m.toml"
         f.write_text(f'name = "m"\n{text}[boot]\nkernel = "vmlinux"\n')
         assert load_machine(f).huge_pages is want
+
+
+# -- hostile machine files and inputs, through the command line (issue 10) ------------------
+def vmrun_cli(*args: str, timeout: float = 10) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "vmrun", *args], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "COLUMNS": "500"})
+
+
+def hostile(tmp_path: Path, kind: str) -> Path:
+    """A bad machine file of ``kind`` in ``tmp_path``, next to a good kernel."""
+    (tmp_path / "vmlinux").write_bytes(KERNEL)
+    f = tmp_path / "m.toml"
+    if kind == "fifo":
+        os.mkfifo(f)
+        return f
+    if kind == "dev-zero":
+        return Path("/dev/zero")
+    if kind == "nested":
+        f.write_text('name = "m"\nx = ' + "[" * 5000 + "]" * 5000 + '\n[boot]\nkernel = "vmlinux"\n')
+    elif kind == "memory-1T":
+        f.write_text('name = "m"\nmemory = "1T"\n[boot]\nkernel = "vmlinux"\n')
+    elif kind == "too-big":
+        f.write_text('name = "m"\n' + "#" * (2 * MiB) + '\n[boot]\nkernel = "vmlinux"\n')
+    elif kind == "kernel-fifo":
+        os.mkfifo(tmp_path / "k")
+        f.write_text('name = "m"\n[boot]\nkernel = "k"\n')
+    elif kind == "uart-fifo":
+        os.mkfifo(tmp_path / "u.log")
+        f.write_text('name = "m"\n[boot]\nkernel = "vmlinux"\n[devices.u]\nmodel = "uart"\n'
+                     'backend = "file"\npath = "u.log"\n')
+    return f
+
+
+EXPECTED = {
+    "fifo": "cannot read machine file: it is a FIFO, not a regular file",
+    "dev-zero": "/dev/zero: cannot read machine file: it is a character device",
+    "nested": "line 2: TOML syntax: arrays or inline tables nested too deeply",
+    "memory-1T": 'memory: is more than this host\'s RAM and swap',
+    "too-big": "bytes (at most 1048576)",
+    "kernel-fifo": "boot.kernel: kernel",
+    "uart-fifo": "devices.u.path:",
+}
+
+
+@pytest.mark.parametrize("command", ["check", "up"])
+@pytest.mark.parametrize("kind", list(EXPECTED))
+def test_hostile_inputs_are_one_line_exit_4_nothing_created(tmp_path: Path, command: str,
+                                                           kind: str) -> None:
+    f = hostile(tmp_path, kind)
+    before = sorted(tmp_path.iterdir())
+    out = vmrun_cli(command, str(f))
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 4, out.stderr
+    assert len(lines) == 1, out.stderr
+    assert EXPECTED[kind] in lines[0] and str(f) in lines[0], lines[0]
+    assert sorted(tmp_path.iterdir()) == before
+
+
+def test_host_memory_is_ram_plus_swap() -> None:
+    from vmrun.config import host_memory
+
+    assert host_memory() is None or 64 * MiB < host_memory() < 1 << 50
+
+
+def test_fifo_socket_and_unreadable_kernel_or_initrd(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo")
+    f = machine(tmp_path, '[boot]\nkernel = "fifo"\n')
+    assert error_of(f).endswith('boot.kernel: kernel ' + str(tmp_path / "fifo") +
+                                ' is a FIFO, not a regular file (got "fifo")')
+    f = machine(tmp_path, '[boot]\nkernel = "vmlinux"\ninitrd = "fifo"\n')
+    assert "boot.initrd: initrd " in error_of(f) and "is a FIFO" in error_of(f)
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(tmp_path / "sock"))
+        f = machine(tmp_path, '[boot]\nkernel = "sock"\n')
+        assert "boot.kernel: kernel " in error_of(f) and "is a socket" in error_of(f)
+
+
+def test_initrd_limit_follows_the_boot_protocol(tmp_path: Path) -> None:
+    from vmrun.core.boot import INITRD_TOP, initrd_limit
+
+    assert initrd_limit(64 * MiB, 2 * MiB) == 62 * MiB
+    assert initrd_limit(4 << 30, 2 * MiB) == INITRD_TOP - 2 * MiB
+    initrd = tmp_path / "initrd"
+    with open(initrd, "wb") as fd:
+        fd.truncate(63 * MiB)          # sparse: more than 64M of RAM leaves above the kernel
+    f = machine(tmp_path, 'memory = "64M"\n[boot]\nkernel = "vmlinux"\ninitrd = "initrd"\n')
+    assert "boot.initrd: initrd " in error_of(f) and "does not fit" in error_of(f)
+    f = machine(tmp_path, 'memory = "128M"\n[boot]\nkernel = "vmlinux"\ninitrd = "initrd"\n')
+    assert load_raw(f).boot.initrd == initrd
+
+
+def test_serial_and_uart_outputs_that_would_block(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "out")
+    f = machine(tmp_path, '[serial.com1]\nbackend = "file"\npath = "out"\n')
+    assert "serial.com1.path: " in error_of(f) and "is a FIFO" in error_of(f)
+    f = machine(tmp_path, '[devices.u]\nmodel = "uart"\nbackend = "file"\npath = "out"\n')
+    with pytest.raises(ConfigError, match=r"devices\.u\.path: .* is a FIFO \(got \"out\"\)"):
+        load_machine(f)
+
+
+def test_one_image_through_a_hard_link(tmp_path: Path) -> None:
+    (tmp_path / "a.img").write_bytes(bytes(4096))
+    os.link(tmp_path / "a.img", tmp_path / "b.img")
+    f = machine(tmp_path, '[devices.a]\nmodel = "virtio-blk"\npath = "a.img"\n'
+                          '[devices.b]\nmodel = "virtio-blk"\npath = "b.img"\n')
+    with pytest.raises(ConfigError, match=r"devices\.b\.path: image is already used by "
+                                          r"devices\.a \(got"):
+        load_machine(f)
+    f = machine(tmp_path, '[serial.com1]\nbackend = "file"\npath = "a.img"\n'
+                          '[serial.com2]\nbackend = "file"\npath = "b.img"\n')
+    assert "serial.com2.path: serial.com1 already uses it" in error_of(f)
+
+
+def test_read_only_image_used_read_write(tmp_path: Path) -> None:
+    img = tmp_path / "ro.img"
+    img.write_bytes(bytes(4096))
+    img.chmod(0o444)
+    if os.access(img, os.W_OK):
+        pytest.skip("running as root: every file is writable")
+    f = machine(tmp_path, '[devices.a]\nmodel = "virtio-blk"\npath = "ro.img"\n')
+    with pytest.raises(ConfigError, match="read-only"):
+        load_machine(f)
+    load_machine(machine(tmp_path, '[devices.a]\nmodel = "virtio-blk"\npath = "ro.img"\n'
+                                   'ro = true\n'))
+
+
+def test_machine_file_limit_reads_at_most_limit_plus_one(tmp_path: Path) -> None:
+    from vmrun.config import MAX_MACHINE_FILE
+
+    f = tmp_path / "big.toml"
+    f.write_text("#" * (MAX_MACHINE_FILE + 1))
+    assert error_of(f) == f"{f}: machine file is {MAX_MACHINE_FILE + 1} bytes (at most " \
+                          f"{MAX_MACHINE_FILE})"
+    f.write_text('name = "m"\n' + "#" * (MAX_MACHINE_FILE - 200) + "\n")
+    assert "boot: is required" in error_of(f)

@@ -309,8 +309,11 @@ def parse_machine(text: str, file: Path, device_validator: DeviceValidator | Non
     except RecursionError:
         raise ConfigError(f"{file}: line {_too_deep_line(text)}: TOML syntax: arrays or inline "
                           f"tables nested too deeply (at most {MAX_TOML_DEPTH} levels)") from None
-    except ValueError as e:   # e.g. an integer of more than 4300 digits
-        raise ConfigError(f"{file}: line {text.count(chr(10)) + 1}: TOML syntax: {e}") from None
+    except ValueError as e:   # an integer of more than 4300 digits (int_max_str_digits)
+        m = re.search(r"\d{4000}", text)
+        line = text.count("\n", 0, m.start()) + 1 if m else text.count("\n") + 1
+        detail = "an integer has too many digits" if "digits" in str(e) else str(e)
+        raise ConfigError(f"{file}: line {line}: TOML syntax: {detail}") from None
     if _toml_depth(data) > MAX_TOML_DEPTH:
         raise ConfigError(f"{file}: line {_too_deep_line(text)}: TOML syntax: arrays or inline "
                           f"tables nested too deeply (at most {MAX_TOML_DEPTH} levels)")

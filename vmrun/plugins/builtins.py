@@ -11,7 +11,7 @@ from vmrun.core.pci import BAR_IO, BarSpec, PciDevice
 from vmrun.core.virtio.pci import VirtioPciTransport
 from vmrun.devices.virtio_rnd import VirtioRng
 from vmrun.plugins import hookimpl
-from vmrun.plugins.registry import DeviceContext, DeviceType, Option, OptionError
+from vmrun.plugins.registry import DeviceContext, DeviceType, Option
 from vmrun.units import check_output_file
 
 UNIX_PATH_MAX = 107                # sun_path is 108 bytes including the NUL
@@ -104,7 +104,8 @@ def _uart_check(opts: dict[str, Any]) -> None:
             raise ValueError(f"unix socket paths are at most {UNIX_PATH_MAX} bytes, {path} is "
                              f"{len(os.fsencode(path))}")
     except ValueError as e:
-        raise OptionError("path", str(e), str(path)) from None
+        e.option = "path"   # type: ignore[attr-defined]   # on devices.ID.path, as written
+        raise
 
 
 @hookimpl
