@@ -561,7 +561,8 @@ def hostile(tmp_path: Path, kind: str) -> Path:
     if kind == "dev-zero":
         return Path("/dev/zero")
     if kind == "nested":
-        f.write_text('name = "m"\nx = ' + "[" * 5000 + "]" * 5000 + '\n[boot]\nkernel = "vmlinux"\n')
+        f.write_text('name = "m"\nx = ' + "[" * 5000 + "]" * 5000 +
+                     '\n[boot]\nkernel = "vmlinux"\n')
     elif kind == "memory-1T":
         f.write_text('name = "m"\nmemory = "1T"\n[boot]\nkernel = "vmlinux"\n')
     elif kind == "too-big":
