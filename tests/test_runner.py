@@ -153,3 +153,24 @@ def test_bad_kernel_image_is_one_line_and_exit_4(tmp_path: Path) -> None:
                          text=True)
     assert out.returncode == 4
     assert "not a Linux kernel" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_an_image_created_for_a_machine_that_fails_to_come_up_is_removed(
+        tmp_path: Path) -> None:
+    """One device creates its image (size=), a later one cannot open its own (locked by
+    another user): the VM never runs, and the new image does not stay behind."""
+    from vmrun.block import RawFile
+    from vmrun.errors import VmrunError
+    from vmrun.machine import Machine
+
+    busy = tmp_path / "busy.img"
+    busy.write_bytes(bytes(1 << 20))
+    new = tmp_path / "new.img"
+    extra = (f'[devices.a]\nmodel = "virtio-blk"\npath = "{new}"\nsize = "1M"\n'
+             f'[devices.b]\nmodel = "virtio-blk"\npath = "{busy}"\n')
+    cfg = load_machine(machine(tmp_path, "poweroff", extra=extra))
+    with RawFile(busy):                                   # holds the write lock
+        with pytest.raises(VmrunError, match="in use"):
+            Machine(cfg, {})
+    assert not new.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy.img", "m.toml", "vmlinux"]

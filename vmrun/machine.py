@@ -10,7 +10,9 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from vmrun.block.image_tools import remove_created
 from vmrun.chardev import Backend
 from vmrun.config import MachineConfig
 from vmrun.core import layout
@@ -75,6 +77,7 @@ class Machine:
         self._own_host = host is None
         self.host = host or HostContext()
         self.host.start()
+        self.created: list[Path] = []   # images the device factories made for this boot
         # kvm-pvm (a software-assisted KVM: the probe finds SYSCALL broken) needs the syscall
         # fix-up; there guest RAM also stays on small pages: with transparent huge pages one
         # end-to-end boot saw guest user space compute garbage (not proven to be the cause).
@@ -88,6 +91,7 @@ class Machine:
             self._build(serial, debug_out)
         except BaseException:
             self.close()
+            remove_created(self.created)   # nothing half-made stays behind
             raise
 
     def _build(self, serial: dict[str, Backend], debug_out) -> None:
@@ -137,7 +141,8 @@ class Machine:
         self.devices = []
         for placed in self.placed:
             ctx = DeviceContext(placed.id, cfg.name, str(cfg.uuid), self.host,
-                                cfg.path.parent, placed.slot or 0, placed.func)
+                                cfg.path.parent, placed.slot or 0, placed.func,
+                                created=self.created)
             dev = placed.type.factory(ctx, placed.options)
             self.pci.add(dev, placed.slot or 0, placed.func)
             self.devices.append(dev)

@@ -66,6 +66,9 @@ class DeviceContext:
     base_dir: Path = Path(".")
     slot: int = 0
     func: int = 0
+    #: Files the factory created (an image made from ``size=``): pass it to
+    #: ``open_disk(created=...)``; if the machine then fails to come up, they are removed.
+    created: list[Path] = field(default_factory=list)
 
     @property
     def loop(self) -> EventLoop:

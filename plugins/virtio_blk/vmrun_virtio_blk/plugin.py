@@ -71,7 +71,7 @@ def _factory(ctx: DeviceContext, opts: dict[str, Any]):
     backend = open_disk(opts["path"], read_only=opts["ro"], nocache=opts["nocache"],
                         sync=opts["sync"], sector_size=parse_sectorsize(opts["sectorsize"]),
                         size=opts["size"], split=opts["split"], sparse=opts["sparse"],
-                        discard=opts["discard"])
+                        discard=opts["discard"], created=ctx.created)
     return VirtioPciTransport(VirtioBlk(backend, serial=opts["serial"], workers=opts["workers"]))
 
 
