@@ -67,3 +67,14 @@ def test_no_function_level_imports_dodging_a_cycle(path: str, forbidden: str) ->
     late = [m for m in function_level_imports(REPO / path)
             if m == forbidden or m.startswith(forbidden + ".")]
     assert late == [], f"{path} imports {late} inside a function"
+
+
+def test_a_size_with_a_newline_or_tab_inside_is_refused() -> None:
+    import pytest
+
+    from vmrun.units import parse_size
+
+    assert parse_size(" 1 G ") == 1 << 30
+    for bad in ("1\nG", "1G\n", "\t1G", "1\tG"):
+        with pytest.raises(ValueError):
+            parse_size(bad)

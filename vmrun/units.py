@@ -23,7 +23,7 @@ SIZE_UNITS = {"": 1, "K": KiB, "M": MiB, "G": GiB, "T": TiB}
 MAX_SLOT, MAX_FUNC = 31, 7
 
 # "512", "512M", "2G", "2GiB", "2gb", "3 MB", "1B"; ASCII digits only, one optional unit.
-_SIZE_RE = re.compile(r"(\d+)\s*(?:([KMGT])(?:i?B)?|B)?", re.IGNORECASE | re.ASCII)
+_SIZE_RE = re.compile(r"(\d+) *(?:([KMGT])(?:i?B)?|B)?", re.IGNORECASE | re.ASCII)
 _SLOT_RE = re.compile(r"(\d{1,3})(?::(\d{1,3}))?", re.ASCII)
 
 
@@ -41,7 +41,7 @@ def parse_size(text: str | int) -> int:
         if text < 0:
             raise ValueError(f"size {text} must not be negative")
         return text
-    m = _SIZE_RE.fullmatch(text.strip())
+    m = _SIZE_RE.fullmatch(text.strip(" "))
     if not m:
         raise ValueError(f"size {text!r} is not a number with an optional K, M, G or T suffix "
                          '(binary units, such as "512M" or "2G")')
