@@ -193,12 +193,13 @@ class ImageBuilder:
             prog.update(task, completed=KERNEL_OBJECTS_ESTIMATE)
         if rc != 0:
             tail = log_path.read_text().splitlines()[-20:]
-            raise VmrunError(f"kernel build failed (log: {log_path}):\n" + "\n".join(tail))
+            raise VmrunError(f"kernel build failed (log: {log_path})", detail="\n".join(tail))
 
     def _run(self, cmd: list[str], cwd: Path, env: dict[str, str]) -> None:
         res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
         if res.returncode != 0:
-            raise VmrunError(f"{' '.join(cmd)} failed:\n{res.stdout[-2000:]}{res.stderr[-2000:]}")
+            raise VmrunError(f"{' '.join(cmd)} failed (exit {res.returncode})",
+                             detail=f"{res.stdout[-2000:]}{res.stderr[-2000:]}")
 
     def _progress(self) -> Progress:
         return Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
@@ -216,7 +217,7 @@ def compile_static(source: Path) -> bytes:
         res = subprocess.run(["gcc", "-static", "-O2", "-Wall", "-o", str(exe), str(source)],
                              capture_output=True, text=True)
         if res.returncode != 0:
-            raise VmrunError(f"{source.name} did not compile:\n{res.stderr[-2000:]}")
+            raise VmrunError(f"{source.name} did not compile", detail=res.stderr[-2000:])
         return exe.read_bytes()
 
 
