@@ -334,11 +334,8 @@ def image_convert(src: Path, dst: Path, fmt: str, split: int | None, sectorsize:
 def image_check(path: Path, split: int | None, sectorsize: int) -> None:
     """Check the disk image at PATH (raw, sparse or split): prints "ok" or one line per
     problem; exit code 0 or 4."""
-    try:
-        from vmrun.block.image_tools import check_image
-    except ImportError:
-        raise VmrunError("image check: this vmrun has no image checker "
-                         "(vmrun.block.image_tools.check_image)") from None
+    from vmrun.block.image_tools import check_image
+
     problems = check_image(path, split=split, sectorsize=sectorsize)
     if not problems:
         click.echo("ok")
