@@ -290,8 +290,8 @@ def test_a_vmrun_error_detail_only_with_v(tmp_path: Path,
 
 
 def test_image_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from vmrun.block.image_tools import check_image  # noqa: F401  (must exist)
     from vmrun.block import create_image
+    from vmrun.block.image_tools import check_image  # noqa: F401  (must exist)
 
     create_image(tmp_path / "x.img", 1 << 20)
     out = _cli(["image", "check", "x.img"], tmp_path, monkeypatch)
