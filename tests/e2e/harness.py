@@ -6,6 +6,7 @@ tests share a few boots and check many things in each one.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pty
 import re
@@ -23,6 +24,29 @@ from vmrun.image import resolve_image_path
 
 REPO = Path(__file__).resolve().parents[2]
 BOOT_TIMEOUT = float(os.environ.get("VMRUN_E2E_BOOT_TIMEOUT", "900"))
+# Boots of the default guest are CPU-bound for minutes where KVM emulates guest kernel code:
+# two test sessions booting at once (several checkouts on one host) would each time out. A
+# host-wide lock, held while any GuestRun of this process is alive, runs them one at a time.
+LOCK_PATH = os.environ.get("VMRUN_E2E_LOCK", "/tmp/vmrun-e2e.lock")
+_lock_fd: int | None = None
+_lock_users = 0
+
+
+def _acquire_boot_lock() -> None:
+    global _lock_fd, _lock_users
+    if _lock_users == 0:
+        fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT, 0o666)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        _lock_fd = fd
+    _lock_users += 1
+
+
+def _release_boot_lock() -> None:
+    global _lock_fd, _lock_users
+    _lock_users -= 1
+    if _lock_users == 0 and _lock_fd is not None:
+        os.close(_lock_fd)
+        _lock_fd = None
 
 
 class GuestRun:
@@ -30,6 +54,8 @@ class GuestRun:
 
     def __init__(self, machine: Path, extra_args: tuple[str, ...] = ()) -> None:
         self.machine = machine
+        _acquire_boot_lock()
+        self._locked = True
         master, slave = pty.openpty()
         attrs = termios.tcgetattr(slave)
         attrs[3] &= ~termios.ECHO
@@ -107,6 +133,9 @@ class GuestRun:
             os.close(self.master)
         except OSError:
             pass
+        if self._locked:
+            self._locked = False
+            _release_boot_lock()
 
     def tail(self, n: int = 2500) -> str:
         return self.console[-n:].decode(errors="replace")
