@@ -446,7 +446,7 @@ def test_devices_go_through_the_validator(tmp_path: Path) -> None:
 
     checked: list[dict[str, Any]] = []
     f = machine(tmp_path, DEVICES)
-    cfg = load_machine(f, validator, devices_checker=lambda file, d: checked.append(d))
+    cfg = load_machine(f, validator, devices_checker=lambda file, d, taken: checked.append(d))
     assert cfg.devices == {"disk0": ("made", "disk0"), "rng": ("made", "rng"),
                            "auto": ("made", "auto")}
     assert [c[:3] for c in calls] == [(f, "devices.disk0", "disk0"), (f, "devices.rng", "rng"),
@@ -649,7 +649,7 @@ def test_one_image_through_a_hard_link(tmp_path: Path) -> None:
     os.link(tmp_path / "a.img", tmp_path / "b.img")
     f = machine(tmp_path, '[devices.a]\nmodel = "virtio-blk"\npath = "a.img"\n'
                           '[devices.b]\nmodel = "virtio-blk"\npath = "b.img"\n')
-    with pytest.raises(ConfigError, match=r"devices\.b\.path: image is already used by "
+    with pytest.raises(ConfigError, match=r"devices\.b\.path: this file is already used by "
                                           r"devices\.a \(got"):
         load_machine(f)
     f = machine(tmp_path, '[serial.com1]\nbackend = "file"\npath = "a.img"\n'

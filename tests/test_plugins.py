@@ -149,7 +149,7 @@ def test_bad_device_tables(tmp_path: Path, devices: str, expected: str) -> None:
 
 def test_two_devices_on_one_image(tmp_path: Path) -> None:
     (tmp_path / "d.img").write_bytes(bytes(4096))
-    with pytest.raises(ConfigError, match="devices.b.path: image is already used by devices.a"):
+    with pytest.raises(ConfigError, match="devices.b.path: this file is already used by devices.a"):
         _load(tmp_path, '[devices.a]\nmodel = "virtio-blk"\npath = "d.img"\n'
                         '[devices.b]\nmodel = "virtio-blk"\npath = "./d.img"\n')
 

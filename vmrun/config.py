@@ -83,7 +83,9 @@ SERIAL_KEYS = ("backend", "path")
 DEVICE_KEYS = ("model", "slot")
 
 DeviceValidator = Callable[[Path, str, str, dict[str, Any]], Any]
-DevicesChecker = Callable[[Path, dict[str, Any]], None]
+#: ``checker(file, devices, taken)``: ``taken`` maps the host files the machine's own keys
+#: already use (``file_identity``) to their key paths (``serial.com1.path``).
+DevicesChecker = Callable[[Path, dict[str, Any], dict[Any, str]], None]
 
 
 @dataclass(frozen=True)
@@ -349,7 +351,9 @@ def parse_machine(text: str, file: Path, device_validator: DeviceValidator | Non
     if devices_checker is None and device_validator is not None:
         devices_checker = _plugin_checker(device_validator)
     if devices_checker is not None:
-        devices_checker(file, devices)
+        taken = {file_identity(p.path): f"serial.{port}.path"
+                 for port, p in serial.items() if p.path is not None}
+        devices_checker(file, devices, taken)
     if check_contents:
         _check_memory_fits_host(c, memory, data.get("memory", DEFAULT_MEMORY))
         _check_boot_files(c, data["boot"], boot, memory)

@@ -127,7 +127,7 @@ def vmrun_register_devices(register) -> None:
                    choices=("stdio", "file", "socket", "pty", "null")),
             Option("path", "path", "file or unix socket path (file and socket backends)"),
         ],
-        check=_uart_check))
+        check=_uart_check, exclusive_paths=("path",)))
     register(DeviceType(
         "virtio-rnd", "virtio entropy source fed by the host's getrandom()",
         lambda ctx, o: VirtioPciTransport(VirtioRng(rate=o["rate"])),

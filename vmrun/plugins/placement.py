@@ -61,10 +61,13 @@ def validate_device(file: Path, prefix: str, dev_id: str, table: dict[str, Any])
     return PlacedDevice(dev_id, dtype, slot, func, parsed)
 
 
-def check_devices(file: Path, devices: dict[str, PlacedDevice]) -> None:
-    """Cross-device checks: one image per device (the same file however it is reached: a
-    hard link or a symlink counts), and the bus laid out as :func:`place_devices` will."""
-    seen: dict[Any, str] = {}
+def check_devices(file: Path, devices: dict[str, PlacedDevice],
+                  taken: dict[Any, str] | None = None) -> None:
+    """Cross-device checks: one host file per device (an image, a UART's output: the same
+    file however it is reached, a hard link or a symlink counts, and not one a serial port
+    already writes — ``taken`` maps those to their key paths), and the bus laid out as
+    :func:`place_devices` will."""
+    seen: dict[Any, str] = dict(taken or {})
     for dev_id, placed in devices.items():
         for opt in placed.type.exclusive_paths:
             p = placed.options.get(opt)
@@ -72,9 +75,9 @@ def check_devices(file: Path, devices: dict[str, PlacedDevice]) -> None:
                 continue
             ident = file_identity(Path(p))
             if ident in seen:
-                raise _error(file, f"devices.{dev_id}.{opt}", f"image is already used by "
-                             f"devices.{seen[ident]}", str(p))
-            seen[ident] = dev_id
+                raise _error(file, f"devices.{dev_id}.{opt}", "this file is already used by "
+                             f"{seen[ident]}", str(p))
+            seen[ident] = f"devices.{dev_id}"
     _layout(file, devices, {d: p.type.name for d, p in devices.items()})
 
 
