@@ -174,3 +174,37 @@ def test_an_image_created_for_a_machine_that_fails_to_come_up_is_removed(
             Machine(cfg, {})
     assert not new.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy.img", "m.toml", "vmlinux"]
+
+
+def test_an_error_after_a_half_line_of_guest_output_starts_its_own_line(tmp_path: Path) -> None:
+    """The guest's console and vmrun's messages share the terminal: the guest left "half"
+    without a newline, and the triple-fault line must not be glued to it."""
+    import pty
+
+    f = machine(tmp_path, "half_line_triple_fault")
+    f.write_text(f.read_text().replace('backend = "null"', 'backend = "stdio"'))
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "vmrun", "up", str(f)],
+                                stdin=slave, stdout=slave, stderr=slave,
+                                cwd=Path(__file__).resolve().parents[1])
+        os.close(slave)
+        slave = -1
+        got = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            got += chunk
+        assert proc.wait(timeout=30) == ExitCode.TRIPLE_FAULT
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    text = got.decode(errors="replace").replace("\r", "")
+    assert "half\n" in text, text
+    line = next(ln for ln in text.splitlines() if "triple fault" in ln)
+    assert line.lstrip("\x1b[0123456789;m").startswith("vmrun: "), text

@@ -215,10 +215,36 @@ def _reopen_nonblocking(fd: int) -> int:
         return os.dup(fd)
 
 
+#: True while the guest's last byte on vmrun's stdout did not end a line: vmrun's own messages
+#: (on stderr, often the same terminal) then start a fresh line first (see
+#: :func:`console_needs_newline`).
+_stdout_mid_line = False
+
+
+def console_needs_newline() -> bool:
+    """Whether a message to stderr must begin with a newline to start a line of its own: the
+    guest's console (on stdout) stopped mid-line and both streams go to one terminal. Asking
+    counts as ending the line (the caller writes the newline)."""
+    global _stdout_mid_line
+    if not _stdout_mid_line:
+        return False
+    _stdout_mid_line = False
+    try:
+        return os.isatty(1) and os.isatty(2) and os.ttyname(1) == os.ttyname(2)
+    except OSError:
+        return False
+
+
 class StdioBackend(Backend):
     """The controlling terminal (or plain stdin/stdout when they are not a terminal)."""
 
     name = "stdio"
+
+    def write(self, data: bytes) -> None:
+        global _stdout_mid_line
+        if data:
+            _stdout_mid_line = data[-1:] not in (b"\n", b"\r")
+        super().write(data)
 
     def __init__(self, loop: EventLoop) -> None:
         super().__init__(loop)

@@ -50,10 +50,21 @@ def _end_live_displays() -> None:
             pass
 
 
+def _fresh_line() -> None:
+    """The guest may have left the shared terminal mid-line: end that line first, so the
+    message is a line of its own."""
+    from vmrun.chardev import console_needs_newline
+
+    if console_needs_newline():
+        err_console.file.write("\r\n")
+        err_console.file.flush()
+
+
 def print_error(message: object, detail: str = "") -> None:
     """``vmrun: MESSAGE`` as exactly one line on stderr (bold red on a terminal); ``detail``
     follows, as plain lines, only with ``-v``."""
     _end_live_displays()
+    _fresh_line()
     err_console.print(Text(f"{PROG}: {one_line(message)}", style="bold red"), soft_wrap=True)
     if detail and _verbose:
         err_console.print(Text(detail.rstrip("\n")), soft_wrap=True)
@@ -216,8 +227,11 @@ def up(machine_file: Path, verbose: bool) -> None:
 
     _set_verbose(verbose)
     cfg = load_machine(machine_file)
-    runner = Runner(cfg, log=lambda msg: err_console.print(Text(f"vmrun: {one_line(msg)}"),
-                                                           soft_wrap=True))
+    def log(msg: str) -> None:
+        _fresh_line()
+        err_console.print(Text(f"vmrun: {one_line(msg)}"), soft_wrap=True)
+
+    runner = Runner(cfg, log=log)
     info = runner.run()
     if info.code == 4:
         first, _, rest = info.reason.partition("\n")

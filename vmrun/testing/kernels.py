@@ -32,6 +32,11 @@ ENDINGS_32 = {
     # mov al, V; out 0xF4, al
     "debug_exit_2": b"\xb0\x02\xe6\xf4",
 }
+# mov dx, COM1; then mov al, c; out dx, al for each byte of "half" (no newline): the console
+# is left mid-line before the triple fault.
+ENDINGS_32["half_line_triple_fault"] = (
+    b"\x66\xba\xf8\x03" + b"".join(b"\xb0" + bytes([c]) + b"\xee" for c in b"half")
+    + ENDINGS_32["triple_fault"])
 
 
 def pvh_elf(ending: str = "poweroff", entry: int = 0x100000) -> bytes:
