@@ -82,6 +82,15 @@ def test_bzimage_zero_page(tmp_path: Path, mem: GuestMemory) -> None:
     assert zp[0x1E8] == 3
 
 
+def test_bzimage_initrd_stays_below_the_kernels_initrd_addr_max(tmp_path: Path,
+                                                               mem: GuestMemory) -> None:
+    k = write(tmp_path, "bzImage", kernels.bzimage(initrd_addr_max=0x00FF_FFFF))   # 16 MiB
+    rd = write(tmp_path, "initrd", bytes(5000))
+    load_kernel(mem, k, rd, "", rsdp_addr=0)
+    addr, size = struct.unpack_from("<II", mem.read(layout.ZERO_PAGE, 4096), 0x218)
+    assert size == 5000 and addr + size <= 0x100_0000 and addr % 4096 == 0
+
+
 BAD_KERNELS = {
     "not a kernel": (b"hello world" * 100, "not a Linux kernel"),
     "empty": (b"", "not a Linux kernel"),

@@ -635,6 +635,20 @@ def test_initrd_limit_follows_the_boot_protocol(tmp_path: Path) -> None:
     assert load_raw(f).boot.initrd == initrd
 
 
+def test_initrd_limit_follows_a_bzimages_initrd_addr_max(tmp_path: Path) -> None:
+    """``check`` refuses what the loader would: an initrd above the kernel's own limit."""
+    from vmrun.testing import kernels
+
+    (tmp_path / "bzImage").write_bytes(kernels.bzimage(initrd_addr_max=0x00FF_FFFF))
+    with open(tmp_path / "initrd", "wb") as fd:
+        fd.truncate(20 * MiB)
+    f = machine(tmp_path, 'memory = "256M"\n[boot]\nkernel = "bzImage"\ninitrd = "initrd"\n')
+    assert "below the kernel's initrd_addr_max 0xffffff" in error_of(f)
+    with open(tmp_path / "initrd", "wb") as fd:
+        fd.truncate(8 * MiB)
+    assert load_raw(f).boot.initrd == tmp_path / "initrd"
+
+
 def test_serial_and_uart_outputs_that_would_block(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "out")
     f = machine(tmp_path, '[serial.com1]\nbackend = "file"\npath = "out"\n')

@@ -405,7 +405,8 @@ def _check_boot_files(c: _Checker, table: dict[str, Any], boot: BootConfig, memo
     """The kernel's headers as the loader will read them, and the initrd against the RAM the
     boot protocol can put it in (see :func:`vmrun.core.boot.initrd_limit`)."""
     try:
-        fmt, kernel_end = bootloader.probe_kernel(boot.kernel, boot.kernel.stat().st_size)
+        fmt, kernel_end, initrd_top = bootloader.probe_kernel(boot.kernel,
+                                                              boot.kernel.stat().st_size)
     except ValueError as e:
         raise c.error("boot.kernel", f"kernel {boot.kernel}: {e}", table["kernel"]) from None
     except OSError as e:
@@ -419,12 +420,17 @@ def _check_boot_files(c: _Checker, table: dict[str, Any], boot: BootConfig, memo
     if boot.initrd is None:
         return
     size = boot.initrd.stat().st_size
-    limit = bootloader.initrd_limit(memory, kernel_end)
+    limit = bootloader.initrd_limit(memory, kernel_end, initrd_top)
     if size > limit:
+        if initrd_top < min(memory, bootloader.INITRD_TOP):
+            where = f"below the kernel's initrd_addr_max {initrd_top - 1:#x}, above the kernel"
+            hint = "the kernel allows no larger initrd"
+        else:
+            where = "below min(memory, 896 MiB), above the kernel"
+            hint = "give the machine more memory"
         raise c.error("boot.initrd", f"initrd {boot.initrd} of {size} bytes does not fit: with "
                       f"{memory // MiB} MiB of RAM and this kernel at most {limit} bytes fit "
-                      "(below min(memory, 896 MiB), above the kernel); give the machine more "
-                      "memory", table["initrd"])
+                      f"({where}); {hint}", table["initrd"])
 
 
 def _cpu(c: _Checker, value: Any) -> CpuConfig:

@@ -75,18 +75,25 @@ INITRD_TOP = 0x3800_0000    # 896 MiB: the lowmem limit older kernels assume for
 PROBE_BYTES = 64 << 10      # what probe_kernel reads of headers, program headers and notes
 
 
-def initrd_limit(memory: int, kernel_end: int) -> int:
+def initrd_limit(memory: int, kernel_end: int, initrd_top: int = INITRD_TOP) -> int:
     """The largest initrd :func:`place_initrd` can put into a machine of ``memory`` bytes of
     RAM, above a kernel ending at ``kernel_end``: it must fit, page aligned, between the end of
     the kernel and the top of low RAM, 896 MiB at most (so 895 MiB less the kernel however
-    much memory the machine has)."""
-    top = min(memory, layout.LOW_RAM_END, INITRD_TOP)
+    much memory the machine has), and below ``initrd_top`` (a bzImage's initrd_addr_max + 1)."""
+    top = min(memory, layout.LOW_RAM_END, INITRD_TOP, initrd_top) & ~0xFFF
     return max(0, top - ((kernel_end + 0xFFF) & ~0xFFF))
 
 
-def probe_kernel(path: Path, size: int) -> tuple[str, int]:
+def bzimage_initrd_top(head: bytes) -> int:
+    """One past the highest address a bzImage lets its initrd reach (initrd_addr_max + 1;
+    protocols before 2.03 leave it 0, meaning 0x37FFFFFF)."""
+    return (struct.unpack_from("<I", head, 0x22C)[0] or 0x37FFFFFF) + 1
+
+
+def probe_kernel(path: Path, size: int) -> tuple[str, int, int]:
     """Check the kernel image at ``path`` (``size`` bytes, a regular file) the way the loaders
-    will, reading only its headers: -> (format, guest address where the loaded kernel ends).
+    will, reading only its headers: -> (format, guest address where the loaded kernel ends,
+    one past the highest address its initrd may reach).
 
     Raises ValueError with the reason (the caller names the key and the file), so that the
     machine file check refuses what :func:`load_kernel` would, before a VM exists.
@@ -97,9 +104,9 @@ def probe_kernel(path: Path, size: int) -> tuple[str, int]:
         head = f.read(PROBE_BYTES)
         fmt = detect_kernel_format(head)
         if fmt == "elf":
-            return fmt, _probe_elf(f, head, size)
+            return fmt, _probe_elf(f, head, size), INITRD_TOP
     if fmt == "bzimage":
-        return fmt, _probe_bzimage(head, size)
+        return fmt, _probe_bzimage(head, size), bzimage_initrd_top(head)
     raise ValueError("not a Linux kernel (neither an ELF vmlinux nor a bzImage)")
 
 
@@ -153,11 +160,13 @@ def _probe_bzimage(head: bytes, size: int) -> int:
     return layout.KERNEL_START + max(size - setup_size, init_size)
 
 
-def place_initrd(mem: GuestMemory, initrd: bytes, kernel_end: int, path: Path) -> int:
-    """Put the initrd as high in low RAM as fits (page aligned, below 4 GiB and 896 MiB's
-    lowmem limit that older kernels assume); returns its guest address."""
+def place_initrd(mem: GuestMemory, initrd: bytes, kernel_end: int, path: Path,
+                 initrd_top: int = INITRD_TOP) -> int:
+    """Put the initrd as high in low RAM as fits (page aligned, below 4 GiB, 896 MiB's
+    lowmem limit that older kernels assume, and the kernel's own ``initrd_top``); returns its
+    guest address."""
     low = mem.slots[0]
-    top = min(low.end, INITRD_TOP)
+    top = min(low.end, INITRD_TOP, initrd_top)
     addr = (top - len(initrd)) & ~0xFFF
     if addr < kernel_end:
         raise VmrunError(f"{path}: initrd of {len(initrd)} bytes does not fit in guest RAM "
@@ -289,11 +298,7 @@ def load_bzimage(mem: GuestMemory, kernel: Path, initrd: Path | None, cmdline: s
     struct.pack_into("<I", zp, 0x228, cmdline_addr)
     if initrd is not None:
         blob = _read_file(initrd, "initrd")
-        max_addr = struct.unpack_from("<I", data, 0x22C)[0] or 0x37FFFFFF
-        addr = place_initrd(mem, blob, kernel_end, initrd)
-        if addr + len(blob) - 1 > max_addr:
-            raise VmrunError(f"{initrd}: initrd ends above the kernel's initrd_addr_max "
-                             f"{max_addr:#x}")
+        addr = place_initrd(mem, blob, kernel_end, initrd, bzimage_initrd_top(data))
         struct.pack_into("<II", zp, 0x218, addr, len(blob))
     e820 = e820_map(mem)
     zp[0x1E8] = len(e820)

@@ -65,7 +65,8 @@ def pvh_elf(ending: str = "poweroff", entry: int = 0x100000) -> bytes:
     return bytes(image)
 
 
-def bzimage(ending: str = "poweroff", version: int = 0x020F, xloadflags: int = 1) -> bytes:
+def bzimage(ending: str = "poweroff", version: int = 0x020F, xloadflags: int = 1,
+            initrd_addr_max: int = 0x7FFFFFFF) -> bytes:
     """A bzImage whose 64-bit entry (load address + 0x200) reports rsi (the zero page), the
     'HdrS' magic seen through it, cmd_line_ptr, ramdisk_image, e820 entry count; then ends."""
     setup_sects = 1
@@ -76,7 +77,7 @@ def bzimage(ending: str = "poweroff", version: int = 0x020F, xloadflags: int = 1
     struct.pack_into("<I", setup, 0x202, 0x53726448)    # "HdrS"
     struct.pack_into("<H", setup, 0x206, version)
     setup[0x211] = 0x01                                 # LOADED_HIGH
-    struct.pack_into("<I", setup, 0x22C, 0x7FFFFFFF)    # initrd_addr_max
+    struct.pack_into("<I", setup, 0x22C, initrd_addr_max)
     struct.pack_into("<H", setup, 0x236, xloadflags)
     struct.pack_into("<I", setup, 0x260, 0x10000)       # init_size
 
