@@ -340,6 +340,80 @@ def image_convert(src: Path, dst: Path, fmt: str, split: int | None, sectorsize:
             raise
 
 
+@image.command("pull")
+@click.argument("name")
+def image_pull(name: str) -> None:
+    """Download catalogue image NAME (e.g. ubuntu-24.04) into the cache, verified against the
+    distribution's checksum list; an interrupted pull resumes. `vmrun image ls` lists them."""
+    from vmrun.catalogue import lookup, pull
+
+    lookup(name)
+    _pull_with_progress(name, pull)
+
+
+def _pull_with_progress(name: str, pull) -> Path:
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), TimeRemainingColumn(), console=err_console) as progress:
+        def per_file(label: str):
+            task = progress.add_task(escape(one_line(label)), total=None)
+
+            def report(done: int, total: int | None) -> None:
+                progress.update(task, completed=done, total=total)
+            return report
+
+        try:
+            return pull(name, per_file)
+        except BaseException:
+            progress.live.transient = True
+            progress.live.stop()
+            progress.disable = True
+            raise
+
+
+@image.command("ls")
+def image_ls() -> None:
+    """List the cached images with their sizes (catalogue images and built ones)."""
+    from rich.table import Table
+
+    from vmrun.catalogue import CATALOGUE, cached
+
+    table = Table("name", "size", "state", "files", box=None)
+    have = {c.name: c for c in cached()}
+    for c in have.values():
+        state = "ready" if c.complete else "partial (pull resumes)"
+        table.add_row(escape(c.name), _human(c.size), state, escape(", ".join(c.files)))
+    for name, img in CATALOGUE.items():
+        if name not in have:
+            table.add_row(escape(name), "-", "not pulled", escape(img.title))
+    Console().print(table)
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@image.command("rm")
+@click.argument("name")
+def image_rm(name: str) -> None:
+    """Remove image NAME from the cache (a pulled or a built one, partial downloads too)."""
+    from vmrun.catalogue import remove
+
+    freed = remove(name)
+    err_console.print(Text(one_line(f"removed {name} ({_human(freed)})")), soft_wrap=True)
+
+
 @image.command("check")
 @click.argument("path", type=_file())
 @click.option("--split", callback=_size, help="Segment size of a split image.")
