@@ -17,6 +17,7 @@ import pytest
 
 from vmrun.config import (
     BOOT_KEYS,
+    CLOUD_INIT_KEYS,
     CPU_KEYS,
     CPU_PROFILES,
     DEVICE_KEYS,
@@ -143,6 +144,7 @@ def test_reference_documents_every_key() -> None:
     assert wanted <= documented, sorted(wanted - documented)
     # ... and every key the loader accepts (so a new key cannot go undocumented).
     loader = {k for k in TOP_KEYS if k not in ("serial", "devices")}
+    loader |= {f"cloud-init.{k}" for k in CLOUD_INIT_KEYS}
     loader |= {f"cpu.{k}" for k in CPU_KEYS} | {f"boot.{k}" for k in BOOT_KEYS}
     loader |= {f"serial.*.{k}" for k in SERIAL_KEYS} | {f"devices.*.{k}" for k in DEVICE_KEYS}
     assert loader <= documented, sorted(loader - documented)

@@ -26,6 +26,12 @@ try:
 except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib  # type: ignore[no-redef]
 
+from vmrun.cloudinit import (
+    CloudInitConfig,
+    check_network_config_file,
+    check_user_data_file,
+    default_user,
+)
 from vmrun.core import boot as bootloader
 from vmrun.core.cpufeatures import FEATURES
 from vmrun.errors import ConfigError
@@ -76,8 +82,16 @@ PATH_BACKENDS = ("file", "socket")
 # The keys each table accepts (machines/reference.toml must document all of them; a test
 # checks). [cpu.features] takes feature names, [devices.ID] also the model's own options.
 TOP_KEYS = ("name", "cpus", "memory", "huge_pages", "uuid", "rtc", "on_reboot",
-            "on_unhandled_io", "cpu", "boot", "serial", "devices")
+            "on_unhandled_io", "cpu", "boot", "serial", "devices", "cloud-init")
 CPU_KEYS = ("profile", "features")
+CLOUD_INIT_KEYS = ("user", "hostname", "ssh_authorized_keys", "packages", "runcmd",
+                   "write_files", "user_data", "network_config")
+WRITE_FILE_KEYS = ("path", "content", "permissions", "owner", "append")
+USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+HOSTNAME_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+SSH_KEY_RE = re.compile(r"(ssh-(ed25519|rsa|dss)|ecdsa-sha2-nistp\d+|sk-\S+) [A-Za-z0-9+/=]+"
+                        r"( [^\n]*)?")
+PACKAGE_RE = re.compile(r"[a-z0-9][a-z0-9+.:=~-]*")
 BOOT_KEYS = ("kernel", "initrd", "cmdline")
 SERIAL_KEYS = ("backend", "path")
 DEVICE_KEYS = ("model", "slot")
@@ -132,6 +146,7 @@ class MachineConfig:
     serial: dict[str, SerialConfig]
     devices: dict[str, Any]
     huge_pages: bool | None = None      # None: "auto"
+    cloud_init: CloudInitConfig | None = None
 
 
 # format_value (values as TOML writes them) lives in vmrun.units, shared with the plugin
@@ -358,8 +373,104 @@ def parse_machine(text: str, file: Path, device_validator: DeviceValidator | Non
         _check_memory_fits_host(c, memory, data.get("memory", DEFAULT_MEMORY))
         _check_boot_files(c, data["boot"], boot, memory)
 
+    cloud_init = _cloud_init(c, data, name)
     return MachineConfig(file, name, cpus, memory, machine_uuid, rtc, on_reboot, on_io, cpu,
-                         boot, serial, devices, huge_pages)
+                         boot, serial, devices, huge_pages, cloud_init)
+
+
+def _cloud_init(c: _Checker, data: dict[str, Any], name: str) -> CloudInitConfig | None:
+    """The ``[cloud-init]`` table: what vmrun puts into the NoCloud seed (see
+    :mod:`vmrun.cloudinit`). ``user_data`` (a whole file, checked to be YAML) excludes the
+    keys that would build one."""
+    if "cloud-init" not in data:
+        return None
+    t = c.table(data["cloud-init"], "cloud-init")
+    c.unknown(t, CLOUD_INIT_KEYS, "cloud-init")
+    if "user_data" in t:
+        clash = [k for k in ("user", "ssh_authorized_keys", "packages", "runcmd",
+                             "write_files") if k in t]
+        if clash:
+            raise c.error(f"cloud-init.{clash[0]}", "cannot be combined with user_data (put it "
+                          "into that file)", t[clash[0]])
+    user = c.string(t, "user", "cloud-init.user", default_user(), empty_ok=False)
+    if not USER_RE.fullmatch(user) or user == "root":
+        raise c.error("cloud-init.user", "must be a user name (a-z, 0-9, _ and -, at most 32, "
+                      "not root)", user)
+    hostname = c.string(t, "hostname", "cloud-init.hostname", name.replace("_", "-")[:63])
+    if not HOSTNAME_RE.fullmatch(hostname):
+        raise c.error("cloud-init.hostname", "must be a host name (letters, digits and -, at "
+                      "most 63)", hostname)
+    keys = None
+    if "ssh_authorized_keys" in t:
+        keys = tuple(_string_list(c, t["ssh_authorized_keys"], "cloud-init.ssh_authorized_keys"))
+        for i, k in enumerate(keys):
+            if not SSH_KEY_RE.fullmatch(k):
+                raise c.error(f"cloud-init.ssh_authorized_keys[{i}]", "is not an ssh public key "
+                              '("ssh-ed25519 AAAA... comment")', k)
+    packages = tuple(_string_list(c, t.get("packages", []), "cloud-init.packages"))
+    for i, pkg in enumerate(packages):
+        if not PACKAGE_RE.fullmatch(pkg):
+            raise c.error(f"cloud-init.packages[{i}]", "is not a package name", pkg)
+    runcmd = t.get("runcmd", [])
+    if not isinstance(runcmd, list):
+        raise c.error("cloud-init.runcmd", "must be an array of commands", runcmd)
+    for i, cmd in enumerate(runcmd):
+        ok = isinstance(cmd, str) or (isinstance(cmd, list) and cmd
+                                      and all(isinstance(a, str) for a in cmd))
+        if not ok:
+            raise c.error(f"cloud-init.runcmd[{i}]", "must be a string (run by sh) or an array "
+                          "of strings (argv)", cmd)
+    write_files = []
+    for i, wf in enumerate(_table_list(c, t.get("write_files", []), "cloud-init.write_files")):
+        key = f"cloud-init.write_files[{i}]"
+        c.unknown(wf, WRITE_FILE_KEYS, key)
+        path = c.string(wf, "path", f"{key}.path", required=True)
+        if not path.startswith("/"):
+            raise c.error(f"{key}.path", "must be an absolute path in the guest", path)
+        c.string(wf, "content", f"{key}.content", "")
+        perm = c.string(wf, "permissions", f"{key}.permissions", "0644")
+        if not re.fullmatch(r"0?[0-7]{3,4}", perm):
+            raise c.error(f"{key}.permissions", 'must be octal, e.g. "0644"', perm)
+        c.string(wf, "owner", f"{key}.owner", "root:root")
+        if not isinstance(wf.get("append", False), bool):
+            raise c.error(f"{key}.append", "must be true or false", wf["append"])
+        write_files.append(dict(wf))
+    user_data = None
+    if "user_data" in t:
+        text = c.string(t, "user_data", "cloud-init.user_data", empty_ok=False)
+        user_data = c.input_file(text, "cloud-init.user_data", "user-data file")
+        try:
+            check_user_data_file(user_data)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise c.error("cloud-init.user_data", f"{user_data} {e}", text) from None
+    net: Any = None
+    if "network_config" in t:
+        v = t["network_config"]
+        if isinstance(v, dict):
+            net = v
+        elif isinstance(v, str) and v:
+            net = c.input_file(v, "cloud-init.network_config", "network-config file")
+            try:
+                check_network_config_file(net)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise c.error("cloud-init.network_config", f"{net} {e}", v) from None
+        else:
+            raise c.error("cloud-init.network_config", "must be a table (network config "
+                          "version 2) or the path of a YAML file", v)
+    return CloudInitConfig(user, hostname, keys, packages, tuple(runcmd), tuple(write_files),
+                           user_data, net)
+
+
+def _string_list(c: _Checker, value: Any, key: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise c.error(key, "must be an array of strings", value)
+    return value
+
+
+def _table_list(c: _Checker, value: Any, key: str) -> list[dict[str, Any]]:
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise c.error(key, "must be an array of tables", value)
+    return value
 
 
 def _memory(c: _Checker, value: Any) -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from vmrun.block.image_tools import remove_created
 from vmrun.chardev import Backend
+from vmrun.cloudinit import seed_device
 from vmrun.config import MachineConfig
 from vmrun.core import layout
 from vmrun.core.acpi import AcpiPlatform, build_acpi
@@ -137,7 +138,8 @@ class Machine:
             layout.HIGH_RAM_START + max(0, cfg.memory - layout.LOW_RAM_END), layout.GiB)
         pio.insert(ConfigMechanism1(self.pci, reset), layout.PCI_CONFIG_ADDRESS, 8)
         vm.mmio.insert(Ecam(self.pci), layout.ECAM_BASE, layout.ECAM_SIZE)
-        self.placed = place_devices(cfg)
+        extra = [seed_device(cfg)] if cfg.cloud_init is not None else []
+        self.placed = place_devices(cfg, extra)
         self.devices = []
         for placed in self.placed:
             ctx = DeviceContext(placed.id, cfg.name, str(cfg.uuid), self.host,

@@ -122,11 +122,14 @@ def _layout(file: Path, devices: dict[str, PlacedDevice], models: dict[str, str]
             taken[(slot, 0)] = f"devices.{dev_id}"
 
 
-def place_devices(cfg) -> list[PlacedDevice]:
-    """Every device of the machine with a slot: defaults first, then the file's, in order."""
+def place_devices(cfg, extra: list[PlacedDevice] | None = None) -> list[PlacedDevice]:
+    """Every device of the machine with a slot: defaults first, then the file's, in order,
+    then ``extra`` ones vmrun adds itself (the cloud-init seed)."""
     reg = get_registry()
     placed: list[PlacedDevice] = []
-    devices: dict[str, Any] = cfg.devices
+    devices: dict[str, Any] = dict(cfg.devices)
+    for d in extra or ():
+        devices.setdefault(d.id, d)
     models = {d.type.name for d in devices.values()}
     for dev_id, model, slot in _defaults(devices, models):
         dtype = reg.get(model)
