@@ -247,3 +247,32 @@ def test_cli_errors_are_one_line(mirror: Mirror, tmp_path: Path) -> None:
     assert not list(_cache(tmp_path).glob("initrd*"))
     out = _vmrun(["image", "rm", "nothing-here"], env)
     assert out.returncode == 4 and "no image 'nothing-here' in the cache" in out.stderr
+
+
+def test_up_pulls_what_the_machine_file_names(mirror: Mirror, tmp_path: Path) -> None:
+    """`vmrun check` says the image is not pulled; `vmrun up` pulls it, then boots it."""
+    from vmrun.testing import kernels
+
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        pytest.skip("no /dev/kvm")
+    files = _layout(mirror.root, size=1 << 16)
+    kernel = kernels.pvh_elf("poweroff")
+    stem = mirror.root / "ubuntu-24.04" / "unpacked" / "noble-server-cloudimg-amd64"
+    Path(f"{stem}-vmlinuz-generic").write_bytes(kernel)
+    sums = mirror.root / "ubuntu-24.04" / "unpacked" / "SHA256SUMS"
+    sums.write_text("\n".join(
+        f"{hashlib.sha256(p.read_bytes()).hexdigest()} *{p.name}"
+        for p in sorted(sums.parent.iterdir()) if p.name != "SHA256SUMS") + "\n")
+    m = tmp_path / "m.toml"
+    m.write_text('name = "pulled"\nmemory = "64M"\n[boot]\nkernel = "image:ubuntu-24.04/vmlinuz"'
+                 '\ninitrd = "image:ubuntu-24.04/initrd"\n[serial.com1]\nbackend = "null"\n')
+    env = {"VMRUN_IMAGE_MIRROR": mirror.url, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    out = _vmrun(["check", str(m)], env)
+    assert out.returncode == 4 and "is not pulled yet: run `vmrun image pull ubuntu-24.04` " \
+        "(vmrun up pulls it)" in out.stderr
+    out = _vmrun(["up", str(m)], env)
+    assert out.returncode == 1, out.stderr                 # the kernel powers off
+    assert "pulling ubuntu-24.04 (first use)" in out.stderr
+    d = _cache(tmp_path)
+    assert (d / "vmlinuz").read_bytes() == kernel
+    assert (d / "initrd").read_bytes() == files["initrd"]

@@ -183,3 +183,14 @@ def missing_parts(name: str) -> list[Path]:
     img = lookup(name)
     d = image_dir(img.name)
     return [part_path(d / f.local) for f in img.files if part_path(d / f.local).exists()]
+
+
+def referenced(text: str) -> list[str]:
+    """The catalogue images a machine file's text names (``image:NAME/...``), in order."""
+    import re
+
+    names: list[str] = []
+    for m in re.finditer(r"image:([A-Za-z0-9._-]+)/", text):
+        if m.group(1) in CATALOGUE and m.group(1) not in names:
+            names.append(m.group(1))
+    return names

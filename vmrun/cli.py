@@ -226,7 +226,9 @@ def up(machine_file: Path, verbose: bool) -> None:
     from vmrun.runner import Runner
 
     _set_verbose(verbose)
+    _pull_referenced_images(machine_file)
     cfg = load_machine(machine_file)
+
     def log(msg: str) -> None:
         _fresh_line()
         err_console.print(Text(f"vmrun: {one_line(msg)}"), soft_wrap=True)
@@ -349,6 +351,18 @@ def image_pull(name: str) -> None:
 
     lookup(name)
     _pull_with_progress(name, pull)
+
+
+def _pull_referenced_images(machine_file: Path) -> None:
+    """``up`` first pulls the catalogue images the machine file names and the cache lacks
+    (with progress), so a first ``vmrun up machines/ubuntu.toml`` just works."""
+    from vmrun.catalogue import is_pulled, lookup, pull, referenced
+    from vmrun.config import read_machine_file
+
+    for name in referenced(read_machine_file(machine_file)):
+        if not is_pulled(lookup(name)):
+            err_console.print(Text(f"vmrun: pulling {name} (first use)"), soft_wrap=True)
+            _pull_with_progress(name, pull)
 
 
 def _pull_with_progress(name: str, pull) -> Path:

@@ -248,9 +248,15 @@ class _Checker:
         if not m or ".." in m.group(2).split("/"):
             raise self.error(path, 'must look like "image:NAME/FILE"', value)
         name = m.group(1)
-        if name not in IMAGES:
-            raise self.error(path, f"unknown image {name} (known: {', '.join(IMAGES)})", value)
+        from vmrun.catalogue import CATALOGUE
+
+        if name not in IMAGES and name not in CATALOGUE:
+            known = ", ".join([*IMAGES, *CATALOGUE])
+            raise self.error(path, f"unknown image {name} (known: {known})", value)
         p = resolve_image_path(value)
+        if not p.is_file() and name in CATALOGUE:
+            raise self.error(path, f"{what} {p} is not pulled yet: run `vmrun image pull "
+                             f"{name}` (vmrun up pulls it)", value)
         if not p.is_file():
             raise self.error(path, f"{what} {p} is not built yet: run `vmrun image build "
                              f"{name}`", value)
