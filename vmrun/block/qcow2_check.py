@@ -45,6 +45,7 @@ DEFAULT_CLUSTER = 65536
 class Scan:
     used: array.array                                  # per host cluster: times referenced
     errors: list[str] = field(default_factory=list)    # table entries that are wrong
+    flags: list[str] = field(default_factory=list)     # COPIED flags the refcounts contradict
     allocated_clusters: int = 0                        # guest clusters with data (active L1)
     compressed_clusters: int = 0
     zero_clusters: int = 0
@@ -98,7 +99,7 @@ def scan(img: Qcow2Image) -> Scan:
             if not ref(off, cs, f"L2 table {i}"):
                 continue
             if active and bool(e & COPIED) != (_safe(stored, off >> cb) == 1):
-                errors.append(f"L2 table at {off:#x}: COPIED flag does not match its "
+                out.flags.append(f"L2 table at {off:#x}: COPIED flag does not match its "
                               f"refcount {_safe(stored, off >> cb)}")
             l2 = _decode_u64(img._pread(off, cs))
             for j, entry in enumerate(l2):
@@ -127,7 +128,7 @@ def scan(img: Qcow2Image) -> Scan:
                     continue
                 if ref(host, cs, f"{where}: data cluster") and active and \
                         bool(entry & COPIED) != (_safe(stored, host >> cb) == 1):
-                    errors.append(f"{where}: COPIED flag does not match refcount "
+                    out.flags.append(f"{where}: COPIED flag does not match refcount "
                                   f"{_safe(stored, host >> cb)}")
     return out
 
@@ -194,7 +195,7 @@ def _problems(img: Qcow2Image) -> list[str]:
     if img.dirty:
         lines.append(f"{path}: the image was not closed cleanly (dirty bit: lazy refcounts)")
     s = scan(img)
-    lines.extend(f"{path}: {e}" for e in s.errors)
+    lines.extend(f"{path}: {e}" for e in s.errors + s.flags)
     leaks = corrupt = 0
     for c, stored, used in _mismatches(img, s.used):
         if stored < used:
