@@ -867,6 +867,41 @@ class Qcow2Image(BlockBackend):
         t.dirty = True
         self._l2_cache.move_to_end(off)
 
+    # -- native AIO (vmrun.block.queue) ----------------------------------------------------------
+
+    def direct_io(self) -> tuple[int, int] | None:
+        """With ``nocache``, requests on allocated clusters may go out as native AIO on the
+        O_DIRECT descriptor (:meth:`direct_map` says where); everything else takes the
+        worker threads."""
+        return (self._dfd, self._align) if self._dfd != self._fd else None
+
+    def direct_map(self, offset: int, length: int, write: bool) -> int | None:
+        """The host offset of guest bytes ``offset .. +length`` when they are data clusters
+        that follow each other in the file (and, for a write, are this image's own: COPIED),
+        so the request needs no table change; else None."""
+        if offset < 0 or length <= 0 or offset + length > self.size or \
+                (write and (self.read_only or self._corrupt)):
+            return None
+        cb, cs = self.cluster_bits, self.cluster_size
+        last = (offset + length - 1) >> cb
+        start = -1
+        with self._lock:
+            try:
+                for i, c in enumerate(range(offset >> cb, last + 1)):
+                    e = self._entry(c)
+                    if e & (COMPRESSED | ZERO) or (write and not e & COPIED):
+                        return None
+                    kind, host = self._classify(e)
+                    if kind != DATA:
+                        return None
+                    if i == 0:
+                        start = host
+                    elif host != start + (i << cb):
+                        return None
+            except OSError:
+                return None        # the worker path reports it
+        return start + (offset & (cs - 1))
+
     # -- reading ---------------------------------------------------------------------------------
 
     def readv(self, offset: int, bufs: Buffers) -> int:
