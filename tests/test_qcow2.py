@@ -429,8 +429,8 @@ def test_options_as_with_raw(d: Path) -> None:
 def test_block_queue_uses_the_workers(d: Path) -> None:
     p = d / "q.qcow2"
     qemu_img("create", "-f", "qcow2", p, "4M")
-    from vmrun.core.memory import GuestMemory
     from vmrun.core.dma import SgList
+    from vmrun.core.memory import GuestMemory
 
     mem = GuestMemory([(0, 4 * MiB)], huge_pages=False)
     try:

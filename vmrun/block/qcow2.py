@@ -810,6 +810,13 @@ class Qcow2Image(BlockBackend):
                 continue
             entries = t.entries
             i = c & (per - 1)
+            if run == 0 and c == self._free_hint:
+                # Everything before the first free cluster is in use: start there next time.
+                try:
+                    i = entries.index(0, i)
+                except ValueError:
+                    i = per
+                self._free_hint = hint = (c & ~(per - 1)) + i
             while i < per:
                 if entries[i] == 0:
                     if run == 0:
@@ -1153,6 +1160,9 @@ class Qcow2Image(BlockBackend):
     def flush(self) -> None:
         if self.read_only:
             return
+        if self._corrupt:
+            raise OSError(errno.EIO, f"{self.path}: image was found corrupt; nothing more is "
+                                     "written to it")
         with self._lock:
             self._flush_locked()
 
