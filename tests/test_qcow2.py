@@ -446,7 +446,12 @@ def test_block_queue_uses_the_workers(d: Path) -> None:
         q.read(65536, SgList(mem, [(MiB, 8192)]), results.append)
         q.submit()
         assert q.drain(10)
+        # The write needed a new cluster (a worker); the read of it went out as native AIO.
+        assert q.aio is None or q.aio_submitted == 1
         q.close()
+        assert disk.direct_map(65536, 8192, True) is not None
+        assert disk.direct_map(0, 4096, False) is None              # unallocated
+        assert disk.direct_map(65536 - 512, 1024, False) is None    # half unallocated
         disk.close()
         assert results == [8192, 0, 8192]
         assert mem.read(MiB, 8192) == b"\x17" * 8192

@@ -92,6 +92,8 @@ L1_RESERVED = 0x7F000000000001FF
 L2_RESERVED = 0x3F000000000001FE
 REFTABLE_RESERVED = 0x1FF
 
+_NOT_DIRECT = COMPRESSED | ZERO | L2_RESERVED
+
 # What a guest cluster is, from its L2 entry.
 UNALLOCATED, ZEROES, DATA, COMPRESSED_DATA = 0, 1, 2, 3
 
@@ -885,26 +887,42 @@ class Qcow2Image(BlockBackend):
     def direct_map(self, offset: int, length: int, write: bool) -> int | None:
         """The host offset of guest bytes ``offset .. +length`` when they are data clusters
         that follow each other in the file (and, for a write, are this image's own: COPIED),
-        so the request needs no table change; else None."""
+        so the request needs no table change; else None. Called for every request on the
+        loop thread, hence inline: the tables are looked up in the cache directly."""
         if offset < 0 or length <= 0 or offset + length > self.size or \
                 (write and (self.read_only or self._corrupt)):
             return None
-        cb, cs = self.cluster_bits, self.cluster_size
-        last = (offset + length - 1) >> cb
+        cb, cs, l2_bits = self.cluster_bits, self.cluster_size, self.l2_bits
+        l2_mask = (1 << l2_bits) - 1
+        first, last = offset >> cb, (offset + length - 1) >> cb
+        need = COPIED if write else 0
+        end = self._end
+        cache = self._l2_cache
         start = -1
         with self._lock:
             try:
-                for i, c in enumerate(range(offset >> cb, last + 1)):
-                    e = self._entry(c)
-                    if e & (COMPRESSED | ZERO) or (write and not e & COPIED):
-                        return None
-                    kind, host = self._classify(e)
-                    if kind != DATA:
-                        return None
-                    if i == 0:
-                        start = host
-                    elif host != start + (i << cb):
-                        return None
+                c = first
+                while c <= last:
+                    t = cache.get(self._l1[c >> l2_bits] & OFFSET_MASK)
+                    if t is None:
+                        got = self._l2_table(c >> l2_bits)
+                        if got is None:
+                            return None
+                        t = got[1]
+                    entries = t.entries
+                    i = c & l2_mask
+                    stop = min(last - c, l2_mask - i) + i + 1
+                    for k in range(i, stop):
+                        e = entries[k]
+                        host = e & OFFSET_MASK
+                        if e & _NOT_DIRECT or not host or host & (cs - 1) or \
+                                host + cs > end or (e & need) != need:
+                            return None
+                        if start < 0:
+                            start = host
+                        elif host != start + ((c + k - i - first) << cb):
+                            return None
+                    c += stop - i
             except OSError:
                 return None        # the worker path reports it
         return start + (offset & (cs - 1))
