@@ -69,6 +69,9 @@ MAX_REFTABLE_BYTES = 8 << 20                    # QEMU's QCOW_MAX_REFTABLE_SIZE
 MAX_BACKING_NAME = 1023
 MAX_SNAPSHOTS = 65536
 MAX_CHAIN = 32                                  # backing files below one image
+# Metadata clusters a writable image may have (each is remembered, so that no allocation can
+# hand one out): 1M L2 tables map 512 TiB with 64K clusters.
+MAX_TABLES = 1 << 20
 MAX_VIRTUAL_SIZE = 1 << 61                      # QEMU's QCOW_MAX... (2 EiB) is plenty
 
 # Header field offsets, for updating one field in place (extensions stay untouched).
@@ -452,6 +455,11 @@ class Qcow2Image(BlockBackend):
         cleared (we keep no bitmaps up to date), and the list of metadata clusters that no
         allocation may ever hand out."""
         cb = self.cluster_bits
+        tables = sum(1 for e in self._l1 if e & OFFSET_MASK) + \
+            sum(1 for e in self._reftable if e & ~REFTABLE_RESERVED)
+        if tables > MAX_TABLES:
+            raise Qcow2Error(f"{self.path}: the image has {tables} L2 tables and refcount "
+                             f"blocks, more than vmrun opens for writing ({MAX_TABLES})")
         meta = [0]
         meta.extend(range(self.l1_offset >> cb, -(-(self.l1_offset + self.l1_size * 8) >> cb)))
         meta.extend(range(self.reftable_offset >> cb,

@@ -36,7 +36,7 @@ from vmrun.block.qcow2 import (
 )
 from vmrun.errors import VmrunError
 
-MAX_CHECK_CLUSTERS = 1 << 28          # a count per cluster: at most 1 GiB of counters
+MAX_CHECK_CLUSTERS = 1 << 25          # a count per cluster: at most 128 MiB of counters
 MAX_LINES = 20
 DEFAULT_CLUSTER = 65536
 
@@ -51,13 +51,14 @@ class Scan:
     zero_clusters: int = 0
 
 
-def scan(img: Qcow2Image) -> Scan:
-    """Count the references to every host cluster, from the tables as they are in the file."""
+def scan(img: Qcow2Image, count: bool = True) -> Scan:
+    """Count the references to every host cluster, from the tables as they are in the file
+    (``count=False``: only walk the tables, for the allocation figures)."""
     cb, cs = img.cluster_bits, img.cluster_size
     nclusters = img._file_clusters
-    if nclusters > MAX_CHECK_CLUSTERS:
+    if count and nclusters > MAX_CHECK_CLUSTERS:
         raise VmrunError(f"{img.path}: too large to check ({nclusters} clusters)")
-    used = array.array("I", bytes(4 * nclusters))
+    used = array.array("I", bytes(4 * nclusters) if count else b"")
     out = Scan(used)
     errors = out.errors
 
@@ -66,8 +67,9 @@ def scan(img: Qcow2Image) -> Scan:
         if offset < 0 or last >= nclusters:
             errors.append(f"{what} at {offset:#x} lies past the end of the file")
             return False
-        for c in range(first, last + 1):
-            used[c] += 1
+        if count:
+            for c in range(first, last + 1):
+                used[c] += 1
         return True
 
     ref(0, cs, "header")
@@ -351,7 +353,7 @@ def create_qcow2(path: str | os.PathLike[str], size: int, *, cluster_size: int =
 
 def image_info(img: Qcow2Image) -> dict[str, object]:
     """What ``vmrun image info`` shows for a qcow2 image."""
-    s = scan(img)
+    s = scan(img, count=False)
     st = os.fstat(img._fd)
     return {
         "format": f"qcow2 (version {img.version})",
