@@ -639,3 +639,26 @@ def test_hostile_images(d: Path, edits: list[tuple[int, int]], where: str,
     assert time.monotonic() - t0 < 30
     for line in check_qcow2(p):
         assert "\n" not in line
+
+
+def test_guest_data_never_overwrites_tables(d: Path) -> None:
+    """An L2 entry that points at the L1 table: the write is an I/O error and the image is
+    marked corrupt (QEMU's overlap check), so it then opens read-only only."""
+    p = d / "overlap.qcow2"
+    qemu_img("create", "-f", "qcow2", p, "1M")
+    qemu_io(p, "write -P 0x01 0 64k")
+    raw = bytearray(p.read_bytes())
+    l1_off = struct.unpack(">Q", raw[40:48])[0]
+    l2_off = struct.unpack(">Q", raw[l1_off:l1_off + 8])[0] & 0x00FFFFFFFFFFFE00
+    raw[l2_off:l2_off + 8] = struct.pack(">Q", l1_off | 1 << 63)
+    p.write_bytes(raw)
+    before = p.read_bytes()[l1_off:l1_off + 512]
+    with open_disk(p) as disk:
+        with pytest.raises(OSError) as e:
+            disk.writev(0, [memoryview(b"\x02" * 4096)])
+        assert "metadata cluster" in str(e.value)
+        with pytest.raises(OSError):
+            disk.writev(65536, [memoryview(b"\x02" * 4096)])      # no more writes at all
+    assert p.read_bytes()[l1_off:l1_off + 512] == before
+    assert "marked corrupt" in one_line_error(lambda: open_disk(p))
+    open_disk(p, read_only=True).close()

@@ -931,6 +931,11 @@ class Qcow2Image(BlockBackend):
                         elif host != start + ((c + k - i - first) << cb):
                             return None
                     c += stop - i
+                if write:
+                    meta = self._meta
+                    i = bisect.bisect_left(meta, start >> cb)
+                    if i < len(meta) and meta[i] <= (start >> cb) + last - first:
+                        return None    # over the image's own tables: the worker refuses it
             except OSError:
                 return None        # the worker path reports it
         return start + (offset & (cs - 1))
@@ -1015,6 +1020,9 @@ class Qcow2Image(BlockBackend):
         kind, host = self._classify(entry)
         if kind != DATA:
             return -1
+        if self._is_meta(host >> self.cluster_bits):
+            # QEMU's overlap check: guest data never goes over the image's own tables.
+            raise self._corruption(f"L2 entry {entry:#x} points at a metadata cluster")
         if entry & COPIED:
             return host
         if self.refcount(host >> self.cluster_bits) == 1:
