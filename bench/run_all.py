@@ -8,8 +8,9 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 
-for script in ("exit_rate.py", "eventloop.py", "boot.py", "blk.py"):
+for script, *args in (("exit_rate.py",), ("eventloop.py",), ("boot.py",), ("blk.py",),
+                      ("blk.py", "--qcow2")):
     path = HERE / script
     if path.exists():
-        print(f"== {script}", flush=True)
-        subprocess.run([sys.executable, str(path)], check=False)
+        print(f"== {' '.join([script, *args])}", flush=True)
+        subprocess.run([sys.executable, str(path), *args], check=False)

@@ -428,7 +428,7 @@ CASES: list[tuple[str, Build, str]] = [
     ("create-split-zero", creates(8192, "sparse", split=0), "size must be positive, not 0"),
     ("create-str-size", creates("4096"), "is not a whole number of bytes"),
     ("create-float-size", creates(4096.0), "is not a whole number of bytes"),
-    ("create-bad-format", creates(4096, "qcow2"), "unknown image format 'qcow2'"),
+    ("create-bad-format", creates(4096, "vmdk"), "unknown image format 'vmdk'"),
     ("create-existing", b_existing, "already exists"),
     # vmrun image convert
     ("convert-past-end", converts(b_entry(1, 3), src_split=4 * SS), "points at slot 3"),

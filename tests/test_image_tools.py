@@ -57,8 +57,8 @@ def test_create_images(tmp_path: Path) -> None:
     for path, fmt in ((raw, "raw"), (tmp_path / "sp", "raw"), (tmp_path / "split", "sparse")):
         with pytest.raises(VmrunError, match="already exists"):
             create_image(path, MiB, fmt=fmt)
-    with pytest.raises(VmrunError, match="unknown image format 'qcow2'"):
-        create_image(tmp_path / "q", MiB, fmt="qcow2")
+    with pytest.raises(VmrunError, match="unknown image format 'vmdk'"):
+        create_image(tmp_path / "q", MiB, fmt="vmdk")
     with pytest.raises(VmrunError, match="multiple of the sector size"):
         create_image(tmp_path / "odd", 1000, fmt="sparse")
     # Nothing temporary is left behind.

@@ -290,35 +290,57 @@ def _size(ctx, param, value):
 
 @image.command("create")
 @click.argument("path", type=_file())
-@click.option("--size", required=True, callback=_size, help="Disk size, e.g. 20G.")
+@click.option("--size", callback=_size,
+              help="Disk size, e.g. 20G (a qcow2 overlay: default the backing file's).")
 @click.option("--sparse", "fmt", flag_value="sparse", help="Sparse image (<path>.lut).")
 @click.option("--raw", "fmt", flag_value="raw", default=True, help="Raw image (default).")
+@click.option("--format", "format_", type=click.Choice(["raw", "sparse", "qcow2"]),
+              help="Image format (instead of --raw / --sparse).")
 @click.option("--split", callback=_size, help="Split into segment files of this size.")
 @click.option("--sectorsize", type=int, default=512, show_default=True,
               help="Sector size of a sparse image's LUT.")
-def image_create(path: Path, size: int, fmt: str, split: int | None, sectorsize: int) -> None:
-    """Create an empty disk image at PATH (raw, or the xhyve fork's sparse/split format)."""
+@click.option("--backing", help="qcow2: an overlay of this image (relative to PATH's folder).")
+@click.option("--cluster-size", callback=_size, help="qcow2: cluster size (default 64K).")
+def image_create(path: Path, size: int | None, fmt: str, format_: str | None,
+                 split: int | None, sectorsize: int, backing: str | None,
+                 cluster_size: int | None) -> None:
+    """Create an empty disk image at PATH (raw, the xhyve fork's sparse/split format, or
+    qcow2, optionally over a backing file)."""
     from vmrun.block import create_image
 
-    create_image(path, size, fmt, split=split, sector_size=sectorsize)
-    err_console.print(Text(one_line(f"created {path} ({fmt}, {size} bytes)")), soft_wrap=True)
+    fmt = format_ or fmt
+    create_image(path, size, fmt, split=split, sector_size=sectorsize, backing=backing,
+                 cluster_size=cluster_size)
+    size = size if size is not None else _image_size(path)
+    err_console.print(Text(one_line(f"created {path} ({fmt}, {size} bytes"
+                                    + (f", backing file {backing})" if backing else ")"))),
+                      soft_wrap=True)
+
+
+def _image_size(path: Path) -> int:
+    from vmrun.block import open_disk
+
+    with open_disk(path, read_only=True) as disk:
+        return disk.size
 
 
 @image.command("convert")
 @click.argument("src", type=_file())
 @click.argument("dst", type=_file())
-@click.option("--to", "fmt", type=click.Choice(["raw", "sparse"]), required=True,
+@click.option("--to", "fmt", type=click.Choice(["raw", "sparse", "qcow2"]), required=True,
               help="Format of DST.")
 @click.option("--split", callback=_size, help="Split DST into segment files of this size.")
 @click.option("--sectorsize", type=int, help="Sector size of DST (default: SRC's).")
 @click.option("--src-split", callback=_size, help="Segment size of a split SRC.")
 @click.option("--src-sectorsize", type=int, default=512, show_default=True,
               help="Sector size of a sparse SRC.")
+@click.option("--cluster-size", callback=_size, help="qcow2 DST: cluster size (default 64K).")
 def image_convert(src: Path, dst: Path, fmt: str, split: int | None, sectorsize: int | None,
-                  src_split: int | None, src_sectorsize: int) -> None:
-    """Copy disk image SRC into a new image DST of another format (raw <-> sparse/split).
+                  src_split: int | None, src_sectorsize: int, cluster_size: int | None) -> None:
+    """Copy disk image SRC into a new image DST of another format (raw, sparse/split, qcow2;
+    a qcow2 SRC is read through its backing files).
 
-    All-zero chunks are skipped, so a sparse DST only stores what SRC holds."""
+    All-zero chunks are skipped, so a sparse or qcow2 DST only stores what SRC holds."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
 
     from vmrun.block import convert_image
@@ -332,7 +354,8 @@ def image_convert(src: Path, dst: Path, fmt: str, split: int | None, sectorsize:
 
         try:
             convert_image(src, dst, fmt, split=split, sector_size=sectorsize, progress=report,
-                          src_split=src_split, src_sector_size=src_sectorsize)
+                          src_split=src_split, src_sector_size=src_sectorsize,
+                          cluster_size=cluster_size)
         except BaseException:
             # An error: take the bar off the screen (and print no final bar nor the blank
             # line rich ends a non-terminal progress with), so the error is the only line.
@@ -434,8 +457,8 @@ def image_rm(name: str) -> None:
 @click.option("--sectorsize", type=int, default=512, show_default=True,
               help="Sector size of a sparse image's LUT.")
 def image_check(path: Path, split: int | None, sectorsize: int) -> None:
-    """Check the disk image at PATH (raw, sparse or split): prints "ok" or one line per
-    problem; exit code 0 or 4."""
+    """Check the disk image at PATH (raw, sparse, split or qcow2: its tables and reference
+    counts, leaks and corruptions): prints "ok" or one line per problem; exit code 0 or 4."""
     from vmrun.block.image_tools import check_image
 
     problems = check_image(path, split=split, sectorsize=sectorsize)
@@ -445,6 +468,20 @@ def image_check(path: Path, split: int | None, sectorsize: int) -> None:
     for problem in problems:
         print_error(problem)
     sys.exit(4)
+
+
+@image.command("info")
+@click.argument("path", type=_file())
+@click.option("--split", callback=_size, help="Segment size of a split image.")
+@click.option("--sectorsize", type=int, default=512, show_default=True,
+              help="Sector size of a sparse image's LUT.")
+def image_info(path: Path, split: int | None, sectorsize: int) -> None:
+    """Show the disk image at PATH: format, virtual size, and for qcow2 the cluster size,
+    the backing chain and the bytes allocated."""
+    from vmrun.block.image_tools import info_lines
+
+    for line in info_lines(path, split=split, sectorsize=sectorsize):
+        click.echo(one_line(line))
 
 
 @main.command()

@@ -6,12 +6,14 @@ slices of guest RAM from their worker threads; see :mod:`vmrun.block.backend` fo
 
 from vmrun.block.backend import BlockBackend, parse_sectorsize
 from vmrun.block.image_tools import convert_image, create_image, open_disk
+from vmrun.block.qcow2 import Qcow2Image
 from vmrun.block.raw import RawFile
 from vmrun.block.sparse import SparseSplitDisk
 from vmrun.units import parse_size
 
 __all__ = [
     "BlockBackend",
+    "Qcow2Image",
     "RawFile",
     "SparseSplitDisk",
     "convert_image",

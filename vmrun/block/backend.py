@@ -43,6 +43,13 @@ class BlockBackend(ABC):
         request goes through :meth:`readv`/:meth:`writev` on a worker thread."""
         return None
 
+    def direct_map(self, offset: int, length: int, write: bool) -> int | None:
+        """Where guest bytes ``offset .. offset + length`` lie on the :meth:`direct_io`
+        descriptor, when they lie there in one piece and (for ``write``) may be written in
+        place; None sends the request through :meth:`readv`/:meth:`writev` instead. A raw
+        image is the identity; a qcow2 image maps through its tables."""
+        return offset
+
     @abstractmethod
     def readv(self, offset: int, bufs: Buffers) -> int:
         """Fill ``bufs`` in order from ``offset``; return the byte count (always all of it)."""

@@ -1,4 +1,4 @@
-"""Opening, creating and converting disk images (raw files and the sparse/split format).
+"""Opening, creating and converting disk images (raw files, the sparse/split format, qcow2).
 
 Creation and conversion build the new image under a temporary name next to the destination and
 only give it its real name(s) once it is complete and synced, so a failure or an interrupt
@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from vmrun.block.backend import BlockBackend, check_sector_sizes
+from vmrun.block.qcow2 import Qcow2Image, is_qcow2
+from vmrun.block.qcow2_check import DEFAULT_CLUSTER, check_qcow2, create_qcow2, image_info
 from vmrun.block.raw import RawFile
 from vmrun.block.sparse import (
     SparseSplitDisk,
@@ -27,7 +29,7 @@ from vmrun.core.dma import CHUNK, is_zero
 from vmrun.errors import VmrunError
 from vmrun.units import parse_size as parse_size  # its home is vmrun.units; kept importable
 
-FORMATS = ("raw", "sparse")
+FORMATS = ("raw", "sparse", "qcow2")
 BLOCK = 4096  # hole granularity when copying: a host filesystem block
 
 Progress = Callable[[int, int], None]
@@ -47,7 +49,8 @@ def open_disk(path: str | os.PathLike[str], *, read_only: bool = False, nocache:
     """Open (or, given ``size``, create) the image at ``path`` with the right backend.
 
     A path whose ``.lut`` or ``.0000`` exists, or a request for ``split``/``sparse``, means the
-    sparse/split format; anything else is a raw file or block device.
+    sparse/split format; a file that starts with qcow2's magic is a qcow2 image (with its
+    backing files); anything else is a raw file or block device.
 
     When this call creates the image, the paths of the files it created are appended to
     ``created`` (when given), so a caller whose later setup fails can take the new image away
@@ -70,6 +73,13 @@ def open_disk(path: str | os.PathLike[str], *, read_only: bool = False, nocache:
             raise
         if not existed and created is not None:
             created.extend(image_files(path))
+        return disk
+    if is_qcow2(path):
+        disk = Qcow2Image(path, read_only=read_only, nocache=nocache, sync=sync,
+                          sector_size=(logical, physical), discard=discard)
+        if size is not None and disk.size != size:
+            disk.close()
+            raise VmrunError(f"{path}: image is {disk.size} bytes but size={size}")
         return disk
     made = False
     if size is not None and not read_only and not os.path.lexists(path):
@@ -170,16 +180,21 @@ def _check_format(fmt: str) -> None:
         raise VmrunError(f"unknown image format {fmt!r} (expected one of {', '.join(FORMATS)})")
 
 
-def _build(tmp: Path, size: int, fmt: str, split: int | None, sector_size: int) -> None:
+def _build(tmp: Path, size: int, fmt: str, split: int | None, sector_size: int,
+           cluster_size: int | None = None, backing: tuple[str, str] | None = None) -> None:
     """Create the empty image under its temporary name."""
-    if fmt == "raw" and split is None:
+    if fmt == "qcow2":
+        create_qcow2(tmp, size, cluster_size=cluster_size or DEFAULT_CLUSTER,
+                     backing=backing[0] if backing else None,
+                     backing_format=backing[1] if backing else None)
+    elif fmt == "raw" and split is None:
         _create_raw(tmp, size)
     else:
         create_sparse_split(tmp, size, split, fmt == "sparse", sector_size)
 
 
 def _files(base: Path, fmt: str, split: int | None) -> list[Path]:
-    if fmt == "raw" and split is None:
+    if fmt == "qcow2" or (fmt == "raw" and split is None):
         return [base] if base.exists() else []
     return image_files(base)
 
@@ -234,12 +249,35 @@ def _discard_temp(tmp: Path, fmt: str, split: int | None) -> None:
         f.unlink(missing_ok=True)
 
 
-def create_image(path: str | os.PathLike[str], size: int, fmt: str = "raw",
-                 split: int | None = None, sector_size: int = 512) -> None:
-    """Create an empty image: ``raw`` (one sparse host file, or raw segments with ``split``)
-    or ``sparse`` (LUT plus segments, one segment unless ``split``)."""
+def create_image(path: str | os.PathLike[str], size: int | None, fmt: str = "raw",
+                 split: int | None = None, sector_size: int = 512, *,
+                 backing: str | os.PathLike[str] | None = None,
+                 cluster_size: int | None = None) -> None:
+    """Create an empty image: ``raw`` (one sparse host file, or raw segments with ``split``),
+    ``sparse`` (LUT plus segments, one segment unless ``split``) or ``qcow2`` (optionally an
+    overlay of ``backing``: a relative name is, as QEMU has it, relative to the new image's
+    folder; ``size`` defaults to the backing file's)."""
     dst = Path(path)
     _check_format(fmt)
+    back: tuple[str, str] | None = None
+    if fmt != "qcow2" and (backing is not None or cluster_size is not None):
+        raise VmrunError(f"{dst}: --backing and --cluster-size are for qcow2 images")
+    if fmt == "qcow2":
+        if split is not None:
+            raise VmrunError(f"{dst}: a qcow2 image cannot be split")
+        if backing is not None:
+            name = os.fspath(backing)
+            bpath = Path(name) if os.path.isabs(name) else dst.parent / name
+            with open_disk(bpath, read_only=True) as base:
+                bsize = base.size
+                bfmt = "qcow2" if isinstance(base, Qcow2Image) else "raw"
+                if isinstance(base, SparseSplitDisk):
+                    raise VmrunError(f"{bpath}: a backing file must be raw or qcow2")
+            back = (name, bfmt)
+            if size is None:
+                size = bsize
+    if size is None:
+        raise VmrunError(f"{dst}: give the size of the new image (--size)")
     try:
         check_sector_sizes(sector_size, sector_size)
     except ValueError as e:
@@ -248,12 +286,12 @@ def create_image(path: str | os.PathLike[str], size: int, fmt: str = "raw",
     if split is not None:
         check_size(dst, split, sector_size)
     _refuse_existing(dst)
-    if fmt != "raw" or split is not None:
+    if fmt == "sparse" or (fmt == "raw" and split is not None):
         check_geometry(dst, size, split, fmt == "sparse", sector_size)
     tmp = _temp_base(dst)
     with _signals_raise(dst):
         try:
-            _build(tmp, size, fmt, split, sector_size)
+            _build(tmp, size, fmt, split, sector_size, cluster_size, back)
             _publish(tmp, dst, fmt, split)
         finally:
             _discard_temp(tmp, fmt, split)
@@ -282,7 +320,7 @@ def _signals_raise(dst: Path) -> Iterator[None]:
 def convert_image(src: str | os.PathLike[str], dst: str | os.PathLike[str], dst_format: str,
                   split: int | None = None, sector_size: int | None = None,
                   progress: Progress | None = None, *, src_split: int | None = None,
-                  src_sector_size: int = 512) -> None:
+                  src_sector_size: int = 512, cluster_size: int | None = None) -> None:
     """Copy ``src`` (any format) into a new image ``dst`` of ``dst_format``.
 
     Copies 1 MiB at a time and skips all-zero 4 KiB blocks, so a sparse destination only stores
@@ -292,6 +330,10 @@ def convert_image(src: str | os.PathLike[str], dst: str | os.PathLike[str], dst_
     """
     src, dst = Path(src), Path(dst)
     _check_format(dst_format)
+    if dst_format == "qcow2" and split is not None:
+        raise VmrunError(f"{dst}: a qcow2 image cannot be split")
+    if dst_format != "qcow2" and cluster_size is not None:
+        raise VmrunError(f"{dst}: --cluster-size is for qcow2 images")
     if os.path.abspath(src) == os.path.abspath(dst):
         raise VmrunError(f"{dst}: is the source image (refusing to overwrite)")
     _refuse_existing(dst)
@@ -307,7 +349,10 @@ def convert_image(src: str | os.PathLike[str], dst: str | os.PathLike[str], dst_
             check_geometry(dst, total, split, dst_format == "sparse", ss)
         tmp = _temp_base(dst)
         try:
-            _build(tmp, total, dst_format, split, ss)
+            if dst_format == "qcow2" and total % 512:
+                raise VmrunError(f"{dst}: a qcow2 image's size must be a multiple of 512 "
+                                 f"({src} is {total} bytes)")
+            _build(tmp, total, dst_format, split, ss, cluster_size)
             with open_disk(tmp, sector_size=ss, split=split,
                            sparse=dst_format == "sparse") as target:
                 _copy(source, target, total, progress, src, dst)
@@ -369,6 +414,8 @@ def check_image(path: str | os.PathLike[str], split: int | None = None,
     """
     path = Path(path)
     disk: BlockBackend
+    if split is None and not is_split_image(path) and is_qcow2(path):
+        return check_qcow2(path)
     try:
         if split is not None or is_split_image(path):
             disk = SparseSplitDisk(path, split=split, sector_size=sectorsize, read_only=True,
@@ -386,3 +433,51 @@ def check_image(path: str | os.PathLike[str], split: int | None = None,
         return disk.problems() if isinstance(disk, SparseSplitDisk) else []
     finally:
         disk.close()
+
+
+def info_lines(path: str | os.PathLike[str], split: int | None = None,
+               sectorsize: int = 512) -> list[str]:
+    """What ``vmrun image info`` prints: format, virtual size, and for qcow2 the cluster size,
+    the backing chain and how much is allocated."""
+    path = Path(path)
+    with open_disk(path, read_only=True, split=split, sector_size=sectorsize) as disk:
+        lines = [f"image: {path}"]
+        if isinstance(disk, Qcow2Image):
+            info = image_info(disk)
+            lines.append(f"format: {info['format']}")
+            lines.append(f"virtual size: {_human(disk.size)} ({disk.size} bytes)")
+            lines.append(f"cluster size: {disk.cluster_size}")
+            lines.append(f"allocated: {_human(info['allocated'])} ({info['allocated']} bytes "
+                         f"in {info['allocated'] // disk.cluster_size} clusters"
+                         + (f", {info['compressed clusters']} compressed clusters"
+                            if info["compressed clusters"] else "")
+                         + (f", {info['zero clusters']} zero clusters"
+                            if info["zero clusters"] else "") + ")")
+            lines.append(f"disk size: {_human(info['disk size'])}")
+            if disk.nb_snapshots:
+                lines.append(f"internal snapshots: {disk.nb_snapshots}")
+            chain = info["backing chain"]
+            if chain:
+                lines.append(f"backing file: {disk.backing_name}")
+                for depth, (p, fmt) in enumerate(chain, start=1):
+                    lines.append(f"backing chain {depth}: {p} ({fmt})")
+            return lines
+        if isinstance(disk, SparseSplitDisk):
+            lines.append(f"format: {'sparse' if disk.sparse else 'split'}"
+                         f" (split {disk.split}, sector size {disk.sector_size})")
+            used = sum(os.stat(f).st_blocks * 512 for f in image_files(path))
+        else:
+            lines.append("format: raw")
+            used = os.stat(path).st_blocks * 512
+        lines.append(f"virtual size: {_human(disk.size)} ({disk.size} bytes)")
+        lines.append(f"disk size: {_human(used)}")
+        return lines
+
+
+def _human(n: object) -> str:
+    value = float(n)  # type: ignore[arg-type]
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"

@@ -4,8 +4,9 @@ A device submits requests — read, write, flush, discard, write-zeroes — each
 callback, and gets every completion back on the devices' event loop, exactly once, with the
 result: bytes moved, or ``-errno``. How a request is carried out is the queue's business:
 
-- aligned reads and writes on a backend that offers ``direct_io()`` (an O_DIRECT raw image)
-  go out as Linux native AIO, straight between guest RAM and the file, gathered into one
+- aligned reads and writes on a backend that offers ``direct_io()`` (an O_DIRECT raw image,
+  or the allocated clusters of an O_DIRECT qcow2 image, found by ``direct_map()``) go out as
+  Linux native AIO, straight between guest RAM and the file, gathered into one
   ``io_submit`` per :meth:`BlockQueue.submit` (call it once after taking a batch of requests
   off the guest's ring); the kernel signals completions on an eventfd the loop watches;
 - everything else runs on a small pool of worker threads (bhyve's block_if uses 8) with
@@ -61,6 +62,7 @@ class BlockQueue:
         self.aio_submitted = 0
         self.aio: AioContext | None = None
         self._aio_source = None
+        self._map = backend.direct_map
         direct = backend.direct_io()
         if direct is not None:
             try:
@@ -116,9 +118,11 @@ class BlockQueue:
         if self.aio is not None and sg.nbytes and offset % self._align == 0:
             iov = sg.iovecs(self._align)
             if iov is not None:
-                self._batch.append(((done, sg, write, offset), self._direct_fd, write, offset,
-                                    iov))
-                return
+                host = self._map(offset, sg.nbytes, write)
+                if host is not None:
+                    self._batch.append(((done, sg, write, offset), self._direct_fd, write,
+                                        host, iov))
+                    return
         self._to_worker(done, sg, write, offset)
 
     def _to_worker(self, done: Done, sg: SgList, write: bool, offset: int) -> None:

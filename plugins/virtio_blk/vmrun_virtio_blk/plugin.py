@@ -76,7 +76,8 @@ def _factory(ctx: DeviceContext, opts: dict[str, Any]):
 
 
 OPTIONS = [
-    Option("path", "path", "disk image: a raw file, a block device, or a sparse/split image",
+    Option("path", "path", "disk image: a raw file, a block device, a sparse/split image or "
+           "a qcow2 image (found by its header)",
            required=True),
     Option("ro", "bool", "read-only: the guest sees a read-only disk, writes fail", False),
     Option("nocache", "bool", "open with O_DIRECT (bypass the host page cache)", False),
@@ -96,5 +97,5 @@ OPTIONS = [
 
 @hookimpl
 def vmrun_register_devices(register) -> None:
-    register(DeviceType("virtio-blk", "virtio block device (raw, sparse or split image)",
+    register(DeviceType("virtio-blk", "virtio block device (raw, sparse, split or qcow2 image)",
                         _factory, OPTIONS, exclusive_paths=("path",), check=_check))
