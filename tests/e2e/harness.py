@@ -52,7 +52,8 @@ def _release_boot_lock() -> None:
 class GuestRun:
     """A running ``vmrun up``: console on a pty, vmrun's own messages on a pipe."""
 
-    def __init__(self, machine: Path, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, machine: Path, extra_args: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None) -> None:
         self.machine = machine
         _acquire_boot_lock()
         self._locked = True
@@ -65,7 +66,7 @@ class GuestRun:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "vmrun", "up", "-v", str(machine), *extra_args],
             stdin=slave, stdout=slave, stderr=subprocess.PIPE, cwd=REPO,
-            start_new_session=True)
+            start_new_session=True, env={**os.environ, **(env or {})})
         os.close(slave)
         self.console = b""
         self.stderr = b""
@@ -187,3 +188,28 @@ def ext4_mount_count(image: Path) -> int:
     out = subprocess.run(["dumpe2fs", "-h", str(image)], check=True, capture_output=True,
                          text=True).stdout
     return int(re.search(r"^Mount count:\s+(\d+)", out, re.M).group(1))
+
+
+PART_START = 1 << 20       # the first partition of make_gpt_disk starts at 1 MiB
+
+
+def make_gpt_disk(path: Path, fs_image: Path, name: str = "root") -> None:
+    """A GPT disk as cloud images are laid out: one Linux partition at 1 MiB holding
+    ``fs_image`` (made by sfdisk, so the tables are what a partitioner writes)."""
+    size = PART_START + fs_image.stat().st_size + (1 << 20)
+    with open(path, "wb") as f:
+        f.truncate(size)
+    script = f"label: gpt\nstart=2048, size={fs_image.stat().st_size // 512}, " \
+             f"type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, name={name}\n"
+    subprocess.run(["sfdisk", "-q", str(path)], input=script.encode(), check=True)
+    with open(path, "r+b") as f, open(fs_image, "rb") as src:
+        f.seek(PART_START)
+        shutil.copyfileobj(src, f)
+
+
+def partition_of(disk: Path, fs_size: int, out: Path) -> Path:
+    """The first partition of a make_gpt_disk image, copied out (for e2fsck, debugfs)."""
+    with open(disk, "rb") as f, open(out, "wb") as dst:
+        f.seek(PART_START)
+        dst.write(f.read(fs_size))
+    return out
