@@ -4,9 +4,13 @@ One PCI function with Intel ICH9's identity (8086:2922, class 01.06.01, what Lin
 and Windows' ``storahci`` bind to), the ABAR in BAR 5, one MSI vector (else INTA#), and
 1..32 ports, each with one drive (:mod:`vmrun_ahci.ata` disks, :mod:`vmrun_ahci.atapi` CDs).
 
-Threads: register accesses come from vCPU threads; commands are fetched, checked and started
-on the devices' event loop (a PxCI write hands the port over with ``call_soon``), and the
-block queue hands completions back there. One re-entrant lock guards the register state.
+Threads: register accesses come from vCPU threads. A PxCI write fetches, checks and starts
+the new commands right there, as QEMU's AHCI does: starting one is a few header reads and one
+``io_submit`` (or a hand-over to the block queue's workers), never a wait, and it saves the
+hop to the event loop on every command. Completions come back on the event loop (the block
+queue's), and commands that had to wait (a non-queued command behind queued ones) are started
+from there. One re-entrant lock guards the register state; no guest input can make a
+register write raise (an unexpected exception breaks only this controller: :meth:`fault`).
 
 Everything a command names in guest memory is guest input: the command header, the command
 table and its FIS, the PRDT (at most :data:`MAX_PRDT` entries), every data buffer, the FIS
@@ -159,8 +163,7 @@ class Port:
         self.started = 0           # CI bits fetched
         self.ncq_busy = 0          # NCQ tags the device has in flight
         self.nonq_busy = False     # a non-queued command in flight
-        self.sdb_pending = 0       # NCQ tags done, waiting for the next Set Device Bits FIS
-        self.sdb_scheduled = False
+        self.sdb_pending = 0       # NCQ tags done, not yet in a Set Device Bits FIS
         self.halted = False        # an error stopped command processing until ST is cleared
         self.in_issue = False
         self.in_srst = False
@@ -200,7 +203,7 @@ class Port:
         if off == P_CI:
             if self.cmd & CMD_ST and value & ~self.ci:
                 self.ci |= value
-                self.hba.loop_call(self.issue)
+                self.issue()
         elif off == P_SACT:
             if self.cmd & CMD_ST:
                 self.sact |= value
@@ -282,6 +285,12 @@ class Port:
     def issue(self) -> None:
         """Fetch and start the commands the driver issued; non-queued ones one at a time,
         and never next to queued ones (the ATA device would refuse the mix)."""
+        try:
+            self._issue()
+        except Exception as e:           # a bug of ours: this controller stops, not the VMM
+            self.hba.fault(f"{type(e).__name__}: {e}")
+
+    def _issue(self) -> None:
         with self.hba.lock:
             io = self.io
             assert io is not None
@@ -337,20 +346,19 @@ class Port:
                 raise PortFatal(IS_IFS, f"slot {slot}: PRDT of {prdtl} entries (at most "
                                 f"{MAX_PRDT})")
             table = (ctbau << 32) | (ctba & 0xFFFFFF80)
-            head = dma.read(table, 0x50)
-            prdt = dma.read(table + 0x80, 16 * prdtl) if prdtl else b""
+            head = dma.read(table, 0x80 + 16 * prdtl)
         except GuestError as e:
             raise PortFatal(IS_HBFS, f"slot {slot}: {e}") from None
         fis = head[:cfl * 4].ljust(20, b"\0")
         if fis[0] != FIS_H2D:
             raise PortFatal(IS_IFS, f"slot {slot}: FIS type {fis[0]:#x} is not H2D register")
         pieces, prd_irq = [], False
-        for dba, dbau, _res, dbc in _PRD.iter_unpack(prdt):
+        for dba, dbau, _res, dbc in _PRD.iter_unpack(memoryview(head)[0x80:]):
             pieces.append(((dbau << 32) | (dba & ~1), (dbc & 0x3FFFFF) + 1))
-            prd_irq |= bool(dbc >> 31)
+            prd_irq |= dbc >> 31
         if not fis[1] & 0x80:
             raise _Control(fis[15])
-        return Command(self, slot, fis, head[0x40:0x50], pieces, prd_irq,
+        return Command(self, slot, fis, head[0x40:0x50], pieces, bool(prd_irq),
                        bool(dw0 & 1 << 6), bool(dw0 & 1 << 5))
 
     def set_prdbc(self, cmd: Command) -> None:
@@ -402,16 +410,15 @@ class Port:
         return True
 
     def ncq_done(self, cmd: Command) -> None:
-        """A queued command succeeded: its bit goes out in the next Set Device Bits FIS
-        (completions of one loop pass share one FIS and one interrupt)."""
+        """A queued command succeeded: a Set Device Bits FIS with its bit. (An MSI only
+        fires when the port's IS bit comes on, so completions the driver has not looked at
+        yet share one interrupt.)"""
         with self.hba.lock:
             if not self.live(cmd):
                 return
             self.ncq_busy &= ~(1 << cmd.tag)
             self.sdb_pending |= 1 << cmd.tag
-            if not self.sdb_scheduled:
-                self.sdb_scheduled = True
-                self.hba.loop_call(self._send_sdb, self.gen)
+            self._send_sdb(self.gen)
             if not self.ncq_busy and self.ci & ~self.started and not self.in_issue:
                 self.hba.loop_call(self.issue)
 
@@ -419,7 +426,6 @@ class Port:
         with self.hba.lock:
             if gen != self.gen:
                 return
-            self.sdb_scheduled = False
             done, self.sdb_pending = self.sdb_pending, 0
             self.sact &= ~done
             self.tfd = error << 8 | (self.tfd & (BSY | DRQ)) | (status & 0x77)
@@ -497,6 +503,7 @@ class AhciHba(PciDevice):
         self.pi = (1 << n) - 1 if n < 32 else 0xFFFFFFFF
         self.ghc = GHC_AE
         self.is_ = 0
+        self.level = False
         self.broken = False
 
     def realize(self) -> None:
@@ -579,11 +586,13 @@ class AhciHba(PciDevice):
         irq = self.irq
         if irq is None:
             return
-        if self.is_ and self.ghc & GHC_IE:
-            if new or irq.mode == "intx":
+        level = bool(self.is_ and self.ghc & GHC_IE)
+        if level:
+            if new or not self.level and irq.mode == "intx":
                 irq.trigger(0)
-        else:
+        elif self.level:
             irq.deassert()
+        self.level = level
 
     # -- resets --------------------------------------------------------------------------------
     def hba_reset(self) -> None:
@@ -595,6 +604,7 @@ class AhciHba(PciDevice):
             self.ghc = GHC_AE
             self.is_ = 0
             self.broken = False
+            self.level = True               # lower INTA# whatever it was
             self.update_irq()
 
     def reset(self) -> None:
