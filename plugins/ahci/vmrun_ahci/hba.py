@@ -410,17 +410,24 @@ class Port:
         return True
 
     def ncq_done(self, cmd: Command) -> None:
-        """A queued command succeeded: a Set Device Bits FIS with its bit. (An MSI only
-        fires when the port's IS bit comes on, so completions the driver has not looked at
-        yet share one interrupt.)"""
+        """A queued command succeeded: its bit goes out in the Set Device Bits FIS the block
+        queue's ``batch_done`` sends (:meth:`flush_sdb`): the completions of one reap share
+        one FIS and one interrupt. Off the loop thread it goes out at once."""
         with self.hba.lock:
             if not self.live(cmd):
                 return
             self.ncq_busy &= ~(1 << cmd.tag)
             self.sdb_pending |= 1 << cmd.tag
-            self._send_sdb(self.gen)
+            loop = self.hba.loop
+            if loop is None or not loop.on_loop_thread:
+                self._send_sdb(self.gen)
             if not self.ncq_busy and self.ci & ~self.started and not self.in_issue:
                 self.hba.loop_call(self.issue)
+
+    def flush_sdb(self) -> None:
+        with self.hba.lock:
+            if self.sdb_pending:
+                self._send_sdb(self.gen)
 
     def _send_sdb(self, gen: int, status: int = DRDY | DSC, error: int = 0) -> None:
         with self.hba.lock:
@@ -511,7 +518,8 @@ class AhciHba(PciDevice):
             backend = p.drive.backend
             if backend is not None:
                 p.io = BlockQueue(backend, self.loop, depth=SLOTS, workers=self.workers,
-                                  owner=self, name=f"{self.name}.{p.index}")
+                                  owner=self, name=f"{self.name}.{p.index}",
+                                  batch_done=p.flush_sdb)
             else:
                 p.io = _NoMedium()
 
