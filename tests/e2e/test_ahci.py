@@ -79,22 +79,23 @@ ports = [{{type = "hd", path = "{ext}"}}, {{type = "cd"}}]
 
 
 def drive_ahci_shell(run: GuestRun) -> None:
-    """At the guest's shell prompt: report, copy, discard, write; each step ends with a token."""
+    """At the guest's shell prompt: report, copy, discard, write. Each step ends with a token
+    the shell computes (``$((6*7))``), so the echo of the command line never matches it."""
     def step(command: str, token: str, timeout: float = 300) -> None:
         run.send(command.encode() + b"\r")
         run.wait_for(token, timeout)
 
     step("for d in /sys/block/sd* /sys/block/sr*; do echo BLK ${d##*/} $(cat $d/size) "
          "$(cat $d/queue/logical_block_size) $(cat $d/queue/physical_block_size) "
-         "$(cat $d/device/queue_depth) $(cat $d/queue/discard_max_bytes); done; echo BLK-END",
-         r"BLK-END\s")
-    step("grep -i ahci /proc/interrupts; echo IRQ-END", r"IRQ-END\s")
+         "$(cat $d/device/queue_depth) $(cat $d/queue/discard_max_bytes); done; echo BLK-$((6*7))",
+         r"BLK-42\s")
+    step("grep -i ahci /proc/interrupts; echo IRQ-$((7*7))", r"IRQ-49\s")
     step(f"D=$(for d in /sys/block/sd*; do [ $(cat $d/size) = {HD_SECTORS} ] && "
          f"echo ${{d##*/}}; done); E=$(for d in /sys/block/sd*; do [ $(cat $d/size) = "
          f"{EXT_SECTORS} ] && echo ${{d##*/}}; done); echo DISKS=$D,$E", r"DISKS=\w+,\w+")
     step("mkdir -p /mnt/cd /mnt/ext; for s in /dev/sr*; do mount -t iso9660 -o ro $s /mnt/cd "
-         "2>/dev/null && echo CDMOUNT=$s && break; done; ls /mnt/cd; echo CDLS-END",
-         r"CDLS-END\s")
+         "2>/dev/null && echo CDMOUNT=$s && break; done; ls /mnt/cd; echo CDLS-$((8*7))",
+         r"CDLS-56\s")
     step(f"dd if=/mnt/cd/payload.bin of=/dev/$D bs=4096 seek={PAYLOAD_AT // 4096} "
          "conv=fsync 2>/dev/null; echo DD-RC=$?", r"DD-RC=\d+")
     step(f"blkdiscard -o {TRIM_AT} -l {TRIM_LEN} /dev/$D; echo DISCARD-RC=$?",
@@ -102,7 +103,7 @@ def drive_ahci_shell(run: GuestRun) -> None:
     step(f"mount -t ext4 /dev/$E /mnt/ext && cat /mnt/ext/hello.txt && echo "
          f"{GUEST_TEXT.decode().strip()} > /mnt/ext/guest.txt && umount /mnt/ext; "
          "echo EXT4-RC=$?", r"EXT4-RC=\d+")
-    step("umount /mnt/cd; sync; echo SYNC-DONE", r"SYNC-DONE\s")
+    step("umount /mnt/cd; sync; echo SYNC-$((9*7))", r"SYNC-63\s")
     run.send(b"poweroff\r")
 
 
@@ -155,7 +156,8 @@ def test_ahci_controllers_and_links_come_up(ahci_boot: Boot) -> None:
     assert len(re.findall(r"ahci \S+: AHCI 0001\.0300 32 slots \d ports 6 Gbps", text)) == 3
     assert len(re.findall(r"ata\d+: SATA link up 6\.0 Gbps \(SStatus 133 SControl 300\)",
                           text)) == 4
-    assert "ahci: error" not in text and "failed to" not in text.lower()
+    assert not re.search(r"\bata\d+(\.\d+)?: .*(failed|error|timeout|exception)", text,
+                         re.I), text[-3000:]
 
 
 def test_disks_are_identified_with_ncq(ahci_boot: Boot) -> None:
@@ -184,19 +186,19 @@ def test_sysfs_sizes_and_queue_depth(ahci_boot: Boot) -> None:
     assert hd[1:4] == ["512", "4096", "32"], hd            # logical, physical, NCQ depth
     assert int(hd[4]) > 0                                  # TRIM offered to the block layer
     iso_blocks = ahci_boot.setup.iso.stat().st_size // 2048
-    cds = sorted(v[0] for name, v in blk.items() if name.startswith("sr"))
-    assert cds == sorted([str(iso_blocks * 4), "0"]), blk   # 512-byte units; the empty drive
+    cds = [v for name, v in blk.items() if name.startswith("sr")]
+    assert len(cds) == 2 and [str(iso_blocks * 4), "2048", "2048"] in [v[:3] for v in cds], blk
 
 
 def test_interrupts_are_msi(ahci_boot: Boot) -> None:
-    lines = re.findall(r"^.*ahci\[[^\r\n]*", ahci_boot.run.text, re.M)
+    lines = re.findall(r"^\s*\d+:[^\r\n]*\bahci\b[^\r\n]*", ahci_boot.run.text, re.M)
     assert len(lines) == 3 and all("MSI" in line for line in lines), lines
 
 
 def test_cd_mounts_and_its_file_reaches_the_disk(ahci_boot: Boot) -> None:
     text = ahci_boot.run.text
     assert re.search(r"CDMOUNT=/dev/sr\d", text)
-    assert "payload.bin" in text and "DD-RC=0" in text
+    assert re.search(r"hello\.txt\s+payload\.bin", text) and "DD-RC=0" in text
     payload = ahci_boot.setup.payload
     with open(ahci_boot.setup.hd, "rb") as f:
         f.seek(PAYLOAD_AT)
