@@ -518,3 +518,44 @@ def test_several_ports_work_independently(vm: FakeVm, image: Path, iso: Path,
     assert drv.packet(1, bytes((0x25,)), 8)[0].ok
     assert drv.read(0, 0, 1)[0].ok
     assert drv.preg(1, P_IS) == 0 and drv.preg(2, P_IS) == 0
+
+
+def test_stop_waits_for_the_io_in_flight(vm: FakeVm, image: Path) -> None:
+    """PxCMD.ST cleared with NCQ reads in flight: when CR reads 0 no DMA is left, and the
+    late completions change nothing."""
+    backend = Slow(image)
+    hba, drv = controller(vm, AtaDisk(backend))
+    held = threading.Event()
+    backend.hold[0] = held
+    buf = drv.alloc(4096)
+    vm.memory.write(buf, b"\xee" * 4096)
+    drv.ncq(0, 0, 0, 8, buf)
+    drv.issue(0, 1, ncq=True)
+    vm.sync()
+    threading.Timer(0.2, held.set).start()
+    drv.stop(0)                                            # waits for the read
+    assert struct.unpack_from("<Q", vm.memory.read(buf, 8))[0] == 0xD15C0000
+    vm.sync()
+    assert drv.preg(0, P_SACT) == 0 and drv.preg(0, P_IS) & IS_SDBS == 0
+
+
+def test_an_internal_error_stops_the_controller_until_reset(vm: FakeVm, image: Path) -> None:
+    hba, drv = controller(vm, disk(image))
+    hba.fault("simulated")
+    r = drv.run(0, h2d(0xEC), [(drv.alloc(512), 512)])
+    assert r.is_ & IS_HBFS
+    drv.reset()
+    drv.start(0)
+    assert drv.identify(0)[510] == 0xA5
+
+
+def test_byte_and_qword_register_access(vm: FakeVm, image: Path) -> None:
+    hba, drv = controller(vm, disk(image))
+    base = drv.abar + 0x100
+    assert vm.mmio.read(base + 0x24, 1) == 0x01            # PxSIG, byte by byte
+    assert vm.mmio.read(base + 0x25, 1) == 0x01
+    assert vm.mmio.read(drv.abar + 0x10, 2) == 0x0300      # VS low half
+    vm.mmio.write(base + 0x14, 1, 0xFF)                    # PxIE low byte only
+    assert drv.preg(0, 0x14) & 0xFF == 0xFF
+    vm.mmio.write(base + 0x00, 8, 0x12_3456_7800)          # PxCLB + PxCLBU at once
+    assert drv.preg(0, 0x00) == 0x3456_7800 - 0x3456_7800 % 1024 and drv.preg(0, 0x04) == 0x12
