@@ -281,7 +281,7 @@ class Port:
         self.halted = True
         self.raise_is(bits)
 
-    # -- commands (event loop, lock held) ------------------------------------------------------
+    # -- commands (a vCPU thread or the event loop) --------------------------------------------
     def issue(self) -> None:
         """Fetch and start the commands the driver issued; non-queued ones one at a time,
         and never next to queued ones (the ATA device would refuse the mix)."""
