@@ -559,3 +559,82 @@ def test_byte_and_qword_register_access(vm: FakeVm, image: Path) -> None:
     assert drv.preg(0, 0x14) & 0xFF == 0xFF
     vm.mmio.write(base + 0x00, 8, 0x12_3456_7800)          # PxCLB + PxCLBU at once
     assert drv.preg(0, 0x00) == 0x3456_7800 - 0x3456_7800 % 1024 and drv.preg(0, 0x04) == 0x12
+
+
+def test_pio_reads_and_no_data_commands(vm: FakeVm, image: Path) -> None:
+    hba, drv = controller(vm, disk(image))
+    r, data = drv.read(0, 3, 2, command=0x24)              # READ SECTORS EXT (PIO)
+    assert r.ok and r.is_ & IS_PSS and struct.unpack_from("<Q", data)[0] == 0xD15C0003
+    r, data = drv.read(0, 4, 1, command=0x20)              # READ SECTORS (LBA28)
+    assert r.ok and struct.unpack_from("<Q", data)[0] == 0xD15C0004
+    assert drv.write(0, 300, b"p" * 512, command=0x34).ok  # WRITE SECTORS EXT
+    assert image.read_bytes()[300 * 512:301 * 512] == b"p" * 512
+    assert drv.run(0, h2d(0x42, 0, 8)).ok                  # READ VERIFY EXT
+    assert drv.run(0, h2d(0x42, 8190, 8)).is_ & IS_TFES
+    drv.restart(0)
+    r = drv.run(0, h2d(0xE5))                              # CHECK POWER MODE: active
+    assert r.ok and drv.fis(0, RX_RFIS, 14)[12] == 0xFF
+    for command in (0xE0, 0xE1, 0xC6, 0x91):               # standby, idle, multiple, ...
+        assert drv.run(0, h2d(command)).ok
+    assert drv.run(0, h2d(0xEF, count=0x46, features=0x03)).ok      # UDMA6
+    assert words(drv.identify(0))[88] >> 8 == 1 << 6
+    assert drv.run(0, h2d(0xEF, count=0x30, features=0x03)).is_ & IS_TFES   # bogus mode
+    drv.restart(0)
+    assert drv.run(0, h2d(0xEF, features=0x99)).is_ & IS_TFES
+    drv.restart(0)
+
+
+def test_read_log_directory_and_bad_pages(vm: FakeVm, image: Path) -> None:
+    hba, drv = controller(vm, disk(image))
+    buf = drv.alloc(512)
+    assert drv.run(0, h2d(0x2F, lba=0, count=1), [(buf, 512)]).ok
+    d = vm.memory.read(buf, 512)
+    assert struct.unpack_from("<H", d)[0] == 1 and struct.unpack_from("<H", d, 0x20)[0] == 1
+    assert struct.unpack_from("<H", d, 0x60)[0] == 0       # no IDENTIFY DEVICE data log
+    for lba, count in ((0x30, 1), (0x10 | 1 << 8, 1), (0x10, 2)):
+        assert drv.run(0, h2d(0x2F, lba=lba, count=count), [(buf, 1024)]).is_ & IS_TFES
+        drv.restart(0)
+    assert drv.run(0, h2d(0x47, lba=0x10, count=1), [(buf, 512)]).ok   # READ LOG DMA EXT
+
+
+def test_trim_payload_bounds(vm: FakeVm, image: Path) -> None:
+    hba, drv = controller(vm, disk(image))
+    buf = drv.alloc(512 * 9)
+    for count in (0, 9):                                   # no blocks, more than 8
+        r = drv.run(0, h2d(0x06, count=count, features=1), [(buf, 512 * 9)], write=True)
+        assert r.is_ & IS_TFES
+        drv.restart(0)
+    vm.memory.write(buf, struct.pack("<Q", 8190 | 8 << 48).ljust(512, b"\0"))
+    r = drv.run(0, h2d(0x06, count=1, features=1), [(buf, 512)], write=True)
+    assert r.is_ & IS_TFES and r.error == 0x10             # range past the end
+    drv.restart(0)
+    vm.memory.write(buf, bytes(512))                       # only empty ranges: nothing to do
+    assert drv.run(0, h2d(0x06, count=1, features=1), [(buf, 512)], write=True).ok
+
+
+def test_atapi_more_commands(vm: FakeVm, iso: Path) -> None:
+    hba, drv = controller(vm, cd(iso))
+    cdb = bytes((0xBE, 0)) + struct.pack(">I", 5) + (2).to_bytes(3, "big") + bytes((0x10,))
+    r, data = drv.packet(0, cdb, 4096)                     # READ CD, user data
+    assert r.ok and struct.unpack_from("<Q", data, 2048)[0] == 0xCD000006
+    r, _ = drv.packet(0, cdb[:9] + bytes((0xF8,)), 4096)   # raw sectors: not offered
+    assert r.is_ & IS_TFES
+    drv.restart(0)
+    r, ms = drv.packet(0, bytes((0x1A, 0, 0x3F, 0, 64)), 64)   # MODE SENSE(6), all pages
+    assert r.ok and ms[0] == len(ms[:ms[0] + 1]) - 1 and ms[4] == 0x01
+    r, di = drv.packet(0, bytes((0x51, 0, 0, 0, 0, 0, 0, 0, 34)), 34)
+    assert r.ok and di[2] == 0x0E
+    r, vpd = drv.packet(0, bytes((0x12, 1, 0, 0, 64)), 64)
+    assert r.ok and vpd[1] == 0 and list(vpd[4:7]) == [0, 0x80, 0x83]
+    r, vpd = drv.packet(0, bytes((0x12, 1, 0x80, 0, 64)), 64)
+    assert r.ok and vpd[4:4 + vpd[3]] == b"CD-1"
+    r, _ = drv.packet(0, bytes((0x12, 1, 0xB0, 0, 64)), 64)
+    assert r.is_ & IS_TFES
+    drv.restart(0)
+    assert drv.packet(0, bytes((0x2B, 0)) + struct.pack(">I", 10))[0].ok   # SEEK
+    r, gesn = drv.packet(0, bytes((0x4A, 0, 0, 0, 0x10, 0, 0, 0, 8)), 8)   # async: refused
+    assert r.is_ & IS_TFES
+    drv.restart(0)
+    r, conf = drv.packet(0, bytes((0x46, 2, 0, 0x10, 0, 0, 0, 0, 64)), 64)  # one feature
+    assert r.ok and struct.unpack_from(">H", conf, 8)[0] == 0x0010
+    assert struct.unpack_from(">I", conf)[0] == 4 + 12
