@@ -18,11 +18,16 @@ each is compared. Goal (issue 7): >= 1.0 x QEMU on all four. vmrun runs with
 ``qemu-img convert -O qcow2``, so every cluster is allocated; both VMMs open that one file,
 QEMU with ``format=qcow2,cache=none``). Goal (issue 12): >= 0.8 x QEMU.
 
+``--device ahci`` runs ``vahci`` (vmrun/testing/native/vahci.c) instead: the same four phases
+over an AHCI controller with NCQ (vmrun ``ahci-hd``, QEMU ``-device ahci`` + ``ide-hd``),
+sequential 1 MiB with one tag in flight, random 4 KiB with 32.
+
 ``--linux`` also runs ``blkbench`` (vmrun/guest/blkbench.c, Linux AIO) inside the default
 Linux guest under vmrun; QEMU gets no figure there on kvm-pvm (it stops at the kernel's INT3
 self-test), so that part prints vmrun's figures alone.
 
-Usage: python bench/blk.py [--rounds N] [--disk-mib N] [--rand-ios N] [--qcow2] [--linux]
+Usage: python bench/blk.py [--device virtio|ahci] [--rounds N] [--disk-mib N] [--rand-ios N]
+                           [--qcow2] [--linux]
 """
 
 from __future__ import annotations
@@ -43,8 +48,10 @@ TESTS = ("read", "write", "randread", "randwrite")
 GOALS = {"read": 1.0, "write": 1.0, "randread": 1.0, "randwrite": 1.0}   # issue 7
 QCOW2_GOALS = {t: 0.8 for t in TESTS}                                     # issue 12
 END = re.compile(rb"end (\w+) ios=(\d+) bytes=(\d+)")
-STOP_AT = (b"vblk: done", b"vblk: error", b"reboot: Power down", b"KVM internal error",
-           b"Kernel panic")
+STOP_AT = (b"vblk: done", b"vblk: error", b"vahci: done", b"vahci: error",
+           b"reboot: Power down", b"KVM internal error", b"Kernel panic")
+GUESTS = {"virtio": "vblk", "ahci": "vahci"}
+VMRUN_MODELS = {"virtio": "virtio-blk", "ahci": "ahci-hd"}
 
 
 def timed_run(cmd: list[str], timeout: float) -> tuple[dict[str, tuple[float, int]], str]:
@@ -86,7 +93,8 @@ def timed_run(cmd: list[str], timeout: float) -> tuple[dict[str, tuple[float, in
     return results, text.decode(errors="replace")
 
 
-def vmrun_cmd(elf: Path, disk: Path, cmdline: str, d: Path) -> list[str]:
+def vmrun_cmd(elf: Path, disk: Path, cmdline: str, d: Path,
+              device: str = "virtio") -> list[str]:
     machine = d / "vblk.toml"
     # Guest RAM on transparent huge pages, as QEMU has it by default (the native guest runs
     # no Linux user space, the reason vmrun keeps them off on kvm-pvm otherwise).
@@ -101,20 +109,24 @@ cmdline = "{cmdline}"
 [serial.debugcon]
 backend = "stdio"
 [devices.disk]
-model = "virtio-blk"
+model = "{VMRUN_MODELS[device]}"
 path = "{disk}"
 nocache = true
 ''')
     return [sys.executable, "-m", "vmrun", "up", str(machine)]
 
 
-def qemu_cmd(qemu: str, elf: Path, disk: Path, cmdline: str, fmt: str = "raw") -> list[str]:
+def qemu_cmd(qemu: str, elf: Path, disk: Path, cmdline: str, fmt: str = "raw",
+             device: str = "virtio") -> list[str]:
+    if device == "ahci":
+        attach = ["-device", "ahci,id=ahci0", "-device", "ide-hd,drive=d0,bus=ahci0.0"]
+    else:
+        attach = ["-device", "virtio-blk-pci,drive=d0,disable-legacy=on"]
     return [qemu, "-enable-kvm", "-M", "pc", "-nodefaults", "-no-reboot", "-display", "none",
             "-cpu", "qemu64,-cx16", "-m", "256", "-kernel", str(elf), "-append", cmdline,
             "-chardev", "stdio,id=dbg", "-device", "isa-debugcon,iobase=0xe9,chardev=dbg",
             "-device", "isa-debug-exit,iobase=0xf4,iosize=1",
-            "-drive", f"file={disk},if=none,id=d0,format={fmt},cache=none",
-            "-device", "virtio-blk-pci,drive=d0,disable-legacy=on"]
+            "-drive", f"file={disk},if=none,id=d0,format={fmt},cache=none", *attach]
 
 
 def figure(test: str, r: tuple[float, int]) -> float:
@@ -126,7 +138,8 @@ def figure(test: str, r: tuple[float, int]) -> float:
 def native_bench(args: argparse.Namespace, fmt: str = "raw") -> None:
     from vmrun.testing import native
 
-    elf = native.build("vblk")
+    guest = GUESTS[args.device]
+    elf = native.build(guest)
     qemu = shutil.which("qemu-system-x86_64")
     cmdline = f"seq_mib={args.disk_mib} rand_ios={args.rand_ios} qd=32"
     ours: dict[str, list[float]] = {t: [] for t in TESTS}
@@ -142,19 +155,21 @@ def native_bench(args: argparse.Namespace, fmt: str = "raw") -> None:
                             str(disk)], check=True)
             raw.unlink()
         for r in range(args.rounds):
-            runs = [("vmrun", vmrun_cmd(elf, disk, cmdline, Path(d)), ours)]
+            runs = [("vmrun", vmrun_cmd(elf, disk, cmdline, Path(d), args.device), ours)]
             if qemu:
-                runs.append(("qemu", qemu_cmd(qemu, elf, disk, cmdline, fmt), theirs))
+                runs.append(("qemu", qemu_cmd(qemu, elf, disk, cmdline, fmt, args.device),
+                             theirs))
             for name, cmd, into in runs:
                 res, text = timed_run(cmd, 1800)
-                if "vblk: done" not in text:
+                if f"{guest}: done" not in text:
                     print(f"round {r + 1}: {name} did not finish: {text.strip()[-300:]}")
                 for t, v in res.items():
                     into[t].append(figure(t, v))
                 print(f"round {r + 1}: {name:5s} " + "  ".join(
                     f"{t} {figure(t, v):.1f}" for t, v in res.items()), flush=True)
     goals = QCOW2_GOALS if fmt == "qcow2" else GOALS
-    print(f"\nvirtio-blk, native guest, {fmt} image, best of {args.rounds} "
+    print(f"\n{VMRUN_MODELS[args.device]}, native guest {guest}, {fmt} image, best of "
+          f"{args.rounds} "
           f"(sequential 1 MiB QD1: MB/s; random 4 KiB QD32: IOPS)")
     for t in TESTS:
         a, b = max(ours[t], default=0.0), max(theirs[t], default=0.0)
@@ -206,6 +221,8 @@ nocache = true
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", choices=sorted(GUESTS), default="virtio",
+                    help="virtio-blk (vblk) or AHCI with NCQ (vahci)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--disk-mib", type=int, default=256)
     ap.add_argument("--rand-ios", type=int, default=20000)

@@ -20,12 +20,15 @@ device plugin" for a complete example.
 - virtio: :class:`VirtioDevice`, :class:`VirtioPciTransport`, :class:`DescriptorChain`, the
   feature and status bits;
 - block: :class:`BlockBackend`, :func:`open_disk`, :class:`BlockQueue`,
-  :func:`parse_sectorsize`;
+  :func:`parse_sectorsize`, and the options every disk emulation shares:
+  :func:`disk_options` (declarations), :func:`check_disk` (checks while the machine file is
+  read), :func:`open_disk_from` (open what they describe);
 - input: :class:`InputHub` and :data:`ABS_MAX`.
 """
 
 from vmrun.block.backend import BlockBackend, parse_sectorsize
 from vmrun.block.image_tools import open_disk
+from vmrun.block.options import check_disk, disk_options, open_disk_from
 from vmrun.block.queue import BlockQueue
 from vmrun.core.dma import DmaDisabled, GuestDma, SgList, SgReader, SgWriter
 from vmrun.core.eventloop import EventLoop, Source, Timer
@@ -53,7 +56,7 @@ from vmrun.core.virtio.pci import VirtioPciTransport
 from vmrun.core.virtio.queue import DescriptorChain, Virtqueue, VirtqueueError
 from vmrun.errors import VmrunError
 from vmrun.plugins import hookimpl
-from vmrun.plugins.registry import DeviceContext, DeviceType, Option
+from vmrun.plugins.registry import DeviceContext, DeviceType, Option, OptionError
 
 __all__ = [
     "ABS_MAX", "BAR_IO", "BAR_MEM32", "BAR_MEM64", "CAP_ID_MSI", "CAP_ID_MSIX", "COMMAND",
@@ -62,5 +65,6 @@ __all__ = [
     "GuestDma", "GuestError", "InputHub", "InterruptSource", "Option", "PciDevice",
     "STATUS_DEVICE_NEEDS_RESET", "SgList", "SgReader", "SgWriter", "Source", "Timer",
     "VIRTIO_F_VERSION_1", "VirtioDevice", "VirtioPciTransport", "Virtqueue", "VirtqueueError",
-    "VmrunError", "hookimpl", "open_disk", "parse_sectorsize",
+    "VmrunError", "hookimpl", "open_disk", "parse_sectorsize", "check_disk", "disk_options",
+    "open_disk_from", "OptionError",
 ]

@@ -520,6 +520,12 @@ def devices(name: str | None) -> None:
         default = "(required)" if opt.required else ("-" if opt.default is None
                                                      else repr(opt.default))
         table.add_row(escape(opt.name), escape(typ), escape(default), escape(opt.help))
+        for sub in opt.fields:        # a "tables" option: one row per field of its tables
+            typ = sub.type if sub.type != "choice" else " | ".join(sub.choices)
+            default = "(required)" if sub.required else ("-" if sub.default is None
+                                                         else repr(sub.default))
+            table.add_row(escape(f"{opt.name}[].{sub.name}"), escape(typ), escape(default),
+                          escape(sub.help))
     out.print(table)
 
 

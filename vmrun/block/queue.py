@@ -19,6 +19,10 @@ until nothing is in flight — a device's reset calls it so that no host I/O tou
 memory the driver has taken back — and it makes progress by itself (it reaps AIO
 completions), so it never depends on the loop thread and cannot stall a vCPU beyond the I/O
 it waits for.
+
+A device that reports completions in batches (AHCI's Set Device Bits FIS, one interrupt for
+many NCQ tags) passes ``batch_done``: it runs on the loop after the completions of one AIO
+reap, and after each completion a worker delivered.
 """
 
 from __future__ import annotations
@@ -48,8 +52,10 @@ class BlockQueue:
     """Requests against one backend; completions on ``loop`` (or inline without one)."""
 
     def __init__(self, backend: BlockBackend, loop: EventLoop | None, *, depth: int = 256,
-                 workers: int = 8, owner: Owner | None = None, name: str = "blk") -> None:
+                 workers: int = 8, owner: Owner | None = None, name: str = "blk",
+                 batch_done: Callable[[], object] | None = None) -> None:
         self.backend = backend
+        self.batch_done = batch_done
         self.loop = loop
         self.owner = owner
         self.name = name
@@ -88,10 +94,21 @@ class BlockQueue:
         with self._count_lock:
             self._inflight -= 1
         loop = self.loop
+        if self.batch_done is not None:
+            done = self._then_batch_done(done)
         if on_loop or loop is None or loop.on_loop_thread:
             done(result)
         else:
             loop.call_soon(done, result, owner=self.owner)
+
+    def _then_batch_done(self, done: Done) -> Done:
+        batch_done = self.batch_done
+        assert batch_done is not None
+
+        def both(result: int) -> None:
+            done(result)
+            batch_done()
+        return both
 
     # -- requests ------------------------------------------------------------------------
     def read(self, offset: int, sg: SgList, done: Done) -> None:
@@ -189,9 +206,13 @@ class BlockQueue:
         if on_loop or loop is None or loop.on_loop_thread:
             for done, res in finished:
                 done(res)
+            if self.batch_done is not None:
+                self.batch_done()
         else:
             for done, res in finished:
                 loop.call_soon(done, res, owner=self.owner)
+            if self.batch_done is not None:
+                loop.call_soon(self.batch_done, owner=self.owner)
 
     # -- lifetime --------------------------------------------------------------------------
     def drain(self, timeout: float = 60.0) -> bool:

@@ -69,16 +69,29 @@ def check_devices(file: Path, devices: dict[str, PlacedDevice],
     :func:`place_devices` will."""
     seen: dict[Any, str] = dict(taken or {})
     for dev_id, placed in devices.items():
-        for opt in placed.type.exclusive_paths:
-            p = placed.options.get(opt)
-            if p is None:
-                continue
+        for key, p in _exclusive_paths(placed):
             ident = file_identity(Path(p))
             if ident in seen:
-                raise _error(file, f"devices.{dev_id}.{opt}", "this file is already used by "
+                raise _error(file, f"devices.{dev_id}.{key}", "this file is already used by "
                              f"{seen[ident]}", str(p))
-            seen[ident] = f"devices.{dev_id}"
+            seen[ident] = f"devices.{dev_id}" + (f".{key}" if "[" in key else "")
     _layout(file, devices, {d: p.type.name for d, p in devices.items()})
+
+
+def _exclusive_paths(placed: PlacedDevice) -> list[tuple[str, Any]]:
+    """(key, path) of each exclusive path option that is set; "NAME.FIELD" walks the tables of
+    a "tables" option (key "NAME[i].FIELD")."""
+    out = []
+    for opt in placed.type.exclusive_paths:
+        name, _, field = opt.partition(".")
+        value = placed.options.get(name)
+        if field:
+            for i, entry in enumerate(value or ()):
+                if isinstance(entry, dict) and entry.get(field) is not None:
+                    out.append((f"{name}[{i}].{field}", entry[field]))
+        elif value is not None:
+            out.append((name, value))
+    return out
 
 
 def _defaults(devices: dict[str, Any], models: set[str]) -> list[tuple[str, str, int]]:

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from vmrun.core.input import InputHub
     from vmrun.core.pci import PciDevice
 
-OPTION_TYPES = ("str", "bool", "int", "size", "path", "choice")
+OPTION_TYPES = ("str", "bool", "int", "size", "path", "choice", "tables")
 
 
 @dataclass(frozen=True)
@@ -27,8 +27,10 @@ class Option:
     """One option of a device emulation.
 
     ``type``: "str", "bool", "int" (``min``/``max``), "size" (bytes: 512, "20G"), "path"
-    (relative to the machine file; ``must_exist``), "choice" (``choices``). ``validate`` may
-    further check the parsed value and raise ValueError with the reason.
+    (relative to the machine file; ``must_exist``), "choice" (``choices``), "tables" (an
+    array of inline tables, each checked against ``fields``, at most ``max`` of them, at least
+    ``min``; a problem is reported on ``NAME[i].FIELD``). ``validate`` may further check the
+    parsed value and raise ValueError with the reason.
     """
 
     name: str
@@ -41,10 +43,13 @@ class Option:
     max: int | None = None
     must_exist: bool = False
     validate: Callable[[Any], None] | None = None
+    fields: tuple[Option, ...] = ()
 
     def __post_init__(self) -> None:
         if self.type not in OPTION_TYPES:
             raise ValueError(f"option {self.name}: unknown type {self.type!r}")
+        if (self.type == "tables") != bool(self.fields):
+            raise ValueError(f"option {self.name}: fields go with type \"tables\" only")
 
 
 @dataclass
@@ -95,7 +100,7 @@ class DeviceType:
     plugin: str = "?"                   # filled in by the registry: distribution name
     version: str = "?"
     # Option names whose (path) value must be unique among devices: an image can only be used
-    # by one device.
+    # by one device. "NAME.FIELD" names a field of each table of a "tables" option.
     exclusive_paths: tuple[str, ...] = ()
     # Cross-option check, run while the machine file is checked (so by ``vmrun check`` too):
     # raises ValueError with the reason; setting ``e.option = "NAME"`` on it puts the error on
@@ -134,22 +139,8 @@ def _parse_size(value: Any) -> int:
 
 def validate_options(dtype: DeviceType, table: dict[str, Any], base_dir: Path) -> dict[str, Any]:
     """Check ``table`` (without model/slot) against ``dtype.options``; returns parsed values."""
-    known = {o.name: o for o in dtype.options}
-    out: dict[str, Any] = {}
-    for key, value in table.items():
-        if key not in known:
-            names = ", ".join(sorted(known)) or "none"
-            raise OptionError(key, f"unknown option for {dtype.name} (its options: {names})",
-                              value)
-    for opt in dtype.options:
-        if opt.name not in table:
-            if opt.required:
-                raise OptionError(opt.name, f"required option of {dtype.name} is missing",
-                                  None)
-            out[opt.name] = opt.default
-            continue
-        value = table[opt.name]
-        out[opt.name] = _parse_value(opt, value, base_dir)
+    out = _parse_table(dtype.options, table, base_dir, f"option for {dtype.name}",
+                       f"option of {dtype.name}")
     if dtype.check is not None:
         try:
             dtype.check(out)
@@ -157,12 +148,73 @@ def validate_options(dtype: DeviceType, table: dict[str, Any], base_dir: Path) -
             raise
         except ValueError as e:   # a check may name the option: e.option = "path"
             key = getattr(e, "option", "")
-            raise OptionError(key, str(e), table.get(key) if key else None) from None
+            raise OptionError(key, str(e), lookup_option(table, key) if key else None) \
+                from None
+    return out
+
+
+def lookup_option(table: dict[str, Any], key: str) -> Any:
+    """The value the user wrote at ``key`` ("path", or "ports[1].path"), None if absent."""
+    value: Any = table
+    for part in key.split("."):
+        name, _, index = part.partition("[")
+        value = value.get(name) if isinstance(value, dict) else None
+        if index:
+            i = int(index.rstrip("]"))
+            value = value[i] if isinstance(value, list) and i < len(value) else None
+    return value
+
+
+def _parse_table(options: list[Option] | tuple[Option, ...], table: dict[str, Any],
+                 base_dir: Path, unknown: str, missing: str) -> dict[str, Any]:
+    known = {o.name: o for o in options}
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in known:
+            names = ", ".join(sorted(known)) or "none"
+            raise OptionError(key, f"unknown {unknown} (its options: {names})", value)
+    for opt in options:
+        if opt.name not in table:
+            if opt.required:
+                raise OptionError(opt.name, f"required {missing} is missing", None)
+            out[opt.name] = opt.default
+            continue
+        out[opt.name] = _parse_value(opt, table[opt.name], base_dir)
+    return out
+
+
+def _parse_tables(opt: Option, value: Any, base_dir: Path) -> list[dict[str, Any]]:
+    """A "tables" option: an array of inline tables, each one checked against the fields."""
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise OptionError(opt.name, "must be an array of inline tables, e.g. [{...}, {...}]",
+                          value)
+    if opt.min is not None and len(value) < opt.min or opt.max is not None and \
+            len(value) > opt.max:
+        raise OptionError(opt.name, f"must have between {opt.min} and {opt.max} entries",
+                          value)
+    out = []
+    for i, item in enumerate(value):
+        try:
+            out.append(_parse_table(opt.fields, item, base_dir, f"key in {opt.name}",
+                                    f"key of {opt.name}"))
+        except OptionError as e:
+            raise OptionError(f"{opt.name}[{i}].{e.key}" if e.key else f"{opt.name}[{i}]",
+                              e.message, e.value) from None
     return out
 
 
 def _parse_value(opt: Option, value: Any, base_dir: Path) -> Any:
     t = opt.type
+    if t == "tables":
+        parsed = _parse_tables(opt, value, base_dir)
+        if opt.validate is not None:
+            try:
+                opt.validate(parsed)
+            except OptionError:
+                raise
+            except ValueError as e:
+                raise OptionError(opt.name, str(e), value) from None
+        return parsed
     try:
         if t == "bool":
             if not isinstance(value, bool):

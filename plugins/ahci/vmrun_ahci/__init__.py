@@ -1,0 +1,1 @@
+"""AHCI (SATA) for vmrun: a separately installable device plugin."""
