@@ -47,7 +47,7 @@ def images(tmp_path: Path) -> Path:
     ('model = "ahci"\nports = [{type = "hd", path = "a.img", sectorsize = "3"}]\n',
      "devices.s.ports[0].sectorsize: logical sector size 3 must be a power of two"),
     ('model = "ahci"\nports = [{type = "hd", path = "a.img"}, {type = "hd", path = "a.img"}]\n',
-     "devices.s.ports[1].path: image is already used by devices.s.ports[0].path"),
+     "devices.s.ports[1].path: this file is already used by devices.s.ports[0].path"),
     ('model = "ahci"\nports = [' + ", ".join(['{type = "cd"}'] * 33) + "]\n",
      "devices.s.ports: must have between 1 and 32 entries"),
 ])
