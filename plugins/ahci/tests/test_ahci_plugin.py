@@ -59,7 +59,7 @@ def test_bad_ahci_tables(images: Path, devices: str, expected: str) -> None:
 
 
 def test_an_image_shared_between_a_port_and_another_device(images: Path) -> None:
-    with pytest.raises(ConfigError, match=r"devices\.b\.ports\[0\]\.path: image is already "
+    with pytest.raises(ConfigError, match=r"devices\.b\.ports\[0\]\.path: this file is already "
                                           r"used by devices\.a"):
         load(images, '[devices.a]\nmodel = "ahci-hd"\npath = "a.img"\n[devices.b]\n'
                      'model = "ahci"\nports = [{type = "hd", path = "a.img"}]\n')
