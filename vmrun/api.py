@@ -21,7 +21,9 @@ device plugin" for a complete example.
   feature and status bits;
 - block: :class:`BlockBackend`, :func:`open_disk`, :class:`BlockQueue`,
   :func:`parse_sectorsize`;
-- input: :class:`InputHub` and :data:`ABS_MAX`.
+- input: :class:`InputHub` and :data:`ABS_MAX`;
+- the control socket: :class:`QmpCommand`, :class:`QmpContext` and :class:`QmpError` for the
+  ``vmrun_qmp_commands`` hook (commands such as ``screendump`` or ``eject``).
 """
 
 from vmrun.block.backend import BlockBackend, parse_sectorsize
@@ -54,12 +56,14 @@ from vmrun.core.virtio.queue import DescriptorChain, Virtqueue, VirtqueueError
 from vmrun.errors import VmrunError
 from vmrun.plugins import hookimpl
 from vmrun.plugins.registry import DeviceContext, DeviceType, Option
+from vmrun.qmp import QmpCommand, QmpContext, QmpError
 
 __all__ = [
     "ABS_MAX", "BAR_IO", "BAR_MEM32", "BAR_MEM64", "CAP_ID_MSI", "CAP_ID_MSIX", "COMMAND",
     "COMMAND_MASTER", "COMMAND_MEMORY", "BarSpec", "BlockBackend", "BlockQueue",
     "DescriptorChain", "DeviceContext", "DeviceType", "DmaDisabled", "EventLoop",
     "GuestDma", "GuestError", "InputHub", "InterruptSource", "Option", "PciDevice",
+    "QmpCommand", "QmpContext", "QmpError",
     "STATUS_DEVICE_NEEDS_RESET", "SgList", "SgReader", "SgWriter", "Source", "Timer",
     "VIRTIO_F_VERSION_1", "VirtioDevice", "VirtioPciTransport", "Virtqueue", "VirtqueueError",
     "VmrunError", "hookimpl", "open_disk", "parse_sectorsize",
