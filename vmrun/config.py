@@ -76,7 +76,7 @@ PATH_BACKENDS = ("file", "socket")
 # The keys each table accepts (machines/reference.toml must document all of them; a test
 # checks). [cpu.features] takes feature names, [devices.ID] also the model's own options.
 TOP_KEYS = ("name", "cpus", "memory", "huge_pages", "uuid", "rtc", "on_reboot",
-            "on_unhandled_io", "cpu", "boot", "serial", "devices")
+            "on_unhandled_io", "control_socket", "cpu", "boot", "serial", "devices")
 CPU_KEYS = ("profile", "features")
 BOOT_KEYS = ("kernel", "initrd", "cmdline")
 SERIAL_KEYS = ("backend", "path")
@@ -130,6 +130,7 @@ class MachineConfig:
     serial: dict[str, SerialConfig]
     devices: dict[str, Any]
     huge_pages: bool | None = None      # None: "auto"
+    control_socket: Path | None = None  # None: in the VM's state directory (vmrun.instances)
 
 
 # format_value (values as TOML writes them) lives in vmrun.units, shared with the plugin
@@ -345,6 +346,7 @@ def parse_machine(text: str, file: Path, device_validator: DeviceValidator | Non
     cpu = _cpu(c, data.get("cpu", {}))
     boot = _boot(c, data)
     serial = _serial(c, data)
+    control_socket = _control_socket(c, data, serial)
     devices = _devices(c, data.get("devices", {}), device_validator)
     if devices_checker is None and device_validator is not None:
         devices_checker = _plugin_checker(device_validator)
@@ -355,7 +357,23 @@ def parse_machine(text: str, file: Path, device_validator: DeviceValidator | Non
         _check_boot_files(c, data["boot"], boot, memory)
 
     return MachineConfig(file, name, cpus, memory, machine_uuid, rtc, on_reboot, on_io, cpu,
-                         boot, serial, devices, huge_pages)
+                         boot, serial, devices, huge_pages, control_socket)
+
+
+def _control_socket(c: _Checker, data: dict[str, Any],
+                    serial: dict[str, SerialConfig]) -> Path | None:
+    """Where the QMP control socket listens instead of the state directory: a socket path
+    as a serial port's (its directory exists, an existing non-socket is never replaced),
+    not one a serial port uses."""
+    text = c.string(data, "control_socket", "control_socket", empty_ok=False)
+    if text is None:
+        return None
+    p = _serial_path(c, "socket", text, "control_socket")
+    ident = file_identity(p)
+    for port, sc in serial.items():
+        if sc.path is not None and file_identity(sc.path) == ident:
+            raise c.error("control_socket", f"serial.{port} already uses it", text)
+    return p
 
 
 def _memory(c: _Checker, value: Any) -> int:

@@ -52,6 +52,7 @@ class Runner:
         self.ended = False
         self._shutdown_reason: str | None = None   # a host-side ending's SHUTDOWN reason
         self._reset_reason: str | None = None
+        self.serial: dict[str, Backend] = {}
         self.log = log or (lambda msg: print(f"vmrun: {msg}", file=sys.stderr))
         self.grace_s = grace_s
         self.machine: Machine | None = None
@@ -158,7 +159,7 @@ class Runner:
         self.host = HostContext()
         self.host.start()
         try:
-            serial = self._open_serial()
+            serial = self.serial = self._open_serial()
         except BaseException:
             self.host.close()
             raise

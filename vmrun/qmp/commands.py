@@ -123,9 +123,7 @@ def query_pci(ctx: QmpContext) -> list:
 
 
 def query_commands(ctx: QmpContext) -> list:
-    from vmrun.plugins import get_registry
-
-    names = set(get_registry().qmp_commands) | {"qmp_capabilities"}
+    names = set(ctx.commands) | {"qmp_capabilities"}
     return [{"name": n} for n in sorted(names)]
 
 

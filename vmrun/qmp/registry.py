@@ -85,10 +85,12 @@ class QmpContext:
     devices' event loop, events, and the devices of the current boot by their id."""
 
     def __init__(self, control: Any, emit: Callable[[str, dict | None], None],
-                 loop: EventLoop | None = None) -> None:
+                 loop: EventLoop | None = None,
+                 commands: dict[str, QmpCommand] | None = None) -> None:
         self.control = control
         self.emit = emit
         self.loop = loop
+        self.commands = commands or {}      # every command this server offers
         self._after: list[Callable[[], None]] = []
 
     @property

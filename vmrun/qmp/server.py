@@ -67,7 +67,7 @@ class _Client:
         self.out_bytes = 0
         self.negotiated = False
         self.pending = 0
-        self.closing = False         # drop once the output is written (a fatal error)
+        self.closing = False         # no more input (EOF, a fatal error): drop once answered
         self.closed = False
         self.source: Source | None = None
 
@@ -172,8 +172,11 @@ class QmpServer:
             return
         except OSError:
             data = b""
-        if not data:
-            self._drop(client)
+        if not data:             # EOF (or a half-close, as socat does): answer, then close
+            client.closing = True
+            self._flush(client)
+            if not client.closed:
+                self._update_events(client)
             return
         try:
             items = client.splitter.feed(data)
@@ -252,6 +255,8 @@ class QmpServer:
         if not client.closed:
             self._send(client, msg)
             if not client.closed:
+                self._flush(client)          # a closing client goes once all is answered
+            if not client.closed:
                 self._update_events(client)
         for fn in after:
             fn()
@@ -287,7 +292,7 @@ class QmpServer:
             else:
                 out[0] = out[0][n:]
                 return
-        if client.closing:
+        if client.closing and not client.pending:
             self._drop(client)
 
     def _update_events(self, client: _Client) -> None:
@@ -321,7 +326,7 @@ class QmpServer:
 
     def _broadcast(self, msg: dict) -> None:
         for client in list(self.clients.values()):
-            if client.negotiated and not client.closing:
+            if client.negotiated:        # a half-closed client still reads (socat)
                 self._send(client, msg)
 
     # -- any thread -------------------------------------------------------------------------
@@ -337,7 +342,7 @@ class QmpServer:
             if item is None:
                 return
             client, cmd, spec, kwargs = item
-            ctx = QmpContext(self.control, self.emit, self.loop)
+            ctx = QmpContext(self.control, self.emit, self.loop, self.commands)
             try:
                 msg = reply(spec.handler(ctx, **kwargs), cmd)
             except QmpError as e:
