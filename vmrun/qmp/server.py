@@ -181,7 +181,7 @@ class QmpServer:
         try:
             items = client.splitter.feed(data)
         except FatalInput as e:
-            self._send(client, error_reply(QmpError(f"{e}; closing the connection")))
+            self._answer(client, error_reply(QmpError(f"{e}; closing the connection")))
             self.dropped += 1
             client.closing = True
             self._flush(client)
@@ -192,7 +192,7 @@ class QmpServer:
             if client.closed:
                 return
             if item.error is not None:
-                self._send(client, error_reply(QmpError(item.error)))
+                self._answer(client, error_reply(QmpError(item.error)))
                 continue
             self._command(client, item.value)
         if not client.closed:
@@ -203,52 +203,62 @@ class QmpServer:
             cmd = check_command(msg)
         except QmpError as e:
             has_id = isinstance(msg, dict) and "id" in msg
-            self._send(client, error_reply(e, msg_id=msg.get("id") if has_id else None,
+            self._answer(client, error_reply(e, msg_id=msg.get("id") if has_id else None,
                                            has_id=has_id))
             return
         if cmd.name == "qmp_capabilities":
             self._capabilities(client, cmd)
             return
         if not client.negotiated:
-            self._send(client, error_reply(QmpError(
+            self._answer(client, error_reply(QmpError(
                 "Expecting capabilities negotiation with 'qmp_capabilities'",
                 COMMAND_NOT_FOUND), cmd))
             return
         spec = self.commands.get(cmd.name)
         if spec is None:
-            self._send(client, error_reply(QmpError(
+            self._answer(client, error_reply(QmpError(
                 f"The command {cmd.name[:80]} has not been found", COMMAND_NOT_FOUND), cmd))
             return
         try:
             kwargs = spec.check_args(cmd.arguments)
         except QmpError as e:
-            self._send(client, error_reply(e, cmd))
+            self._answer(client, error_reply(e, cmd))
             return
         client.pending += 1
         self._work.put((client, cmd, spec, kwargs))
 
     def _capabilities(self, client: _Client, cmd: Command) -> None:
         if client.negotiated:
-            self._send(client, error_reply(QmpError(
+            self._answer(client, error_reply(QmpError(
                 "Capabilities negotiation is already complete, command ignored",
                 COMMAND_NOT_FOUND), cmd))
             return
         enable = cmd.arguments.get("enable", [])
         extra = set(cmd.arguments) - {"enable"}
         if extra:
-            self._send(client, error_reply(QmpError(
+            self._answer(client, error_reply(QmpError(
                 f"Parameter '{sorted(extra)[0][:80]}' is unexpected"), cmd))
             return
         if not isinstance(enable, list) or not all(isinstance(c, str) for c in enable):
-            self._send(client, error_reply(QmpError(
+            self._answer(client, error_reply(QmpError(
                 "Invalid parameter type for 'enable', expected: array of strings"), cmd))
             return
         if enable:
-            self._send(client, error_reply(QmpError(
+            self._answer(client, error_reply(QmpError(
                 f"Capability '{enable[0][:80]}' not available"), cmd))
             return
         client.negotiated = True
-        self._send(client, reply({}, cmd))
+        self._answer(client, reply({}, cmd))
+
+    def _answer(self, client: _Client, msg: dict) -> None:
+        """A reply made on the loop (an error, qmp_capabilities): sent at once unless
+        commands before it are still with the control thread; then it queues behind them,
+        so that every client gets its answers in the order it asked."""
+        if client.pending == 0:
+            self._send(client, msg)
+        else:
+            client.pending += 1
+            self._work.put((client, None, msg, None))
 
     def _answered(self, client: _Client, msg: dict, after: list[Callable[[], None]]) -> None:
         client.pending -= 1
@@ -342,6 +352,9 @@ class QmpServer:
             if item is None:
                 return
             client, cmd, spec, kwargs = item
+            if cmd is None:               # a ready answer, kept in order (_answer)
+                self.loop.call_soon(self._answered, client, spec, [], owner=self)
+                continue
             ctx = QmpContext(self.control, self.emit, self.loop, self.commands)
             try:
                 msg = reply(spec.handler(ctx, **kwargs), cmd)
