@@ -131,9 +131,7 @@ def wait_gone(vm: instances.RunningVm, timeout: float = 20) -> None:
 # -- qemu.qmp against a real VM ----------------------------------------------------------------
 @kvm_only
 def test_qemu_qmp_drives_a_background_vm(tmp_path: Path, up) -> None:
-    disk = tmp_path / "d.img"
-    disk.write_bytes(bytes(1 << 20))
-    vm = up("qa", extra="cpus = 2", kernel=None)
+    vm = up("qa", extra="cpus = 2")
     assert vm.qmp_path == instances.state_root() / "qa" / "qmp.sock"
     assert oct(vm.qmp_path.stat().st_mode & 0o777) == "0o600"
     con = Console(vm)
@@ -212,21 +210,18 @@ def test_qemu_qmp_drives_a_background_vm(tmp_path: Path, up) -> None:
 
 
 @kvm_only
-def test_quit_errors_and_a_disk_through_qemu_qmp(tmp_path: Path, up) -> None:
+def test_quit_errors_and_a_disk_through_qemu_qmp(tmp_path: Path, request) -> None:
     from qemu.qmp import ExecuteError
 
     disk = tmp_path / "d.img"
     disk.write_bytes(bytes(1 << 20))
-    vm = up("qb", extra="", serial='backend = "null"')
-    # (the disk test uses its own machine: a virtio-blk device)
-    del vm
-
     f = machine(tmp_path, "qc", serial='backend = "null"')
     f.write_text(f.read_text() + f'[devices.disk0]\nmodel = "virtio-blk"\npath = "{disk}"\n'
                  'ro = true\n')
     out = vmrun("up", "-d", str(f))
     assert out.returncode == 0, out.stderr
     vm = instances.find("qc")
+    request.addfinalizer(lambda: vmrun("kill", "qc"))
 
     async def script(c):
         block = await c.execute("query-block")

@@ -59,7 +59,7 @@ def qmp_path(cfg: MachineConfig, inst: instances.Instance) -> Path:
 
 # -- up -d: the parent --------------------------------------------------------------------------
 def start_detached(machine_file: Path, cfg: MachineConfig, console: str, verbose: bool,
-                   timeout: float = START_TIMEOUT_S) -> str:
+                   restore: Path | None = None, timeout: float = START_TIMEOUT_S) -> str:
     """Start the VM in the background; returns once it runs. VmrunError otherwise."""
     d = instances.state_root() / cfg.name
     if instances.is_running(d):
@@ -67,7 +67,8 @@ def start_detached(machine_file: Path, cfg: MachineConfig, console: str, verbose
                          f"{cfg.name}` ends it")
     r, w = os.pipe()
     cmd = [sys.executable, "-m", "vmrun", "up", "--detached-child", str(w),
-           "--console", console, *(["-v"] if verbose else []), str(machine_file)]
+           "--console", console, *(["-v"] if verbose else []),
+           *(["--restore", str(restore)] if restore is not None else []), str(machine_file)]
     try:
         proc = subprocess.Popen(cmd, pass_fds=(w,), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -113,7 +114,8 @@ def _last_log_line(log: Path) -> str:
 
 # -- the VM's own process (foreground up, and the detached child) ------------------------------
 def run_vm(cfg: MachineConfig, log, *, ready_fd: int | None = None,
-           console_mode: str = "socket", runner_box: list | None = None):
+           console_mode: str = "socket", runner_box: list | None = None,
+           restore: Path | None = None):
     """Claim the name, serve QMP, run the VM; returns the runner's ExitInfo."""
     from vmrun.runner import Runner
 
@@ -156,7 +158,8 @@ def run_vm(cfg: MachineConfig, log, *, ready_fd: int | None = None,
             inst.write_state(**state)
             tell("ok")
 
-        runner = Runner(cfg, log=log, control_socket=control, on_started=started)
+        runner = Runner(cfg, log=log, control_socket=control, on_started=started,
+                        restore=restore)
         if runner_box is not None:
             runner_box.append(runner)
         try:

@@ -211,9 +211,11 @@ def main(verbose: bool) -> None:
 @click.option("--console", "console_mode", type=click.Choice(["socket", "pty"]),
               default="socket", show_default=True,
               help="With -d: where the stdio serial port goes (`vmrun console NAME`).")
+@click.option("--restore", "restore", type=_file(exists=True),
+              help="Start from this snapshot (`vmrun snapshot`) of the same machine.")
 @click.option("--detached-child", type=int, hidden=True)
 def up(machine_file: Path, verbose: bool, detach: bool, console_mode: str,
-       detached_child: int | None) -> None:
+       restore: Path | None, detached_child: int | None) -> None:
     """Boot MACHINE_FILE and run it until the guest powers off.
 
     Exit codes (as bhyve): 0 reset (with on_reboot = "exit"), 1 power off, 2 halt,
@@ -230,13 +232,19 @@ def up(machine_file: Path, verbose: bool, detach: bool, console_mode: str,
         if detached_child is not None:     # the parent of -d prints it
             os.write(detached_child, f"error: {one_line(e)}\n".encode())
         raise
+    if restore is not None:
+        from vmrun.snapshot import load_header
+
+        load_header(restore)                # a bad file: one line before anything starts
+        restore = restore.absolute()
     if detach:
-        click.echo(start_detached(machine_file, cfg, console_mode, _verbose))
+        click.echo(start_detached(machine_file, cfg, console_mode, _verbose, restore))
         return
     runner_box: list = []
     info = run_vm(cfg, lambda msg: err_console.print(Text(f"vmrun: {one_line(msg)}"),
                                                      soft_wrap=True),
-                  ready_fd=detached_child, console_mode=console_mode, runner_box=runner_box)
+                  ready_fd=detached_child, console_mode=console_mode, runner_box=runner_box,
+                  restore=restore)
     runner = runner_box[0]
     if info.code == 4:
         first, _, rest = info.reason.partition("\n")
@@ -429,6 +437,24 @@ def stop(name: str, force: bool, grace: float) -> None:
     from vmrun.background import stop as stop_vm
 
     err_console.print(Text(one_line(stop_vm(name, force, grace))), soft_wrap=True)
+
+
+@main.command()
+@click.argument("name")
+@click.argument("file", type=_file())
+def snapshot(name: str, file: Path) -> None:
+    """Save the running VM NAME to FILE (and FILE.ram); `vmrun up --restore FILE` resumes it."""
+    from vmrun import instances
+    from vmrun.qmp.client import QmpClient
+
+    vm = instances.find(name)
+    with QmpClient(vm.qmp_path, timeout=600) as c:
+        info = c.execute("x-vmrun-snapshot-save", file=str(file.absolute()))
+    err_console.print(Text(one_line(
+        f"{name}: saved to {info['file']} in {info['seconds']:g}s "
+        f"({info['ram-bytes'] >> 20} MiB of RAM written)"
+        + (f"; this host's KVM refused: {', '.join(info['refused'])}" if info["refused"]
+           else ""))), soft_wrap=True)
 
 
 @main.command()

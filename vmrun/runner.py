@@ -29,6 +29,7 @@ from vmrun.config import MachineConfig
 from vmrun.core.exits import ExitCode
 from vmrun.core.host import HostContext
 from vmrun.core.vm import ExitInfo
+from vmrun.errors import VmrunError
 from vmrun.machine import BootLog, Machine
 
 SIGTERM_GRACE_S = 10.0
@@ -42,8 +43,11 @@ _SHUTDOWN_REASONS = {ExitCode.POWER_OFF: "guest-shutdown", ExitCode.RESET: "gues
 class Runner:
     def __init__(self, cfg: MachineConfig, log: Callable[[str], None] | None = None,
                  grace_s: float = SIGTERM_GRACE_S, control_socket: Path | None = None,
-                 on_started: Callable[[], None] | None = None) -> None:
+                 on_started: Callable[[], None] | None = None,
+                 restore: Path | None = None) -> None:
         self.cfg = cfg
+        self.restore = restore          # a snapshot the first boot starts from
+        self.restore_refused: list[str] = []
         self.control_socket = control_socket
         self.on_started = on_started
         self.qmp = None                 # the QmpServer while the run has one
@@ -129,6 +133,28 @@ class Runner:
         m.press_power_button()
         self.emit("POWERDOWN")
 
+    def snapshot(self, path: Path) -> dict:
+        """Save the running machine to ``path`` (vmrun.snapshot): pause, save, resume if it
+        ran. A device that cannot be saved makes it a QmpError naming the device."""
+        from vmrun.qmp import QmpError
+        from vmrun.snapshot import save
+
+        m = self.machine
+        if m is None:
+            raise QmpError("the VM is not running")
+        was_paused = self.paused
+        if not was_paused:
+            self.pause()
+        try:
+            return save(self.cfg, m, path)
+        except VmrunError as e:
+            raise QmpError(str(e)) from None
+        except OSError as e:
+            raise QmpError(f"{path}: {e.strerror or e}") from None
+        finally:
+            if not was_paused:
+                self.resume()
+
     def system_reset(self) -> None:
         """Reset the machine as a guest reset would (``on_reboot`` applies)."""
         from vmrun.qmp import QmpError
@@ -187,6 +213,12 @@ class Runner:
                 try:
                     if pending is not None:
                         machine.stop(*pending)
+                    if self.restore is not None and self.boots == 1:
+                        from vmrun.snapshot import restore
+
+                        self.restore_refused = restore(self.cfg, machine, self.restore)
+                        for what in self.restore_refused:
+                            self.log(f"restore: this host's KVM refused {what}")
                     machine.start()
                     if not self.started:
                         self.started = True

@@ -143,6 +143,17 @@ def system_reset(ctx: QmpContext) -> None:
     ctx.control.system_reset()
 
 
+def snapshot_save(ctx: QmpContext, file: str) -> dict:
+    """vmrun's own: the whole machine into ``file`` (+ ``file.ram``), see vmrun.snapshot."""
+    from pathlib import Path
+
+    path = Path(file)
+    if not path.is_absolute():
+        raise QmpError("'file' must be an absolute path (the VM's working directory is "
+                       "not yours)")
+    return ctx.control.snapshot(path)
+
+
 def quit_(ctx: QmpContext) -> None:
     control = ctx.control
     ctx.after_reply(lambda: control.quit(ExitCode.POWER_OFF, "quit (QMP)",
@@ -163,6 +174,8 @@ BUILTIN_COMMANDS = [
     QmpCommand("system_powerdown", system_powerdown, summary="press the ACPI power button"),
     QmpCommand("system_reset", system_reset, summary="reset the machine"),
     QmpCommand("quit", quit_, summary="end the VM now"),
+    QmpCommand("x-vmrun-snapshot-save", snapshot_save, {"file": "str"},
+               summary="save the machine to a snapshot file (vmrun up --restore)"),
 ]
 
 
