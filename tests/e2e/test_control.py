@@ -6,9 +6,11 @@ boot can lift (see the lead's note):
    button input device reports a key, as acpid would. No devices, no host-side set-up.
 2. :func:`drive_control` drives the running guest over QMP with ``qemu.qmp``: ``stop``
    (a command typed on the console gets no answer while paused), ``cont`` (the answer comes),
-   then ``system_powerdown`` with ``vmrun stop`` racing it: the guest powers off through ACPI.
-   It ends the boot, so in a shared boot it runs last.
-3. The ``test_*`` checks read what it recorded: events, the console, exit codes.
+   ``vmrun snapshot`` at the shell, then ``system_powerdown`` with ``vmrun stop`` racing it:
+   the guest powers off through ACPI. It ends the boot, so in a shared boot it runs last.
+   :func:`restore_and_ask` then starts the snapshot with ``vmrun up -d --restore`` (no boot)
+   and asks the restored shell a question.
+3. The ``test_*`` checks read what they recorded: events, the console, exit codes, times.
 
 Verdicts are host-side: the pause is seen as a console that stays silent, the power-off as
 vmrun's exit code 1 and QMP's SHUTDOWN event with ``"guest": true``.
@@ -52,11 +54,13 @@ class ControlResult:
     answered_after_cont: bool = False
     powered_off_console: bool = False
     stop_cli: subprocess.CompletedProcess | None = None
+    snapshot_cli: subprocess.CompletedProcess | None = None
+    snapshot_file: Path | None = None
     returncode: int | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def drive_control(run: GuestRun, name: str = NAME) -> ControlResult:
+def drive_control(run: GuestRun, snapshot: Path, name: str = NAME) -> ControlResult:
     """Part 2: drive the guest at its shell over QMP; ends the boot (power-off)."""
     from qemu.qmp import QMPClient
 
@@ -88,6 +92,13 @@ def drive_control(run: GuestRun, name: str = NAME) -> ControlResult:
                     None, lambda: run.wait_for(r"tok42", 120))
                 res.answered_after_cont = True
                 t0 = time.monotonic()
+                res.snapshot_cli = await asyncio.get_running_loop().run_in_executor(
+                    None, lambda: subprocess.run(
+                        [sys.executable, "-m", "vmrun", "snapshot", name, str(snapshot)],
+                        capture_output=True, text=True, timeout=600))
+                res.seconds["snapshot"] = time.monotonic() - t0
+                res.snapshot_file = snapshot
+                t0 = time.monotonic()
                 stop_cli = subprocess.Popen(
                     [sys.executable, "-m", "vmrun", "stop", "--timeout", "240", name],
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -113,6 +124,51 @@ def drive_control(run: GuestRun, name: str = NAME) -> ControlResult:
     return res
 
 
+@dataclass
+class RestoreResult:
+    up: subprocess.CompletedProcess | None = None
+    answered: bool = False
+    console: bytes = b""
+    seconds: dict[str, float] = field(default_factory=dict)
+    log: str = ""
+
+
+def restore_and_ask(machine: Path, snapshot: Path, name: str = NAME) -> RestoreResult:
+    """Start ``snapshot`` in the background (console on a pty), ask the shell, end it."""
+    import os
+    import select
+
+    from vmrun import instances
+
+    res = RestoreResult()
+    t0 = time.monotonic()
+    res.up = subprocess.run([sys.executable, "-m", "vmrun", "up", "-d", "--console", "pty",
+                             "--restore", str(snapshot), str(machine)],
+                            capture_output=True, text=True, timeout=300)
+    res.seconds["up"] = time.monotonic() - t0
+    if res.up.returncode != 0:
+        return res
+    try:
+        vm = instances.find(name)
+        fd = os.open(vm.console[4:], os.O_RDWR | os.O_NOCTTY)
+        try:
+            os.write(fd, b"echo tok$((50+5))\r")
+            end = time.monotonic() + 300
+            while time.monotonic() < end and b"tok55" not in res.console:
+                r, _, _ = select.select([fd], [], [], 0.5)
+                if r:
+                    res.console += os.read(fd, 65536)
+            res.answered = b"tok55" in res.console
+            res.seconds["answer"] = time.monotonic() - t0
+        finally:
+            os.close(fd)
+        res.log = vm.log_path.read_text(errors="replace")
+    finally:
+        subprocess.run([sys.executable, "-m", "vmrun", "stop", "--force", name],
+                       capture_output=True, timeout=60)
+    return res
+
+
 def machine_file(path: Path, kernel: Path, initrd: Path) -> Path:
     cmdline = tiny_cmdline() + control_cmdline()
     path.write_text(f'''name = "{NAME}"
@@ -132,10 +188,11 @@ backend = "stdio"
 
 
 @pytest.fixture(scope="module")
-def control_boot(tmp_path_factory) -> tuple[GuestRun, ControlResult]:
+def control_boot(tmp_path_factory) -> tuple[GuestRun, ControlResult, RestoreResult]:
     kernel, initrd = require_guest_image()
     d = tmp_path_factory.mktemp("control")
-    run = GuestRun(machine_file(d / "control.toml", kernel, initrd))
+    machine = machine_file(d / "control.toml", kernel, initrd)
+    run = GuestRun(machine)
     try:
         m = run.wait_for(r"vmrun-init: user space is up|Kernel panic[^\n]*")
         if b"user space is up" not in m.group(0):
@@ -143,14 +200,19 @@ def control_boot(tmp_path_factory) -> tuple[GuestRun, ControlResult]:
         run.wait_for(r"vmrun-e2e: watcher armed", 300)
         run.send(b"\r")
         run.wait_for(r"[#$] $", 300)
-        res = drive_control(run)
-        yield run, res
+        res = drive_control(run, d / "shell.snap")
+        restored = RestoreResult()
+        if res.snapshot_cli is not None and res.snapshot_cli.returncode == 0:
+            restored = restore_and_ask(machine, d / "shell.snap")
+        print(f"control e2e timings: {res.seconds} restore: {restored.seconds}; "
+              f"snapshot: {res.snapshot_cli.stderr if res.snapshot_cli else None}")
+        yield run, res, restored
     finally:
         run.close()
 
 
 def test_stop_pauses_the_guest_and_cont_resumes_it(control_boot) -> None:
-    run, res = control_boot
+    run, res, _ = control_boot
     assert [e["event"] for e in res.events[:2]] == ["STOP", "RESUME"], res.events
     assert res.status_paused == "paused"
     assert b"tok42" not in res.silent_while_paused
@@ -158,7 +220,7 @@ def test_stop_pauses_the_guest_and_cont_resumes_it(control_boot) -> None:
 
 
 def test_system_powerdown_powers_the_linux_guest_off(control_boot) -> None:
-    run, res = control_boot
+    run, res, _ = control_boot
     assert [e["event"] for e in res.events[2:]] == ["POWERDOWN", "SHUTDOWN"], res.events
     assert res.events[3]["data"] == {"guest": True, "reason": "guest-shutdown"}
     assert res.powered_off_console, run.tail()
@@ -166,8 +228,23 @@ def test_system_powerdown_powers_the_linux_guest_off(control_boot) -> None:
 
 
 def test_vmrun_stop_reports_the_power_off(control_boot) -> None:
-    run, res = control_boot
+    run, res, _ = control_boot
     assert res.stop_cli is not None
     assert res.stop_cli.returncode == 0, res.stop_cli.stderr
     assert re.search(rf"{NAME} (powered off|stopped)", res.stop_cli.stderr), res.stop_cli.stderr
     assert res.qmp_path is not None and not res.qmp_path.exists()
+
+
+def test_snapshot_at_the_shell(control_boot) -> None:
+    run, res, _ = control_boot
+    assert res.snapshot_cli is not None
+    assert res.snapshot_cli.returncode == 0, res.snapshot_cli.stderr
+    assert "saved to" in res.snapshot_cli.stderr
+    assert res.snapshot_file is not None and res.snapshot_file.exists()
+
+
+def test_restored_shell_answers_in_seconds(control_boot) -> None:
+    run, res, restored = control_boot
+    assert restored.up is not None and restored.up.returncode == 0, restored.up.stderr
+    assert restored.answered, (restored.console[-2000:], restored.log[-2000:])
+    assert b"Linux version" not in restored.console         # continued, not booted again
