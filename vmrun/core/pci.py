@@ -223,20 +223,19 @@ class PciDevice:
 
     # -- snapshots (vmrun.core.devstate) -------------------------------------------------
     def save_state(self) -> dict:
-        """The function's config space and :meth:`device_state`. MSI and MSI-X vectors are
-        not saved yet, so a function with vectors cannot be snapshotted."""
-        from vmrun.core.devstate import SnapshotUnsupported, encode
+        """The function's config space, its MSI/MSI-X state and :meth:`device_state`."""
+        from vmrun.core.devstate import encode
 
-        if self.irq is not None:
-            raise SnapshotUnsupported(f"{self.name}: MSI/MSI-X state cannot be snapshotted "
-                                      "yet")
-        return {"config": encode(bytes(self.config.data)), "device": self.device_state()}
+        return {"config": encode(bytes(self.config.data)), "device": self.device_state(),
+                "irq": self.irq.save_state() if self.irq is not None else {}}
 
     def load_state(self, state: dict) -> None:
         """Config space back (the root then re-decodes the BARs), then the device's own."""
         from vmrun.core.devstate import decode
 
         self.config.data[:] = decode(state["config"])
+        if self.irq is not None:
+            self.irq.load_state(state.get("irq", {}))
         self.load_device_state(state["device"])
 
     def device_state(self) -> dict:
