@@ -23,12 +23,16 @@ device plugin" for a complete example.
   :func:`parse_sectorsize`;
 - input: :class:`InputHub` and :data:`ABS_MAX`;
 - the control socket: :class:`QmpCommand`, :class:`QmpContext` and :class:`QmpError` for the
-  ``vmrun_qmp_commands`` hook (commands such as ``screendump`` or ``eject``).
+  ``vmrun_qmp_commands`` hook (commands such as ``screendump`` or ``eject``);
+- snapshots: a device's ``device_state()``/``load_device_state()`` (a PciDevice) or
+  ``save_state()``/``load_state()`` (a VirtioDevice), with :func:`save_fields`,
+  :func:`load_fields`, :class:`PlainState` and :class:`SnapshotUnsupported`.
 """
 
 from vmrun.block.backend import BlockBackend, parse_sectorsize
 from vmrun.block.image_tools import open_disk
 from vmrun.block.queue import BlockQueue
+from vmrun.core.devstate import PlainState, SnapshotUnsupported, load_fields, save_fields
 from vmrun.core.dma import DmaDisabled, GuestDma, SgList, SgReader, SgWriter
 from vmrun.core.eventloop import EventLoop, Source, Timer
 from vmrun.core.input import ABS_MAX, InputHub
@@ -63,8 +67,8 @@ __all__ = [
     "COMMAND_MASTER", "COMMAND_MEMORY", "BarSpec", "BlockBackend", "BlockQueue",
     "DescriptorChain", "DeviceContext", "DeviceType", "DmaDisabled", "EventLoop",
     "GuestDma", "GuestError", "InputHub", "InterruptSource", "Option", "PciDevice",
-    "QmpCommand", "QmpContext", "QmpError",
+    "PlainState", "QmpCommand", "QmpContext", "QmpError", "SnapshotUnsupported",
     "STATUS_DEVICE_NEEDS_RESET", "SgList", "SgReader", "SgWriter", "Source", "Timer",
     "VIRTIO_F_VERSION_1", "VirtioDevice", "VirtioPciTransport", "Virtqueue", "VirtqueueError",
-    "VmrunError", "hookimpl", "open_disk", "parse_sectorsize",
+    "VmrunError", "hookimpl", "load_fields", "open_disk", "parse_sectorsize", "save_fields",
 ]

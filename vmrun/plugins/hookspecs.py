@@ -28,7 +28,14 @@ returns a :class:`vmrun.core.pci.PciDevice`, which
   reaches ``fault(reason)`` and breaks only that device;
 - touches guest memory only through ``self.dma`` (``SgList``, refused while bus mastering is
   off; ``GuestError`` for whatever the guest got wrong);
-- has ``realize()`` once placed, ``reset()`` on machine reset, ``close()`` at the end.
+- has ``realize()`` once placed, ``reset()`` on machine reset, ``close()`` at the end;
+- for snapshots (``vmrun snapshot``), returns its guest-visible state from
+  ``device_state()`` as plain data and takes it back in ``load_device_state(state)``
+  (``vmrun.api.save_fields``/``load_fields`` do it for plain register attributes); the core
+  saves config space and MSI/MSI-X itself. A device that does not implement them makes a
+  snapshot fail with one line naming it (never a silently wrong restore). A virtio device
+  implements ``save_state()``/``load_state()`` (the transport saves the queues), finishing
+  what it has in flight first.
 
 Virtio devices implement :class:`vmrun.core.virtio.device.VirtioDevice` and are wrapped in the
 modern PCI transport :class:`vmrun.core.virtio.pci.VirtioPciTransport` by their factory.
