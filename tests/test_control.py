@@ -329,6 +329,14 @@ def test_stop_falls_back_to_quit_and_force(up) -> None:
     assert out.returncode == 0 and "did not power off within 1s" in out.stderr
     assert time.monotonic() - t0 < 15
     wait_gone(vm)
+    vm = up("bg2")
+    from vmrun.qmp.client import QmpClient
+
+    with QmpClient(vm.qmp_path) as c:
+        c.execute("stop")
+    out = vmrun("stop", "--timeout", "20", "bg2")   # paused: resumed, then the button
+    assert out.returncode == 0 and "bg2 powered off" in out.stderr, out.stderr
+    wait_gone(vm)
     vm = up("bg2", kernel=SPIN_PVH)
     out = vmrun("stop", "--force", "bg2")
     assert out.returncode == 0 and "stopped" in out.stderr

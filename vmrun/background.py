@@ -231,6 +231,8 @@ def stop(name: str, force: bool, grace: float = STOP_GRACE_S) -> str:
             if force:
                 c.execute("quit")
             else:
+                if c.execute("query-status").get("status") == "paused":
+                    c.execute("cont")       # a paused guest cannot answer the button
                 c.execute("system_powerdown")
     except (VmrunError, OSError) as e:
         if not instances.is_running(vm.dir):
