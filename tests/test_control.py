@@ -523,3 +523,20 @@ def test_vm_pause_parks_every_vcpu() -> None:
         assert vm.wait(10) is not None
     finally:
         vm.close()
+
+
+@pytest.mark.parametrize("args, message", [
+    (("stop", "nope"), "no VM named nope is running (see `vmrun ps`)"),
+    (("kill", "nope"), "no VM named nope is running"),
+    (("console", "nope"), "no VM named nope is running"),
+    (("snapshot", "nope", "/tmp/x.snap"), "no VM named nope is running"),
+    (("logs", "nope"), "no log for a VM named nope"),
+    (("stop", "bad/name"), "'bad/name' is not a VM name"),
+    (("stop", "--timeout", "-1", "x"), "stop: --timeout: -1.0 is not in the range"),
+    (("up", "--console", "tty", "m.toml"), "up: --console: 'tty' is not one of"),
+    (("up", "--restore", "/nonexistent.snap", "m.toml"), "up: --restore: file "),
+])
+def test_background_cli_errors_are_one_line(args, message: str) -> None:
+    out = vmrun(*args)
+    assert out.returncode == 4
+    assert out.stderr.count("\n") == 1 and message in out.stderr, out.stderr
