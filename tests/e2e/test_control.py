@@ -56,6 +56,7 @@ class ControlResult:
     stop_cli: subprocess.CompletedProcess | None = None
     snapshot_cli: subprocess.CompletedProcess | None = None
     snapshot_file: Path | None = None
+    snapshot_events: list[dict] = field(default_factory=list)
     returncode: int | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -73,11 +74,22 @@ def drive_control(run: GuestRun, snapshot: Path, name: str = NAME) -> ControlRes
     async def session() -> None:
         c = QMPClient("e2e")
         await c.connect(str(vm.qmp_path))
+        async def next_event(events, timeout: float = 30) -> dict:
+            """The next event; meanwhile the console is read (a full pty drops output)."""
+            end = time.monotonic() + timeout
+            while True:
+                try:
+                    return await asyncio.wait_for(events.get(), 0.5)
+                except asyncio.TimeoutError:
+                    if time.monotonic() > end:
+                        raise
+                    run._pump(0.05)
+
         try:
             with c.listener(("STOP", "RESUME", "POWERDOWN", "SHUTDOWN")) as events:
                 t0 = time.monotonic()
                 await c.execute("stop")
-                res.events.append(await asyncio.wait_for(events.get(), 30))
+                res.events.append(await next_event(events))
                 res.seconds["stop"] = time.monotonic() - t0
                 res.status_paused = (await c.execute("query-status"))["status"]
                 mark = len(run.console)
@@ -87,7 +99,7 @@ def drive_control(run: GuestRun, snapshot: Path, name: str = NAME) -> ControlRes
                     run._pump(0.2)
                 res.silent_while_paused = run.console[mark:]
                 await c.execute("cont")
-                res.events.append(await asyncio.wait_for(events.get(), 30))
+                res.events.append(await next_event(events))
                 await asyncio.get_running_loop().run_in_executor(
                     None, lambda: run.wait_for(r"tok42", 120))
                 res.answered_after_cont = True
@@ -98,14 +110,17 @@ def drive_control(run: GuestRun, snapshot: Path, name: str = NAME) -> ControlRes
                         capture_output=True, text=True, timeout=600))
                 res.seconds["snapshot"] = time.monotonic() - t0
                 res.snapshot_file = snapshot
+                if res.snapshot_cli.returncode == 0:      # it paused and resumed the guest
+                    for _ in range(2):
+                        res.snapshot_events.append(await next_event(events))
                 t0 = time.monotonic()
                 stop_cli = subprocess.Popen(
                     [sys.executable, "-m", "vmrun", "stop", "--timeout", "240", name],
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 await c.execute("system_powerdown")
-                res.events.append(await asyncio.wait_for(events.get(), 30))
+                res.events.append(await next_event(events))
                 while len(res.events) < 4:
-                    ev = await asyncio.wait_for(events.get(), 300)
+                    ev = await next_event(events, 300)
                     if ev["event"] != "POWERDOWN":        # vmrun stop pressed it too
                         res.events.append(ev)
                 res.seconds["powerdown"] = time.monotonic() - t0
@@ -240,6 +255,7 @@ def test_snapshot_at_the_shell(control_boot) -> None:
     assert res.snapshot_cli is not None
     assert res.snapshot_cli.returncode == 0, res.snapshot_cli.stderr
     assert "saved to" in res.snapshot_cli.stderr
+    assert [e["event"] for e in res.snapshot_events] == ["STOP", "RESUME"]
     assert res.snapshot_file is not None and res.snapshot_file.exists()
 
 
