@@ -80,7 +80,7 @@ def drive_control(run: GuestRun, snapshot: Path, name: str = NAME) -> ControlRes
             while True:
                 try:
                     return await asyncio.wait_for(events.get(), 0.5)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     if time.monotonic() > end:
                         raise
                     run._pump(0.05)
