@@ -84,7 +84,8 @@ def test_misspelt_hook_fails_loudly() -> None:
 def test_every_hook_is_documented() -> None:
     hooks = [n for n, f in inspect.getmembers(hookspecs, inspect.isfunction)
              if n.startswith("vmrun_")]
-    assert set(hooks) == {"vmrun_register_devices", "vmrun_register_commands", "vmrun_dsdt"}
+    assert set(hooks) == {"vmrun_register_devices", "vmrun_register_commands", "vmrun_dsdt",
+                          "vmrun_qmp_commands"}
     for name in hooks:
         doc = getattr(hookspecs, name).__doc__ or ""
         assert len(doc.split()) > 10, name
@@ -94,7 +95,8 @@ def test_every_hook_is_called_by_the_core() -> None:
     """A hook nobody calls is dead contract: each must be used somewhere in vmrun/."""
     source = "\n".join(p.read_text() for p in (REPO / "vmrun").rglob("*.py")
                        if p.name != "hookspecs.py")
-    for name in ("vmrun_register_devices", "vmrun_register_commands", "vmrun_dsdt"):
+    for name in ("vmrun_register_devices", "vmrun_register_commands", "vmrun_dsdt",
+                 "vmrun_qmp_commands"):
         assert f"hook.{name}" in source or f"{name}.get_hookimpls" in source, name
 
 

@@ -23,13 +23,19 @@ device plugin" for a complete example.
   :func:`parse_sectorsize`, and the options every disk emulation shares:
   :func:`disk_options` (declarations), :func:`check_disk` (checks while the machine file is
   read), :func:`open_disk_from` (open what they describe);
-- input: :class:`InputHub` and :data:`ABS_MAX`.
+- input: :class:`InputHub` and :data:`ABS_MAX`;
+- the control socket: :class:`QmpCommand`, :class:`QmpContext` and :class:`QmpError` for the
+  ``vmrun_qmp_commands`` hook (commands such as ``screendump`` or ``eject``);
+- snapshots: a device's ``device_state()``/``load_device_state()`` (a PciDevice) or
+  ``save_state()``/``load_state()`` (a VirtioDevice), with :func:`save_fields`,
+  :func:`load_fields`, :class:`PlainState` and :class:`SnapshotUnsupported`.
 """
 
 from vmrun.block.backend import BlockBackend, parse_sectorsize
 from vmrun.block.image_tools import open_disk
 from vmrun.block.options import check_disk, disk_options, open_disk_from
 from vmrun.block.queue import BlockQueue
+from vmrun.core.devstate import PlainState, SnapshotUnsupported, load_fields, save_fields
 from vmrun.core.dma import DmaDisabled, GuestDma, SgList, SgReader, SgWriter
 from vmrun.core.eventloop import EventLoop, Source, Timer
 from vmrun.core.input import ABS_MAX, InputHub
@@ -57,14 +63,16 @@ from vmrun.core.virtio.queue import DescriptorChain, Virtqueue, VirtqueueError
 from vmrun.errors import VmrunError
 from vmrun.plugins import hookimpl
 from vmrun.plugins.registry import DeviceContext, DeviceType, Option, OptionError
+from vmrun.qmp import QmpCommand, QmpContext, QmpError
 
 __all__ = [
     "ABS_MAX", "BAR_IO", "BAR_MEM32", "BAR_MEM64", "CAP_ID_MSI", "CAP_ID_MSIX", "COMMAND",
     "COMMAND_MASTER", "COMMAND_MEMORY", "BarSpec", "BlockBackend", "BlockQueue",
     "DescriptorChain", "DeviceContext", "DeviceType", "DmaDisabled", "EventLoop",
     "GuestDma", "GuestError", "InputHub", "InterruptSource", "Option", "PciDevice",
+    "PlainState", "QmpCommand", "QmpContext", "QmpError", "SnapshotUnsupported",
     "STATUS_DEVICE_NEEDS_RESET", "SgList", "SgReader", "SgWriter", "Source", "Timer",
     "VIRTIO_F_VERSION_1", "VirtioDevice", "VirtioPciTransport", "Virtqueue", "VirtqueueError",
-    "VmrunError", "hookimpl", "open_disk", "parse_sectorsize", "check_disk", "disk_options",
-    "open_disk_from", "OptionError",
+    "VmrunError", "hookimpl", "load_fields", "open_disk", "parse_sectorsize", "save_fields",
+    "check_disk", "disk_options", "open_disk_from", "OptionError",
 ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -216,25 +217,51 @@ def main(verbose: bool) -> None:
 @main.command()
 @click.argument("machine_file", type=_file())
 @click.option("-v", "--verbose", is_flag=True, help="Log debug information to stderr.")
-def up(machine_file: Path, verbose: bool) -> None:
+@click.option("-d", "--detach", is_flag=True,
+              help="Run in the background; print the VM's name once it runs.")
+@click.option("--console", "console_mode", type=click.Choice(["socket", "pty"]),
+              default="socket", show_default=True,
+              help="With -d: where the stdio serial port goes (`vmrun console NAME`).")
+@click.option("--restore", "restore", type=_file(exists=True),
+              help="Start from this snapshot (`vmrun snapshot`) of the same machine.")
+@click.option("--detached-child", type=int, hidden=True)
+def up(machine_file: Path, verbose: bool, detach: bool, console_mode: str,
+       restore: Path | None, detached_child: int | None) -> None:
     """Boot MACHINE_FILE and run it until the guest powers off.
 
     Exit codes (as bhyve): 0 reset (with on_reboot = "exit"), 1 power off, 2 halt,
     3 triple fault, 4 error. On the stdio console, C-a x quits and C-a C-a sends C-a.
+    The VM serves QMP on its control socket while it runs (`vmrun ps`, `vmrun stop`).
     """
+    from vmrun.background import run_vm, start_detached
     from vmrun.config import load_machine
-    from vmrun.runner import Runner
 
     _set_verbose(verbose)
     _pull_referenced_images(machine_file)
-    cfg = load_machine(machine_file)
+    try:
+        cfg = load_machine(machine_file)
+    except VmrunError as e:
+        if detached_child is not None:     # the parent of -d prints it
+            os.write(detached_child, f"error: {one_line(e)}\n".encode())
+        raise
+    if restore is not None:
+        from vmrun.snapshot import load_header
+
+        load_header(restore)                # a bad file: one line before anything starts
+        restore = restore.absolute()
+    if detach:
+        click.echo(start_detached(machine_file, cfg, console_mode, _verbose, restore))
+        return
+    runner_box: list = []
 
     def log(msg: str) -> None:
         _fresh_line()
         err_console.print(Text(f"vmrun: {one_line(msg)}"), soft_wrap=True)
 
-    runner = Runner(cfg, log=log)
-    info = runner.run()
+    info = run_vm(cfg, log,
+                  ready_fd=detached_child, console_mode=console_mode, runner_box=runner_box,
+                  restore=restore)
+    runner = runner_box[0]
     if info.code == 4:
         first, _, rest = info.reason.partition("\n")
         detail = (rest + "\n" + info.detail).strip()
@@ -527,6 +554,94 @@ def devices(name: str | None) -> None:
             table.add_row(escape(f"{opt.name}[].{sub.name}"), escape(typ), escape(default),
                           escape(sub.help))
     out.print(table)
+
+
+# -- background VMs -------------------------------------------------------------------------------
+@main.command()
+def ps() -> None:
+    """List the running VMs: name, state, vCPUs, memory, uptime, pid, console."""
+    from rich.table import Table
+
+    from vmrun.background import ps_rows
+
+    table = Table(title="vmrun VMs")
+    for col in ("name", "state", "vCPUs", "memory", "uptime", "pid", "console"):
+        table.add_column(col)
+    for row in ps_rows():
+        table.add_row(*(escape(one_line(x)) for x in row))
+    Console().print(table)
+
+
+@main.command()
+@click.argument("name")
+@click.option("--force", is_flag=True, help="End the VM at once (QMP quit), no power button.")
+@click.option("--timeout", "grace", type=click.FloatRange(0, 3600), default=30.0,
+              show_default=True, help="Seconds the guest has to power off before it is ended.")
+def stop(name: str, force: bool, grace: float) -> None:
+    """Press NAME's ACPI power button; end it if the guest has not powered off in time."""
+    from vmrun.background import stop as stop_vm
+
+    err_console.print(Text(one_line(stop_vm(name, force, grace))), soft_wrap=True)
+
+
+@main.command()
+@click.argument("name")
+@click.argument("file", type=_file())
+def snapshot(name: str, file: Path) -> None:
+    """Save the running VM NAME to FILE (and FILE.ram); `vmrun up --restore FILE` resumes it."""
+    from vmrun import instances
+    from vmrun.qmp.client import QmpClient
+
+    vm = instances.find(name)
+    with QmpClient(vm.qmp_path, timeout=600) as c:
+        info = c.execute("x-vmrun-snapshot-save", file=str(file.absolute()))
+    err_console.print(Text(one_line(
+        f"{name}: saved to {info['file']} in {info['seconds']:g}s "
+        f"({info['ram-bytes'] >> 20} MiB of RAM written)"
+        + (f"; this host's KVM refused: {', '.join(info['refused'])}" if info["refused"]
+           else ""))), soft_wrap=True)
+
+
+@main.command()
+@click.argument("name")
+def kill(name: str) -> None:
+    """End NAME at once (SIGKILL to its vmrun); no shutdown, nothing stale left."""
+    from vmrun.background import kill as kill_vm
+
+    err_console.print(Text(one_line(kill_vm(name))), soft_wrap=True)
+
+
+@main.command()
+@click.argument("name")
+def console(name: str) -> None:
+    """Attach to NAME's serial console: C-a d detaches, C-a x quits the VM, C-a C-a sends C-a."""
+    from vmrun.background import console as attach
+
+    how = attach(name)
+    err_console.print(Text(one_line(f"vmrun: {name}: {how}")), soft_wrap=True)
+
+
+@main.command()
+@click.argument("name")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing until the VM ends.")
+def logs(name: str, follow: bool) -> None:
+    """Print the log (vmrun's output) of the background VM NAME."""
+    import time
+
+    from vmrun import instances
+
+    path = instances.log_path(name)
+    out = sys.stdout.buffer
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(65536)
+            if data:
+                out.write(data)
+                out.flush()
+                continue
+            if not follow or not instances.is_running(path.parent):
+                break
+            time.sleep(0.2)
 
 
 def _plugin_commands() -> None:

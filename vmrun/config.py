@@ -82,7 +82,8 @@ PATH_BACKENDS = ("file", "socket")
 # The keys each table accepts (machines/reference.toml must document all of them; a test
 # checks). [cpu.features] takes feature names, [devices.ID] also the model's own options.
 TOP_KEYS = ("name", "cpus", "memory", "huge_pages", "uuid", "rtc", "on_reboot",
-            "on_unhandled_io", "cpu", "boot", "serial", "devices", "cloud-init")
+            "on_unhandled_io", "control_socket", "cpu", "boot", "serial", "devices",
+            "cloud-init")
 CPU_KEYS = ("profile", "features")
 CLOUD_INIT_KEYS = ("user", "hostname", "ssh_authorized_keys", "packages", "runcmd",
                    "write_files", "user_data", "network_config")
@@ -147,6 +148,7 @@ class MachineConfig:
     devices: dict[str, Any]
     huge_pages: bool | None = None      # None: "auto"
     cloud_init: CloudInitConfig | None = None
+    control_socket: Path | None = None  # None: in the VM's state directory (vmrun.instances)
 
 
 # format_value (values as TOML writes them) lives in vmrun.units, shared with the plugin
@@ -368,6 +370,7 @@ def parse_machine(text: str, file: Path, device_validator: DeviceValidator | Non
     cpu = _cpu(c, data.get("cpu", {}))
     boot = _boot(c, data)
     serial = _serial(c, data)
+    control_socket = _control_socket(c, data, serial)
     devices = _devices(c, data.get("devices", {}), device_validator)
     if devices_checker is None and device_validator is not None:
         devices_checker = _plugin_checker(device_validator)
@@ -381,7 +384,8 @@ def parse_machine(text: str, file: Path, device_validator: DeviceValidator | Non
 
     cloud_init = _cloud_init(c, data, name)
     return MachineConfig(file, name, cpus, memory, machine_uuid, rtc, on_reboot, on_io, cpu,
-                         boot, serial, devices, huge_pages, cloud_init)
+                         boot, serial, devices, huge_pages, cloud_init,
+                         control_socket)
 
 
 def _cloud_init(c: _Checker, data: dict[str, Any], name: str) -> CloudInitConfig | None:
@@ -477,6 +481,22 @@ def _table_list(c: _Checker, value: Any, key: str) -> list[dict[str, Any]]:
     if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
         raise c.error(key, "must be an array of tables", value)
     return value
+
+
+def _control_socket(c: _Checker, data: dict[str, Any],
+                    serial: dict[str, SerialConfig]) -> Path | None:
+    """Where the QMP control socket listens instead of the state directory: a socket path
+    as a serial port's (its directory exists, an existing non-socket is never replaced),
+    not one a serial port uses."""
+    text = c.string(data, "control_socket", "control_socket", empty_ok=False)
+    if text is None:
+        return None
+    p = _serial_path(c, "socket", text, "control_socket")
+    ident = file_identity(p)
+    for port, sc in serial.items():
+        if sc.path is not None and file_identity(sc.path) == ident:
+            raise c.error("control_socket", f"serial.{port} already uses it", text)
+    return p
 
 
 def _memory(c: _Checker, value: Any) -> int:

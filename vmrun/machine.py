@@ -221,6 +221,36 @@ class Machine:
     def stop(self, code: ExitCode, reason: str) -> None:
         self.vm.request_exit(code, reason)
 
+    # -- snapshots (vmrun.snapshot; the vCPUs are paused) --------------------------------
+    def save_state(self) -> dict:
+        """Every device's state (vmrun.core.devstate contract) and the KVM state; guest RAM
+        is the snapshot module's. A device that cannot save raises SnapshotUnsupported."""
+        from vmrun.core.kvmstate import KvmState
+
+        kvm_state = KvmState()
+        return {"uarts": {name: u.save_state() for name, u in self.uarts.items()},
+                "rtc": self.rtc.save_state(), "pm": self.pm.save_state(),
+                "i8042": self.i8042.save_state(), "pci": self.pci.save_state(),
+                "kvm": kvm_state.save(self.vm)}
+
+    def load_state(self, state: dict) -> list[str]:
+        """Put a saved state into this freshly built (not started) machine; returns what
+        this host's KVM refused."""
+        from vmrun.core.kvmstate import KvmState
+
+        if set(state["uarts"]) != set(self.uarts):
+            raise ValueError(f"serial ports {sorted(state['uarts'])} saved, the machine has "
+                             f"{sorted(self.uarts)}")
+        for name, uart in self.uarts.items():
+            uart.load_state(state["uarts"][name])
+        self.rtc.load_state(state["rtc"])
+        self.pm.load_state(state["pm"])
+        self.i8042.load_state(state["i8042"])
+        self.pci.load_state(state["pci"])
+        kvm_state = KvmState()
+        kvm_state.restore(self.vm, state["kvm"])
+        return kvm_state.refused + [f"MSR {m:#x}" for m in kvm_state.skipped_msrs]
+
     def close(self) -> None:
         self._timer_stop.set()
         timer = getattr(self, "_rtc_timer", None)

@@ -120,6 +120,32 @@ class InterruptSource:
             if part is not None:
                 part.close()
 
+    # -- snapshots -------------------------------------------------------------------------
+    def save_state(self) -> dict:
+        """The MSI-X table and pending bits (MSI lives in config space, saved with it)."""
+        m = self.msix
+        if m is None:
+            return {}
+        with m.lock:
+            return {"msix_table": m.table.hex(), "msix_pending": list(m.pending)}
+
+    def load_state(self, state: dict) -> None:
+        """Table and pending bits back, then every route KVM needs for them (config space,
+        restored first, says whether MSI or MSI-X is on)."""
+        m = self.msix
+        if m is not None and "msix_table" in state:
+            table = bytes.fromhex(state["msix_table"])
+            if len(table) != len(m.table) or len(state["msix_pending"]) != m.n:
+                raise ValueError(f"{self.dev.name}: MSI-X table of another size")
+            with m.lock:
+                m.table[:] = table
+                m.pending = [bool(p) for p in state["msix_pending"]]
+                for v in range(m.n):
+                    addr, data, _ctrl = m.entry(v)
+                    m.routes.route(v, addr, data)
+        if self.msi is not None:
+            self.msi.config_changed()
+
     # -- the device's side -------------------------------------------------------------------
     @property
     def mode(self) -> str:

@@ -221,6 +221,38 @@ class PciDevice:
     def realize(self) -> None:
         """Called once the device is placed (config/intx/vm set), before the guest runs."""
 
+    # -- snapshots (vmrun.core.devstate) -------------------------------------------------
+    def save_state(self) -> dict:
+        """The function's config space, its MSI/MSI-X state and :meth:`device_state`."""
+        from vmrun.core.devstate import encode
+
+        return {"config": encode(bytes(self.config.data)), "device": self.device_state(),
+                "irq": self.irq.save_state() if self.irq is not None else {}}
+
+    def load_state(self, state: dict) -> None:
+        """Config space back (the root then re-decodes the BARs), then the device's own."""
+        from vmrun.core.devstate import decode
+
+        self.config.data[:] = decode(state["config"])
+        if self.irq is not None:
+            self.irq.load_state(state.get("irq", {}))
+        self.load_device_state(state["device"])
+
+    def device_state(self) -> dict:
+        """The device's own guest-visible state (registers, queues), plain data. The
+        default: none it could save, so the snapshot is refused naming the device. A device
+        without state of its own returns ``{}``; one with plain register attributes can
+        return ``vmrun.core.devstate.save_fields(self, exclude)``."""
+        from vmrun.core.devstate import SnapshotUnsupported
+
+        raise SnapshotUnsupported(f"{self.name}: this device cannot be snapshotted yet")
+
+    def load_device_state(self, state: dict) -> None:
+        from vmrun.core.devstate import SnapshotUnsupported
+
+        if state:
+            raise SnapshotUnsupported(f"{self.name}: this device cannot be restored")
+
     def reset(self) -> None:
         pass
 
@@ -514,6 +546,21 @@ class PciRoot:
             self.vm.pio.remove(addr, size)
         else:
             self.vm.mmio.remove(addr)
+
+    def save_state(self) -> dict:
+        return {f"{slot}:{func}": dev.save_state()
+                for (slot, func), dev in sorted(self.devices.items())}
+
+    def load_state(self, state: dict) -> None:
+        """Every function's state (the same functions in the same slots), then the BAR
+        decoding its restored config space asks for."""
+        have = {f"{s}:{f}" for s, f in self.devices}
+        if set(state) != have:
+            raise ValueError(f"PCI functions {sorted(state)} saved, the machine has "
+                             f"{sorted(have)}")
+        for (slot, func), dev in sorted(self.devices.items()):
+            dev.load_state(state[f"{slot}:{func}"])
+            self._update_mappings(slot, func, dev)
 
     def reset(self) -> None:
         for dev in self.devices.values():

@@ -267,11 +267,15 @@ class Vcpu:
         mmio_page = mmio.pages.get  # page number -> (base, read, write); the bus clears it
         mmio_lookup = mmio.lookup
         masks = [(1 << (8 * n)) - 1 for n in range(9)]
+        if vm.paused:
+            vm.park()           # started while paused (QMP stop before a reboot)
         while not vm.stopping:
             if (err := kvm_run(*run_args)) < 0:
                 err = -err if native is not None else ffi.errno
                 if err in (errno.EINTR, errno.EAGAIN):
                     run.immediate_exit = 0
+                    if vm.paused:   # Vm.pause() set it, then kicked: park outside KVM_RUN
+                        vm.park()
                     if self.fixup is not None and not vm.stopping:
                         self.fixup.refresh()
                     continue

@@ -62,6 +62,10 @@ class Vm:
         self.exit_info: ExitInfo | None = None
         self._exit_event = threading.Event()
         self._exit_lock = threading.Lock()
+        # pause()/resume(): vCPUs park on this condition outside KVM_RUN (see Vcpu.loop).
+        self.paused = False
+        self._pause_cond = threading.Condition()
+        self._parked = 0
         self.stats = VmStats()
         self.exit_on_unhandled_io = exit_on_unhandled_io
         self.irqchip = irqchip
@@ -219,12 +223,48 @@ class Vm:
             for vcpu in self.vcpus:
                 vcpu.kick()
 
+    def pause(self, timeout: float = 5.0) -> bool:
+        """Stop every vCPU outside KVM_RUN (QMP ``stop``): each is kicked and parks until
+        :meth:`resume`; True once all that run have parked (False on timeout or if the VM
+        is ending). Devices and their event loop go on; the guest's clocks go on too."""
+        with self._pause_cond:
+            self.paused = True
+        for vcpu in self.vcpus:
+            vcpu.kick()
+        with self._pause_cond:
+            return self._pause_cond.wait_for(
+                lambda: self.stopping or self._parked >= self._running_vcpus(), timeout) \
+                and not self.stopping
+
+    def _running_vcpus(self) -> int:
+        return sum(1 for v in self.vcpus if v.thread is not None and v.thread.is_alive())
+
+    def resume(self) -> None:
+        with self._pause_cond:
+            self.paused = False
+            self._pause_cond.notify_all()
+
+    def park(self) -> None:
+        """Called by a vCPU thread that found :attr:`paused` set: wait until resumed or
+        ending."""
+        with self._pause_cond:
+            if not self.paused or self.stopping:
+                return
+            self._parked += 1
+            self._pause_cond.notify_all()
+            try:
+                self._pause_cond.wait_for(lambda: not self.paused or self.stopping)
+            finally:
+                self._parked -= 1
+
     def request_exit(self, code: ExitCode, reason: str, detail: str = "") -> None:
         """End the VM (first caller wins); safe from any thread."""
         with self._exit_lock:
             if self.exit_info is None:
                 self.exit_info = ExitInfo(ExitCode(code), reason, detail)
             self.stopping = True
+        with self._pause_cond:
+            self._pause_cond.notify_all()
         for vcpu in self.vcpus:
             if vcpu.thread is not threading.current_thread():
                 vcpu.kick()

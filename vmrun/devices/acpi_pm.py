@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 from vmrun.core import layout
 from vmrun.core.bus import BusDevice
+from vmrun.core.devstate import PlainState
 from vmrun.core.irq import IrqLine
 
 # PM1 status / enable bits.
@@ -67,7 +68,7 @@ FULL_RST = 0x08
 TMR_CARRY_BIT = 31
 
 
-class AcpiPm:
+class AcpiPm(PlainState):
     """PM1a event/control state, the PM timer and the SCI; see the module docstring."""
 
     def __init__(self, sci: IrqLine, on_power_off: Callable[[], None],

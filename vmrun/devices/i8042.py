@@ -39,6 +39,7 @@ from collections import deque
 from collections.abc import Callable
 
 from vmrun.core.bus import ByteWideDevice
+from vmrun.core.devstate import PlainState
 from vmrun.core.irq import IrqLine
 
 DATA = 0          # port 0x60
@@ -178,7 +179,7 @@ def translate_set2(data: bytes) -> bytes:
     return bytes(out)
 
 
-class I8042(ByteWideDevice):
+class I8042(PlainState, ByteWideDevice):
     """8042 PS/2 controller + MF2 keyboard + PS/2 mouse; one device at 0x60, five ports."""
 
     def __init__(self, kbd_irq: IrqLine, aux_irq: IrqLine, on_reset: Callable[[], None]) -> None:

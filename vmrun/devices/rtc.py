@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable
 
 from vmrun.core import layout
+from vmrun.core.devstate import PlainState
 from vmrun.core.irq import IrqLine
 
 # Register indexes.
@@ -97,7 +98,7 @@ _FIELD_OF_INDEX = {RTC_SECONDS: _SEC, RTC_MINUTES: _MIN, RTC_HOURS: _HOUR,
                    RTC_DAY_OF_WEEK: _WDAY, RTC_DAY_OF_MONTH: _MDAY, RTC_MONTH: _MON}
 
 
-class CmosRtc:
+class CmosRtc(PlainState):
     """MC146818A RTC + CMOS RAM, two ports (index, data); ``irq`` is IRQ 8."""
 
     def __init__(self, irq: IrqLine, utc: bool = True, clock: Callable[[], float] = time.time,

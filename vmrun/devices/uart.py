@@ -35,6 +35,7 @@ from collections import deque
 from collections.abc import Callable
 
 from vmrun.core.bus import ByteWideDevice
+from vmrun.core.devstate import PlainState
 from vmrun.core.irq import IrqLine
 
 # Register offsets.
@@ -102,7 +103,7 @@ RX_BACKLOG = 64 * 1024   # host input waiting beyond the FIFO (a large paste)
 MODEM_INPUTS = MSR_CTS | MSR_DSR | MSR_DCD
 
 
-class Uart16550(ByteWideDevice):
+class Uart16550(PlainState, ByteWideDevice):
     """One 16550A at an 8-port I/O range; ``irq`` is its IRQ pin.
 
     ``out2_gates_irq`` models the PC's ISA wiring (the default); a UART behind a PCI function

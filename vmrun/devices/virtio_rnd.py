@@ -72,6 +72,14 @@ class VirtioRng(VirtioDevice):
             if served:
                 self.transport.notify_queue(index)
 
+    def save_state(self) -> dict:
+        """Nothing in flight: a request waiting for tokens stays in the avail ring (undone)
+        and is served again after a restore; the bucket starts full again."""
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        pass
+
     def reset(self) -> None:
         if self.timer is not None:
             self.timer.cancel()

@@ -10,16 +10,20 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import pluggy
 
 from vmrun.plugins import hookspecs
 from vmrun.plugins.registry import DeviceType
 
+if TYPE_CHECKING:
+    from vmrun.qmp.registry import QmpCommand
+
 hookimpl = pluggy.HookimplMarker("vmrun")
 log = logging.getLogger("vmrun.plugins")
 ENTRY_POINT_GROUP = "vmrun"
-BUILTIN_MODULES = ("vmrun.plugins.builtins",)
+BUILTIN_MODULES = ("vmrun.plugins.builtins", "vmrun.qmp.commands")
 
 
 @dataclass
@@ -28,6 +32,7 @@ class Registry:
     devices: dict[str, DeviceType] = field(default_factory=dict)
     broken: dict[str, str] = field(default_factory=dict)   # plugin name -> error
     dists: dict[str, tuple[str, str]] = field(default_factory=dict)  # plugin -> (dist, ver)
+    qmp_commands: dict[str, QmpCommand] = field(default_factory=dict)
 
     def get(self, name: str) -> DeviceType | None:
         return self.devices.get(name)
@@ -86,7 +91,34 @@ def build_registry(entry_points: bool = True, extra: list[object] | None = None)
         except Exception as e:
             reg.broken[impl.plugin_name] = f"{type(e).__name__}: {e}"
             log.warning("plugin %s failed to register devices: %s", impl.plugin_name, e)
+    _collect_qmp_commands(pm, reg)
     return reg
+
+
+def _collect_qmp_commands(pm: pluggy.PluginManager, reg: Registry) -> None:
+    """The QMP commands of every plugin (built-ins first); a name taken twice, or a plugin
+    whose hook raises, marks that plugin broken and the others still register."""
+    from vmrun.qmp.registry import QmpCommand
+
+    for impl in pm.hook.vmrun_qmp_commands.get_hookimpls():
+
+        def register(cmd: QmpCommand, _name: str = impl.plugin_name) -> None:
+            if not isinstance(cmd, QmpCommand):
+                raise TypeError(f"register() takes a QmpCommand, not {type(cmd).__name__}")
+            if cmd.name in reg.qmp_commands or cmd.name == "qmp_capabilities":
+                other = reg.qmp_commands.get(cmd.name)
+                reg.broken[_name] = (f"registers QMP command {cmd.name!r}, which "
+                                     f"{other.plugin if other else 'the core'} already "
+                                     "registered")
+                return
+            cmd.plugin = _name
+            reg.qmp_commands[cmd.name] = cmd
+
+        try:
+            impl.function(register=register)
+        except Exception as e:
+            reg.broken[impl.plugin_name] = f"{type(e).__name__}: {e}"
+            log.warning("plugin %s failed to register QMP commands: %s", impl.plugin_name, e)
 
 
 def get_registry() -> Registry:

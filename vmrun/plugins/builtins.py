@@ -27,6 +27,9 @@ class HostBridge(PciDevice):
         self.vendor_id = vendor
         self.device_id = device
 
+    def device_state(self) -> dict:
+        return {}                   # config space only
+
 
 class LpcBridge(PciDevice):
     """The PCI-ISA (LPC) bridge at slot 31: the legacy devices (COM ports, RTC, i8042) live
@@ -36,6 +39,9 @@ class LpcBridge(PciDevice):
     vendor_id = 0x8086
     device_id = 0x7000
     class_code = 0x060100
+
+    def device_state(self) -> dict:
+        return {}
 
 
 class _IntxLine:
@@ -64,6 +70,12 @@ class PciUart(PciDevice):
         self.backend = backend
         self.uart = Uart16550(_IntxLine(self), backend.write)
         backend.attach(self.uart)
+
+    def device_state(self) -> dict:
+        return self.uart.save_state()
+
+    def load_device_state(self, state: dict) -> None:
+        self.uart.load_state(state)
 
     def bar_read(self, index: int, offset: int, size: int) -> int:
         return self.uart.read(offset, size)

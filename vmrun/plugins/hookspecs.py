@@ -6,7 +6,8 @@ distribution announces it with an entry point::
     [project.entry-points.vmrun]
     virtio_blk = "vmrun_virtio_blk.plugin"
 
-Built-in emulations (hostbridge, lpc, uart, virtio-rnd) register through exactly the same hooks.
+Built-in emulations (hostbridge, lpc, uart, virtio-rnd) and the built-in QMP commands
+(``query-status``, ``stop``, ...) register through exactly the same hooks.
 
 A plugin imports only :mod:`vmrun.api` (``hookimpl``, ``DeviceType``, ``Option``,
 ``PciDevice``, ...): that is the stable contract. The README's "Writing a device plugin" walks
@@ -27,7 +28,14 @@ returns a :class:`vmrun.core.pci.PciDevice`, which
   reaches ``fault(reason)`` and breaks only that device;
 - touches guest memory only through ``self.dma`` (``SgList``, refused while bus mastering is
   off; ``GuestError`` for whatever the guest got wrong);
-- has ``realize()`` once placed, ``reset()`` on machine reset, ``close()`` at the end.
+- has ``realize()`` once placed, ``reset()`` on machine reset, ``close()`` at the end;
+- for snapshots (``vmrun snapshot``), returns its guest-visible state from
+  ``device_state()`` as plain data and takes it back in ``load_device_state(state)``
+  (``vmrun.api.save_fields``/``load_fields`` do it for plain register attributes); the core
+  saves config space and MSI/MSI-X itself. A device that does not implement them makes a
+  snapshot fail with one line naming it (never a silently wrong restore). A virtio device
+  implements ``save_state()``/``load_state()`` (the transport saves the queues), finishing
+  what it has in flight first.
 
 Virtio devices implement :class:`vmrun.core.virtio.device.VirtioDevice` and are wrapped in the
 modern PCI transport :class:`vmrun.core.virtio.pci.VirtioPciTransport` by their factory.
@@ -44,6 +52,7 @@ if TYPE_CHECKING:
     import click
 
     from vmrun.plugins.registry import DeviceType
+    from vmrun.qmp.registry import QmpCommand
 
 hookspec = pluggy.HookspecMarker("vmrun")
 
@@ -72,4 +81,19 @@ def vmrun_dsdt(devices: list) -> list[bytes] | None:
 
     ``devices`` are the machine's placed :class:`~vmrun.plugins.registry.PlacedDevice` objects.
     Return None or a list of AML fragments.
+    """
+
+
+@hookspec
+def vmrun_qmp_commands(register: Callable[[QmpCommand], None]) -> None:
+    """Add commands to the QMP control socket: call ``register(QmpCommand(...))`` once each.
+
+    A :class:`~vmrun.qmp.registry.QmpCommand` is a name (QEMU's where one exists:
+    ``screendump``, ``eject``, ``blockdev-change-medium``), a handler
+    ``handler(ctx: QmpContext, **arguments)``, the arguments QAPI-style
+    (``{"device": "str", "*force": "bool"}``, checked before the handler runs) and a summary.
+    The handler runs on the control thread; ``ctx.device(id)`` is the device of
+    ``[devices.ID]`` in the current boot, ``ctx.emit(event, data)`` sends an event; it returns
+    the ``return`` value (None for ``{}``) or raises :class:`~vmrun.qmp.QmpError`. A name
+    another plugin (or the core) already registered marks the plugin broken, as for devices.
     """

@@ -109,3 +109,73 @@ def spin_init_elf() -> bytes:
     total = ehdr_size + phdr_size + len(code)
     phdr = struct.pack("<IIQQQQQQ", 1, 5, 0, base, base, total, total, 0x1000)
     return ehdr + phdr + code
+
+
+
+CONSOLE_BANNER = b"vmrun console guest ready\r\n"
+_LAPIC = 0xFEE00000
+_TIMER_VECTOR, _SPURIOUS_VECTOR = 0x30, 0x3F
+
+
+def _store32(addr: int, value: int) -> bytes:
+    return b"\xc7\x05" + struct.pack("<II", addr, value)        # mov dword [addr], value
+
+
+def console_pvh(tick_ns: int = 10_000_000, entry: int = 0x100000) -> bytes:
+    """A PVH "kernel" that stays up and costs the host almost nothing: it prints
+    :data:`CONSOLE_BANNER` on COM1, then sleeps in ``hlt``, woken every ``tick_ns`` by its
+    LAPIC timer (periodic), and on each wake-up polls
+
+    - COM1's receiver: every byte typed comes back with ASCII case swapped (``xor 0x20``:
+      "ping" -> "PING"), so a test sees the guest answer, not a terminal's local echo;
+    - PM1 status: once the ACPI power button is pressed (PWRBTN_STS) it powers off (S5), as
+      an OS honouring the button does.
+
+    (A busy-polling guest would burn a host CPU where KVM emulates guest kernel code.)"""
+    idt_at, idtr_at, handler_at = entry + 0x400, entry + 0x7F0, entry + 0x800
+    stack = entry + 0xFF0
+    code = bytearray(b"\xbc" + struct.pack("<I", stack))               # mov esp, stack
+    code += b"\x0f\x01\x1d" + struct.pack("<I", idtr_at)              # lidt [idtr]
+    code += _store32(_LAPIC + 0xF0, 0x100 | _SPURIOUS_VECTOR)          # SVR: APIC on
+    code += _store32(_LAPIC + 0x3E0, 0xB)                              # timer divide by 1
+    code += _store32(_LAPIC + 0x320, 0x20000 | _TIMER_VECTOR)          # LVT timer: periodic
+    code += _store32(_LAPIC + 0x380, tick_ns)                          # initial count
+    code += b"\x66\xba" + struct.pack("<H", layout.COM1_PORT)          # mov dx, COM1
+    for ch in CONSOLE_BANNER:
+        code += b"\xb0" + bytes([ch]) + b"\xee"                        # mov al, ch; out dx, al
+    top = len(code)
+    code += b"\x66\xba" + struct.pack("<H", layout.PM1A_EVT_PORT)       # mov dx, PM1a_STS
+    code += b"\x66\xed"                                                 # in ax, dx
+    code += b"\x66\xa9\x00\x01"                                         # test ax, PWRBTN_STS
+    jnz_at = len(code)
+    code += b"\x0f\x85\0\0\0\0"                                         # jnz poweroff
+    code += b"\x66\xba" + struct.pack("<H", layout.COM1_PORT + 5)       # mov dx, LSR
+    code += b"\xec\xa8\x01"                                             # in al, dx; test al, 1
+    jz_at = len(code)
+    code += b"\x74\x00"                                                 # jz idle
+    code += b"\x66\xba" + struct.pack("<H", layout.COM1_PORT)           # mov dx, RBR/THR
+    code += b"\xec\x34\x20\xee"                                         # in; xor al,0x20; out
+    code += b"\xe9" + struct.pack("<i", top - (len(code) + 5))          # jmp top
+    code[jz_at + 1] = len(code) - (jz_at + 2)
+    code += b"\xfb\xf4\xfa"                                             # idle: sti; hlt; cli
+    code += b"\xe9" + struct.pack("<i", top - (len(code) + 5))          # jmp top
+    struct.pack_into("<i", code, jnz_at + 2, len(code) - (jnz_at + 6))
+    code += ENDINGS_32["poweroff"] + b"\xf4\xeb\xfd"                    # poweroff: S5
+    assert len(code) < idt_at - entry
+    image = bytearray(0x1000)
+    image[:len(code)] = code
+    gate = struct.pack("<HHBBH", handler_at & 0xFFFF, 0x10, 0, 0x8E, handler_at >> 16)
+    for vector in (_TIMER_VECTOR, _SPURIOUS_VECTOR):
+        off = idt_at - entry + 8 * vector
+        image[off:off + 8] = gate
+    struct.pack_into("<HI", image, idtr_at - entry, 8 * (_SPURIOUS_VECTOR + 1) - 1, idt_at)
+    # The handler never returns (an emulated iret is what kvm-pvm cannot do): the timer only
+    # fires in the idle hlt, so it acknowledges, drops the interrupt frame and polls again.
+    handler = _store32(_LAPIC + 0xB0, 0) + b"\xbc" + struct.pack("<I", stack)  # EOI; mov esp
+    handler += b"\xe9" + struct.pack("<i", (entry + top) - (handler_at + len(handler) + 5))
+    image[handler_at - entry:handler_at - entry + len(handler)] = handler
+    base = pvh_elf("poweroff", entry)
+    # Same ELF layout as pvh_elf: code at file offset 0x1000, loaded at entry; new sizes.
+    head = bytearray(base[:0x1000])
+    struct.pack_into("<QQ", head, 64 + 32, len(image), len(image))    # p_filesz, p_memsz
+    return bytes(head) + bytes(image)

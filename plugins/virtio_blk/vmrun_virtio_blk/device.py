@@ -232,6 +232,22 @@ class VirtioBlk(VirtioDevice):
             raise RequestError(VIRTIO_BLK_S_IOERR, f"sectors {sector}+{nbytes // SECTOR} beyond "
                                f"the end of the disk ({self.sectors})")
 
+    # -- snapshots -------------------------------------------------------------------------
+    def save_state(self) -> dict:
+        """Nothing of its own: every request in flight finishes (its completion lands in the
+        used ring, in guest RAM) and the image is flushed. The image is not copied: a
+        restore needs the same file, unchanged since."""
+        if self.io is not None and not self.io.drain(30):
+            from vmrun.api import VmrunError
+
+            raise VmrunError(f"{self.name}: requests still in flight after 30 s")
+        if not self.read_only:
+            self.backend.flush()
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        pass
+
     # -- reset and close -------------------------------------------------------------------
     def reset(self) -> None:
         """Drain: no host I/O may touch guest memory once the driver has reset us."""

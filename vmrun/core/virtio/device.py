@@ -102,3 +102,20 @@ class VirtioDevice:
 
     def close(self) -> None:
         """Release host resources."""
+
+    # -- snapshots (vmrun.core.devstate) ----------------------------------------------
+    def save_state(self) -> dict:
+        """The device's own state (the transport saves the queues): plain data, taken with
+        the vCPUs paused. A device must first finish what it has in flight (a disk: drain
+        and flush), so that the used rings in the saved RAM say everything it did. The
+        default: this device cannot, and the snapshot is refused naming it."""
+        from vmrun.core.devstate import SnapshotUnsupported
+
+        raise SnapshotUnsupported(f"{self.name}: this device cannot be snapshotted yet")
+
+    def load_state(self, state: dict) -> None:
+        """Before the queues are activated again (in a restored machine, not started)."""
+        from vmrun.core.devstate import SnapshotUnsupported
+
+        if state:
+            raise SnapshotUnsupported(f"{self.name}: this device cannot be restored")

@@ -317,6 +317,53 @@ class VirtioPciTransport(PciDevice):
         except Exception as e:
             self._broken(f"activate: {type(e).__name__}: {e}")
 
+    # -- snapshots ---------------------------------------------------------------------
+    _STATE = ("status", "device_feature_select", "driver_feature_select", "driver_features",
+              "config_msix_vector", "queue_select", "config_generation", "isr", "active")
+    _QUEUE_STATE = ("size", "ready", "desc_addr", "avail_addr", "used_addr", "msix_vector",
+                    "last_avail", "next_used", "signalled_used")
+
+    def device_state(self) -> dict:
+        """The common configuration, every queue's registers and ring positions, and the
+        device's own (which first finishes what it has in flight)."""
+        dev = self.device.save_state()
+        if self.loop is not None:
+            self.loop.sync()        # completions the device handed to the loop are in RAM
+        with self.lock:
+            return {"transport": {k: getattr(self, k) for k in self._STATE},
+                    "queues": [{k: getattr(q, k) for k in self._QUEUE_STATE}
+                               for q in self.queues],
+                    "device": dev}
+
+    def load_device_state(self, state: dict) -> None:
+        """Registers back; a driver that was running gets its queues activated at the saved
+        ring positions, and every ready queue is served once (what the driver posted while
+        the snapshot was taken)."""
+        if len(state["queues"]) != len(self.queues):
+            raise ValueError(f"{self.name}: {len(state['queues'])} queues saved, "
+                             f"{len(self.queues)} here")
+        self.device.load_state(state["device"])
+        with self.lock:
+            for k in self._STATE:
+                setattr(self, k, state["transport"][k])
+            for q, qs in zip(self.queues, state["queues"], strict=True):
+                for k in self._QUEUE_STATE:
+                    setattr(q, k, qs[k])
+            if not self.active:
+                return
+            mem = self._memory()
+            event_idx = bool(self.driver_features & VIRTIO_F_RING_EVENT_IDX)
+            for q, qs in zip(self.queues, state["queues"], strict=True):
+                if q.ready:
+                    q.activate(mem, event_idx, self.epoch)
+                    q.last_avail, q.next_used = qs["last_avail"], qs["next_used"]
+                    q.signalled_used = qs["signalled_used"]
+            self.device.activate(mem, self.queues, self.driver_features)
+        if self.loop is not None:
+            for i, q in enumerate(self.queues):
+                if q.ready:
+                    self.loop.call_soon(self.kick, i, owner=self)
+
     def fault(self, reason: str) -> None:
         """The guest (or a bug) broke this device: DEVICE_NEEDS_RESET, config interrupt."""
         with self.lock:

@@ -1,0 +1,279 @@
+"""Snapshots: the device state contract (plain-data fields, versions), the KVM state through
+KVM's ioctls on a tiny guest, and ``vmrun snapshot`` / ``vmrun up --restore`` of the console
+guest (:func:`vmrun.testing.kernels.console_pvh`), checked from the host: the restored guest
+answers on its console without printing its boot banner again (it continued, it did not
+boot), and a machine that does not match, or a device that cannot be saved, is one line."""
+
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from vmrun import instances
+from vmrun.core.devstate import PlainState, SnapshotUnsupported, decode, encode
+from vmrun.devices.rtc import CmosRtc
+from vmrun.devices.uart import Uart16550
+from vmrun.testing import kernels
+
+KVM = os.access("/dev/kvm", os.R_OK | os.W_OK)
+kvm_only = pytest.mark.skipif(not KVM, reason="no /dev/kvm")
+
+plain = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8) | st.binary(max_size=8)
+    | st.binary(max_size=8).map(bytearray) | st.floats(allow_nan=False),
+    lambda inner: st.lists(inner, max_size=4) | st.lists(inner, max_size=4).map(tuple)
+    | st.lists(inner, max_size=4).map(deque), max_leaves=12)
+
+
+@given(plain)
+def test_encode_decode_keeps_values_and_types(value) -> None:
+    import json
+
+    back = decode(json.loads(json.dumps(encode(value))))
+    assert back == value and type(back) is type(value)
+
+
+class Line:
+    def __init__(self) -> None:
+        self.level = False
+
+    def set_level(self, level: bool) -> None:
+        self.level = level
+
+
+def test_uart_state_round_trip() -> None:
+    a = Uart16550(Line(), lambda data: None)
+    a.write(3, 1, 0x83)                       # DLAB on
+    a.write(0, 1, 0x01)
+    a.write(3, 1, 0x03)                       # 8N1
+    a.write(7, 1, 0x5A)                       # scratch
+    a.write(2, 1, 0xC7)                       # FIFOs on
+    a.feed(b"hi")
+    state = a.save_state()
+    b = Uart16550(Line(), lambda data: None)
+    b.load_state(state)
+    for reg in (3, 7, 5):
+        assert b.read(reg, 1) == a.read(reg, 1)
+    assert bytes([b.read(0, 1), b.read(0, 1)]) == b"hi"
+
+
+def test_rtc_state_round_trip_and_version_check() -> None:
+    a = CmosRtc(Line())
+    a.write(0, 1, 0x40)
+    a.write(1, 1, 0x99)                       # a CMOS RAM byte
+    b = CmosRtc(Line())
+    b.load_state(a.save_state())
+    b.write(0, 1, 0x40)
+    assert b.read(1, 1) == 0x99
+    bad = a.save_state()
+    bad["version"] = 99
+    with pytest.raises(ValueError, match="state version 99"):
+        b.load_state(bad)
+
+
+def test_a_device_without_state_support_refuses() -> None:
+    from vmrun.core.pci import PciDevice
+
+    class Opaque(PciDevice):
+        name = "opaque"
+
+    with pytest.raises(SnapshotUnsupported, match="opaque: this device cannot be"):
+        Opaque().device_state()
+
+    class Regs(PlainState):
+        def __init__(self) -> None:
+            self.a, self.b, self.callback = 1, bytearray(b"xy"), print
+
+    r = Regs()
+    assert set(r.save_state()["fields"]) == {"a", "b"}        # objects are never state
+
+
+@kvm_only
+def test_kvm_state_moves_a_running_guest_to_a_new_vm() -> None:
+    from vmrun.core.exits import ExitCode
+    from vmrun.core.kvmstate import KvmState
+    from vmrun.testing import guests as g
+
+    counter = 0x50000
+    code = b"\xff\x04\x25" + counter.to_bytes(4, "little") + b"\xeb\xf7"  # inc [c]; jmp
+    vm = g.long_mode_vm(code, irqchip=True)
+    try:
+        vm.start()
+        time.sleep(0.3)
+        assert vm.pause()
+        saver = KvmState()
+        state = saver.save(vm)
+        ram = bytes(vm.memory.read(0, g.MEMORY))
+        saved = int.from_bytes(vm.memory.read(counter, 4), "little")
+        vm.request_exit(ExitCode.POWER_OFF, "saved")
+        vm.wait(10)
+    finally:
+        vm.close()
+    assert saved > 0 and len(state["vcpus"][0]["msrs"]) > 10
+    vm2 = g.long_mode_vm(g.HLT, irqchip=True)        # would halt at once if not restored
+    try:
+        vm2.memory.write(0, ram)
+        loader = KvmState()
+        loader.restore(vm2, state)
+        vm2.start()
+        time.sleep(0.3)
+        assert vm2.exit_info is None                  # still running: the loop, not hlt
+        assert int.from_bytes(vm2.memory.read(counter, 4), "little") > saved
+        # What this host's KVM refused, if anything, is recorded (none on kvm-pvm here).
+        assert saver.refused == [] and loader.refused == []
+        vm2.request_exit(ExitCode.POWER_OFF, "done")
+        vm2.wait(10)
+    finally:
+        vm2.close()
+
+
+def vmrun(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vmrun", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def machine(tmp_path: Path, name: str, extra: str = "", memory: str = "64M") -> Path:
+    k = tmp_path / "k"
+    k.write_bytes(kernels.console_pvh())
+    f = tmp_path / f"{name}-{memory}.toml"
+    f.write_text(f'name = "{name}"\nmemory = "{memory}"\n[boot]\nkernel = "{k}"\n'
+                 f'[serial.com1]\nbackend = "stdio"\n{extra}')
+    return f
+
+
+def pty_exchange(path: str, send: bytes, want: bytes, timeout: float = 20) -> bytes:
+    fd = os.open(path, os.O_RDWR | os.O_NOCTTY)
+    data = b""
+    try:
+        os.write(fd, send)
+        end = time.monotonic() + timeout
+        while want not in data and time.monotonic() < end:
+            r, _, _ = select.select([fd], [], [], 0.2)
+            if r:
+                data += os.read(fd, 4096)
+        time.sleep(0.3)
+        r, _, _ = select.select([fd], [], [], 0)
+        if r:
+            data += os.read(fd, 4096)
+    finally:
+        os.close(fd)
+    return data
+
+
+@kvm_only
+def test_snapshot_and_restore_through_the_cli(tmp_path: Path) -> None:
+    f = machine(tmp_path, "snap1")
+    assert vmrun("up", "-d", "--console", "pty", str(f)).returncode == 0
+    try:
+        vm = instances.find("snap1")
+        fresh = pty_exchange(vm.console[4:], b"ab", b"AB")
+        assert kernels.CONSOLE_BANNER in fresh and b"AB" in fresh     # a boot prints it
+        snap = tmp_path / "s.snap"
+        out = vmrun("snapshot", "snap1", str(snap))
+        assert out.returncode == 0, out.stderr
+        assert out.stderr.count("\n") == 1 and "saved to" in out.stderr
+        ram = Path(f"{snap}.ram")
+        assert ram.stat().st_size == 64 << 20
+        assert ram.stat().st_blocks * 512 < 8 << 20                  # sparse where zero
+        assert pty_exchange(vm.console[4:], b"x", b"X").endswith(b"X")  # it runs on
+    finally:
+        vmrun("kill", "snap1")
+    # A machine that does not match: one line, exit 4, nothing started.
+    other = machine(tmp_path, "snap1", memory="128M")
+    bad = vmrun("up", "-d", "--restore", str(snap), str(other))
+    assert bad.returncode == 4 and bad.stderr.count("\n") == 1
+    assert "another machine: memory is 67108864" in bad.stderr
+    junk = tmp_path / "junk.snap"
+    junk.write_text("{}")
+    bad = vmrun("up", "--restore", str(junk), str(f))
+    assert bad.returncode == 4 and "not a vmrun snapshot" in bad.stderr
+    # The restore continues where the guest was: no banner, the echo answers at once.
+    t0 = time.monotonic()
+    out = vmrun("up", "-d", "--console", "pty", "--restore", str(snap), str(f))
+    assert out.returncode == 0, out.stderr
+    try:
+        vm = instances.find("snap1")
+        got = pty_exchange(vm.console[4:], b"cd", b"CD")
+        assert got == b"CD", got
+        assert time.monotonic() - t0 < 20
+        stop = vmrun("stop", "snap1")                 # the power button works after restore
+        assert stop.returncode == 0 and "powered off" in stop.stderr
+    finally:
+        vmrun("kill", "snap1")
+
+
+@kvm_only
+def test_a_machine_with_virtio_devices_snapshots_and_restores(tmp_path: Path) -> None:
+    disk = tmp_path / "d.img"
+    disk.write_bytes(bytes(1 << 20))
+    f = machine(tmp_path, "snap2", extra=f'[devices.rng]\nmodel = "virtio-rnd"\n'
+                f'[devices.disk]\nmodel = "virtio-blk"\npath = "{disk}"\n')
+    assert vmrun("up", "-d", str(f)).returncode == 0
+    try:
+        out = vmrun("snapshot", "snap2", str(tmp_path / "s.snap"))
+        assert out.returncode == 0 and out.stderr.count("\n") == 1, out.stderr
+    finally:
+        vmrun("kill", "snap2")
+    out = vmrun("up", "-d", "--console", "pty", "--restore", str(tmp_path / "s.snap"), str(f))
+    assert out.returncode == 0, out.stderr
+    try:
+        vm = instances.find("snap2")
+        assert pty_exchange(vm.console[4:], b"ok", b"OK") == b"OK"
+    finally:
+        vmrun("kill", "snap2")
+    # Another device layout is another machine: one line, exit 4.
+    f.write_text(f.read_text().replace('[devices.rng]\nmodel = "virtio-rnd"\n', ""))
+    bad = vmrun("up", "--restore", str(tmp_path / "s.snap"), str(f))
+    assert bad.returncode == 4 and bad.stderr.count("\n") == 1
+    assert "another machine: pci is" in bad.stderr, bad.stderr
+
+
+def test_virtio_rnd_state_moves_to_a_fresh_transport() -> None:
+    """A driven virtio-rnd (MSI-X on, a request served) saved, then loaded into a fresh
+    function on a fresh machine with the same RAM: the MSI-X table and its KVM routes are
+    back, and the next request is served at the next used-ring slot."""
+    from vmrun.core.virtio.pci import VirtioPciTransport
+    from vmrun.devices.virtio_rnd import VirtioRng
+    from vmrun.testing import FakeVm, VirtioDriver
+
+    a = FakeVm()
+    b = FakeVm()
+    try:
+        ta = VirtioPciTransport(VirtioRng())
+        a.pci.add(ta, 5)
+        a.pci.assign_bars()
+        drv = VirtioDriver(a, 5)
+        drv.setup()
+        q = drv.queues[0]
+        head, _ = q.add([], [32])
+        drv.kick(0)
+        assert q.get_used() == [(head, 32)]
+        state = a.pci.save_state()
+        b.memory.write(0, a.memory.read(0, a.memory.size))
+        tb = VirtioPciTransport(VirtioRng())
+        b.pci.add(tb, 5)
+        b.pci.assign_bars()
+        b.pci.load_state(state)
+        b.sync()
+        assert tb.active and tb.queues[0].next_used == 1
+        # The driver, unaware of the move, goes on with the same rings (now in b's RAM).
+        q.mem = b.memory
+        drv2 = VirtioDriver(b, 5)
+        drv2.queues = [q]
+        head2, (buf,) = q.add([], [16])
+        drv2.kick(0)
+        assert q.get_used() == [(head2, 16)]
+        assert tb.msix.entry(1) == ta.msix.entry(1) and tb.msix.enabled
+        assert b.msi_routes[tb.msix.gsis[1]] == a.msi_routes[ta.msix.gsis[1]]
+    finally:
+        a.close()
+        b.close()

@@ -1,0 +1,108 @@
+"""The device state contract for snapshots: ``save_state() -> dict`` and
+``load_state(dict)``.
+
+A device's guest-visible state is its registers and queues: plain data. The helpers here
+save an object's plain-data attributes (ints, floats, bools, strings, None, bytes and
+bytearrays, and lists, tuples and deques of those) and put them back with their types, so a
+device with ordinary register fields needs only to say which attributes are *not* state
+(configuration, host-side counters) or nothing at all. Objects (IRQ lines, callbacks,
+locks, backends) are never state and are skipped. Every saved dict carries the device's
+``state_version``; a mismatch on restore is an error, not a guess.
+
+The format, for each device: ``{"version": N, "fields": {name: value}}`` where a value is
+JSON, or ``{"b64": ...}`` (bytes), ``{"bytearray": ...}``, ``{"deque": [...]}``,
+``{"tuple": [...]}``. It is documented in the README's snapshot section.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections import deque
+from typing import Any
+
+
+class SnapshotUnsupported(Exception):
+    """A device that cannot (yet) save its state: the snapshot is refused, naming it."""
+
+
+_SCALARS = (int, float, bool, str, type(None))
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, (*_SCALARS, bytes, bytearray)):
+        return True
+    if isinstance(value, list | tuple | deque):
+        return all(_plain(v) for v in value)
+    return False
+
+
+def encode(value: Any) -> Any:
+    if isinstance(value, _SCALARS):
+        return value
+    if isinstance(value, bytearray):
+        return {"bytearray": base64.b64encode(value).decode()}
+    if isinstance(value, bytes):
+        return {"b64": base64.b64encode(value).decode()}
+    if isinstance(value, deque):
+        return {"deque": [encode(v) for v in value]}
+    if isinstance(value, tuple):
+        return {"tuple": [encode(v) for v in value]}
+    if isinstance(value, list):
+        return [encode(v) for v in value]
+    raise TypeError(f"not plain data: {type(value).__name__}")
+
+
+def decode(value: Any) -> Any:
+    if isinstance(value, list):
+        return [decode(v) for v in value]
+    if isinstance(value, dict):
+        (kind, inner), = value.items()
+        if kind == "bytearray":
+            return bytearray(base64.b64decode(inner))
+        if kind == "b64":
+            return base64.b64decode(inner)
+        if kind == "deque":
+            return deque(decode(v) for v in inner)
+        if kind == "tuple":
+            return tuple(decode(v) for v in inner)
+        raise ValueError(f"unknown encoding {kind!r}")
+    return value
+
+
+def save_fields(obj: Any, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Every plain-data attribute of ``obj`` not in ``exclude``, encoded."""
+    return {k: encode(v) for k, v in vars(obj).items()
+            if k not in exclude and _plain(v)}
+
+
+def load_fields(obj: Any, fields: dict[str, Any]) -> None:
+    """Put saved attributes back; an attribute the object does not have (another version
+    of the device) is an error."""
+    current = vars(obj)
+    for k, v in fields.items():
+        if k not in current:
+            raise ValueError(f"{type(obj).__name__} has no attribute {k!r}")
+        value = decode(v)
+        old = current[k]
+        if isinstance(old, bytearray) and isinstance(value, bytearray) and len(old) == len(value):
+            old[:] = value          # keep the object: views and aliases stay valid
+        else:
+            setattr(obj, k, value)
+
+
+class PlainState:
+    """``save_state``/``load_state`` from plain-data attributes. A class sets
+    ``state_version`` and lists what is not guest state in ``state_exclude``."""
+
+    state_version = 1
+    state_exclude: tuple[str, ...] = ()
+
+    def save_state(self) -> dict[str, Any]:
+        return {"version": self.state_version,
+                "fields": save_fields(self, self.state_exclude)}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        if state.get("version") != self.state_version:
+            raise ValueError(f"{type(self).__name__}: state version {state.get('version')!r}, "
+                             f"this vmrun has {self.state_version}")
+        load_fields(self, state.get("fields", {}))

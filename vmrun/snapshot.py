@@ -1,0 +1,152 @@
+"""Snapshots of a running machine: ``vmrun snapshot NAME FILE``, ``vmrun up --restore FILE``.
+
+A snapshot is two files: ``FILE``, JSON (format ``vmrun-snapshot``, version 1): what the
+machine is (name, uuid, vCPUs, memory, serial ports, PCI functions by slot and model: a
+restore refuses another machine, one line), every device's state (the
+:mod:`vmrun.core.devstate` contract), the KVM state (:mod:`vmrun.core.kvmstate`), and
+``FILE.ram``: guest RAM, slot after slot at its offset in the file, written sparse (runs of
+zero pages are holes), so its size on disk is what the guest used.
+
+Disk images are not copied: a disk device flushes and its image must be the same file, unchanged, at
+restore (a device that cannot promise that refuses to be snapshotted). Taking one pauses the
+vCPUs for the time it takes and resumes them if they ran.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vmrun.core.devstate import SnapshotUnsupported
+from vmrun.errors import VmrunError
+
+if TYPE_CHECKING:
+    from vmrun.config import MachineConfig
+    from vmrun.machine import Machine
+
+FORMAT, VERSION = "vmrun-snapshot", 1
+CHUNK = 1 << 20
+MAX_HEADER = 64 << 20
+
+
+def identity(cfg: MachineConfig, machine: Machine) -> dict[str, Any]:
+    """What must match between the machine that was saved and the one restored into."""
+    return {"name": cfg.name, "uuid": str(cfg.uuid), "cpus": cfg.cpus, "memory": cfg.memory,
+            "serial": sorted(machine.uarts),
+            "pci": [[p.slot or 0, p.func, p.type.name, p.id] for p in machine.placed]}
+
+
+def ram_path(path: Path) -> Path:
+    return path.with_name(path.name + ".ram")
+
+
+def _write_ram(machine: Machine, path: Path) -> int:
+    """Guest RAM into ``path``, sparse: returns the bytes written (not holes)."""
+    mem = machine.vm.memory
+    assert mem is not None
+    written = 0
+    zero = bytes(CHUNK)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        offset = 0
+        for slot in mem.slots:
+            view = slot.view
+            for at in range(0, slot.size, CHUNK):
+                piece = view[at:at + CHUNK]
+                if piece != zero[:len(piece)]:
+                    os.pwrite(fd, piece, offset + at)
+                    written += len(piece)
+            offset += slot.size
+        os.ftruncate(fd, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return written
+
+
+def _read_ram(machine: Machine, path: Path) -> None:
+    mem = machine.vm.memory
+    assert mem is not None
+    total = sum(s.size for s in mem.slots)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise VmrunError(f"{path}: cannot read the snapshot's RAM: {e.strerror}") from None
+    try:
+        if os.fstat(fd).st_size != total:
+            raise VmrunError(f"{path}: {os.fstat(fd).st_size} bytes of RAM, the machine has "
+                             f"{total}")
+        offset = 0
+        for slot in mem.slots:
+            view = slot.view
+            at = 0
+            while at < slot.size:
+                n = os.preadv(fd, [view[at:at + CHUNK]], offset + at)
+                if n <= 0:
+                    raise VmrunError(f"{path}: RAM file ends early")
+                at += n
+            offset += slot.size
+    finally:
+        os.close(fd)
+
+
+def save(cfg: MachineConfig, machine: Machine, path: Path) -> dict[str, Any]:
+    """Write the snapshot of ``machine`` (vCPUs paused) to ``path``; returns a summary."""
+    t0 = time.monotonic()
+    try:
+        devices = machine.save_state()
+    except SnapshotUnsupported as e:
+        raise VmrunError(f"cannot snapshot {cfg.name}: {e}") from None
+    for dev in machine.devices:
+        flush = getattr(getattr(dev, "device", dev), "flush_for_snapshot", None)
+        if flush is not None:
+            flush()
+    written = _write_ram(machine, ram_path(path))
+    header = {"format": FORMAT, "version": VERSION, "saved": time.time(),
+              "machine": identity(cfg, machine), "state": devices}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(header))
+    os.replace(tmp, path)
+    return {"file": str(path), "ram-file": str(ram_path(path)), "ram-bytes": written,
+            "seconds": round(time.monotonic() - t0, 3),
+            "refused": devices["kvm"].get("refused", [])}
+
+
+def load_header(path: Path) -> dict[str, Any]:
+    try:
+        st = path.stat()
+        if st.st_size > MAX_HEADER:
+            raise VmrunError(f"{path}: snapshot file of {st.st_size} bytes (at most "
+                             f"{MAX_HEADER})")
+        header = json.loads(path.read_text())
+    except OSError as e:
+        raise VmrunError(f"{path}: cannot read snapshot: {e.strerror}") from None
+    except ValueError:
+        raise VmrunError(f"{path}: not a vmrun snapshot (no JSON)") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise VmrunError(f"{path}: not a vmrun snapshot")
+    if header.get("version") != VERSION:
+        raise VmrunError(f"{path}: snapshot version {header.get('version')!r}, this vmrun "
+                         f"reads {VERSION}")
+    return header
+
+
+def restore(cfg: MachineConfig, machine: Machine, path: Path,
+            header: dict[str, Any] | None = None) -> list[str]:
+    """Put the snapshot at ``path`` into ``machine`` (built from ``cfg``, not started).
+    Returns what this host's KVM refused. A mismatched machine is one VmrunError line."""
+    header = header or load_header(path)
+    want, have = header["machine"], identity(cfg, machine)
+    for key in ("name", "uuid", "cpus", "memory", "serial", "pci"):
+        if want.get(key) != have[key]:
+            raise VmrunError(f"{path}: the snapshot is of another machine: {key} is "
+                             f"{json.dumps(want.get(key))}, {cfg.path} has "
+                             f"{json.dumps(have[key])}")
+    _read_ram(machine, ram_path(path))
+    try:
+        return machine.load_state(header["state"])
+    except (ValueError, KeyError, TypeError, SnapshotUnsupported) as e:
+        raise VmrunError(f"{path}: cannot restore: {e}") from None
