@@ -644,6 +644,28 @@ def logs(name: str, follow: bool) -> None:
             time.sleep(0.2)
 
 
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.option("--timeout", type=float, default=300.0, show_default=True,
+              help="Seconds to wait for the guest's sshd.")
+def ssh(name: str, command: tuple[str, ...], timeout: float) -> None:
+    """Log in to the running VM NAME through its forwarded ssh port (vmrun's own key, the
+    [cloud-init] user); `vmrun ssh NAME -- CMD ARGS` runs a command. Waits for sshd."""
+    from vmrun import ssh as vmssh
+
+    with err_console.status(escape(f"waiting for {name}'s sshd")) as status:
+        def waiting(why: str) -> None:
+            status.update(escape(f"waiting for {name}'s sshd ({why})"))
+
+        from vmrun import instances
+
+        t = vmssh.target(instances.find(name))
+        vmssh.wait_for_sshd(t.host, t.port, timeout, waiting)
+    argv = vmssh.ssh_argv(t, command)
+    os.execv(argv[0], argv)
+
+
 def _plugin_commands() -> None:
     """Let plugins add commands (vmrun_register_commands)."""
     try:
