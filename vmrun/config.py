@@ -371,7 +371,14 @@ def parse_machine(text: str, file: Path, device_validator: DeviceValidator | Non
     boot = _boot(c, data)
     serial = _serial(c, data)
     control_socket = _control_socket(c, data, serial)
-    devices = _devices(c, data.get("devices", {}), device_validator)
+    from vmrun.cloudinit import machine_dir
+    from vmrun.plugins.registry import PATH_ROOTS
+
+    roots = PATH_ROOTS.set({"state": machine_dir(name)})
+    try:
+        devices = _devices(c, data.get("devices", {}), device_validator)
+    finally:
+        PATH_ROOTS.reset(roots)
     if devices_checker is None and device_validator is not None:
         devices_checker = _plugin_checker(device_validator)
     if devices_checker is not None:

@@ -6,6 +6,8 @@ every problem as ``FILE: devices.ID.key: what is wrong (got VALUE)`` before anyt
 
 from __future__ import annotations
 
+import contextvars
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,6 +205,35 @@ def _parse_tables(opt: Option, value: Any, base_dir: Path) -> list[dict[str, Any
     return out
 
 
+#: Folders that path options may name by prefix while one machine file is read: ``state:``
+#: is the machine's own folder (``~/.local/share/vmrun/machines/NAME``), set by the config
+#: loader. ``image:NAME/FILE`` (a built or pulled image in the cache) works everywhere.
+PATH_ROOTS: contextvars.ContextVar[dict[str, Path] | None] = contextvars.ContextVar(
+    "path_roots", default=None)
+_PREFIXED = re.compile(r"(image|state):(.*)", re.S)
+
+
+def resolve_option_path(value: str, base_dir: Path) -> Path:
+    """A path option's value as a path: ``~`` expanded, relative to the machine file's folder,
+    or ``image:NAME/FILE`` / ``state:FILE`` (ValueError says what is wrong)."""
+    check_path_text(value)
+    m = _PREFIXED.fullmatch(value)
+    if m:
+        rest = m.group(2)
+        if not rest or rest.startswith("/") or ".." in rest.split("/"):
+            raise ValueError(f"must be {m.group(1)}:NAME/FILE inside that folder")
+        if m.group(1) == "image":
+            from vmrun.image import resolve_image_path
+
+            return resolve_image_path(value)
+        root = (PATH_ROOTS.get() or {}).get("state")
+        if root is None:
+            raise ValueError("state: paths are for machine files (the machine's own folder)")
+        return root / rest
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else base_dir / p
+
+
 def _parse_value(opt: Option, value: Any, base_dir: Path) -> Any:
     t = opt.type
     if t == "tables":
@@ -240,10 +271,7 @@ def _parse_value(opt: Option, value: Any, base_dir: Path) -> Any:
         elif t == "path":
             if not isinstance(value, str) or not value:
                 raise ValueError("must be a non-empty path string")
-            check_path_text(value)
-            p = Path(value).expanduser()
-            if not p.is_absolute():
-                p = base_dir / p
+            p = resolve_option_path(value, base_dir)
             if opt.must_exist and not p.exists():
                 raise ValueError("file does not exist")
             parsed = p
