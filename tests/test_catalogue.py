@@ -187,6 +187,11 @@ def test_a_file_missing_from_the_checksum_list_is_refused(mirror: Mirror) -> Non
 
 
 def test_sha512_lists_and_file_mirrors(tmp_path: Path, monkeypatch) -> None:
+    import dataclasses
+
+    # (random bytes are no disk to take a kernel from: that is the next test's business)
+    monkeypatch.setitem(catalogue.CATALOGUE, "debian-12", dataclasses.replace(
+        catalogue.CATALOGUE["debian-12"], extract_boot=None))
     root = tmp_path / "mirror"
     files = _layout(root, "debian-12")
     monkeypatch.setenv("VMRUN_IMAGE_MIRROR", root.as_uri())
@@ -276,3 +281,44 @@ def test_up_pulls_what_the_machine_file_names(mirror: Mirror, tmp_path: Path) ->
     d = _cache(tmp_path)
     assert (d / "vmlinuz").read_bytes() == kernel
     assert (d / "initrd").read_bytes() == files["initrd"]
+
+
+def test_debian_pull_takes_the_kernel_from_the_images_own_boot(tmp_path: Path,
+                                                                monkeypatch) -> None:
+    """Debian publishes no kernel beside its image: the pull reads the qcow2 image's GPT,
+    finds the Linux partition and copies the newest /boot kernel and initrd out."""
+    from tests.e2e.harness import make_ext4, make_gpt_disk
+
+    root = tmp_path / "mirror" / "debian-12"
+    root.mkdir(parents=True)
+    files = {"boot/vmlinuz-6.1.0-9-amd64": b"old kernel", "boot/vmlinuz-6.1.0-10-amd64":
+             b"new kernel" * 1000, "boot/initrd.img-6.1.0-10-amd64": b"new initrd" * 500,
+             "boot/initrd.img-6.1.0-9-amd64": b"old initrd", "etc/hostname": b"debian\n"}
+    make_ext4(tmp_path / "root.fs", 16, files, "root")
+    make_gpt_disk(tmp_path / "disk.raw", tmp_path / "root.fs")
+    image = root / "debian-12-genericcloud-amd64.qcow2"
+    subprocess.run(["qemu-img", "convert", "-q", "-c", "-f", "raw", "-O", "qcow2",
+                    str(tmp_path / "disk.raw"), str(image)], check=True)
+    digest = hashlib.sha512(image.read_bytes()).hexdigest()
+    (root / "SHA512SUMS").write_text(f"{digest}  {image.name}\n")
+    monkeypatch.setenv("VMRUN_IMAGE_MIRROR", (tmp_path / "mirror").as_uri())
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    d = catalogue.pull("debian-12")
+    assert (d / "vmlinuz").read_bytes() == files["boot/vmlinuz-6.1.0-10-amd64"]
+    assert (d / "initrd").read_bytes() == files["boot/initrd.img-6.1.0-10-amd64"]
+    assert catalogue.is_pulled(catalogue.lookup("debian-12"))
+    assert not list(d.glob(".extract-*"))
+
+
+def test_an_image_without_the_boot_files_is_one_line(tmp_path: Path) -> None:
+    from tests.e2e.harness import make_ext4, make_gpt_disk
+    from vmrun.bootfiles import extract_boot_files
+
+    raw = tmp_path / "plain.raw"
+    raw.write_bytes(bytes(1 << 20))
+    with pytest.raises(VmrunError, match="the image has no GPT partition table"):
+        extract_boot_files(raw, ("vmlinuz-*", "initrd.img-*"), tmp_path)
+    make_ext4(tmp_path / "root.fs", 8, {"etc/hostname": b"x\n"}, "root")
+    make_gpt_disk(tmp_path / "disk.raw", tmp_path / "root.fs")
+    with pytest.raises(VmrunError, match=r"no /boot/vmlinuz-\* and /boot/initrd.img-\* on any"):
+        extract_boot_files(tmp_path / "disk.raw", ("vmlinuz-*", "initrd.img-*"), tmp_path)

@@ -48,6 +48,9 @@ class CatalogueImage:
     root: str = "LABEL=cloudimg-rootfs"
     #: The user cloud-init creates when the machine file names none.
     default_user: str = "ubuntu"
+    #: Take the kernel and initrd from the image's own /boot (a distribution that publishes
+    #: none beside its image): (glob of the kernel, glob of the initrd) in /boot.
+    extract_boot: tuple[str, str] | None = None
 
     def url(self, path: str) -> str:
         mirror = os.environ.get("VMRUN_IMAGE_MIRROR")
@@ -69,13 +72,14 @@ CATALOGUE: dict[str, CatalogueImage] = {
     img.name: img for img in (
         _ubuntu("24.04", "noble"),
         _ubuntu("22.04", "jammy"),
-        # Debian publishes no unpacked kernel: boot it with the kernel and initrd from its own
-        # /boot (copy them out once with the image's tools), or as the image's bootloader would.
+        # Debian publishes no unpacked kernel: the pull copies the kernel and initrd out of
+        # the image's own /boot (its root partition, read through vmrun's qcow2 backend).
         CatalogueImage(
             "debian-12", "Debian 12 (bookworm) generic cloud image",
             "https://cloud.debian.org/images/cloud/bookworm/latest/",
             (RemoteFile("debian-12-genericcloud-amd64.qcow2", "SHA512SUMS", "disk.qcow2"),),
-            root="/dev/vda1", default_user="debian"),
+            root="/dev/vda1", default_user="debian",
+            extract_boot=("vmlinuz-*", "initrd.img-*")),
     )
 }
 
@@ -90,7 +94,8 @@ def lookup(name: str) -> CatalogueImage:
 
 def is_pulled(img: CatalogueImage) -> bool:
     d = image_dir(img.name)
-    return all((d / f.local).exists() for f in img.files)
+    extra = ["vmlinuz", "initrd"] if img.extract_boot else []
+    return all((d / f).exists() for f in [*(f.local for f in img.files), *extra])
 
 
 def _algorithm(sums: str) -> str:
@@ -124,6 +129,13 @@ def pull(name: str, progress: Callable[[str], Progress] | None = None) -> Path:
         download(url, dest, algorithm=alg, digest=digest,
                  progress=progress(f"{img.name}/{f.local}") if progress else None)
         manifest[f.local] = {"url": url, alg: digest, "pulled": int(time.time())}
+        _write_manifest(d, manifest)
+    if img.extract_boot and not ((d / "vmlinuz").exists() and (d / "initrd").exists()):
+        from vmrun.bootfiles import extract_boot_files
+
+        names = extract_boot_files(d / "disk.qcow2", img.extract_boot, d)
+        manifest["vmlinuz"] = {"from": f"disk.qcow2:/boot/{names[0]}"}
+        manifest["initrd"] = {"from": f"disk.qcow2:/boot/{names[1]}"}
         _write_manifest(d, manifest)
     return d
 
