@@ -12,7 +12,13 @@ through untouched; otherwise frames are complete (checksums filled, no GSO) and 
 finish any offload itself before ``send``.
 
 Threading: everything runs on the event loop thread (the backend registers its fd there);
-``send`` may be called from the loop thread only.
+``send`` may be called from the loop thread only; ``set_rx`` from any thread (a NIC reset runs
+on a vCPU).
+
+Additions since the first version (all with defaults here, so every backend and NIC written
+against it still works): ``set_offloads`` (the offloads the guest accepted, tap's
+TUNSETOFFLOAD), the counters ``rx_dropped``/``tx_dropped``, ``name`` and ``fault`` (a backend
+is the owner of its own event-loop sources).
 """
 
 from __future__ import annotations
@@ -51,6 +57,24 @@ class NetBackend:
     caps: frozenset[str] = field(default_factory=frozenset)
     mtu: int = 1500
     link_up: bool = True
+    #: Frames the backend dropped: too long for the NIC's buffer, link down, host errors.
+    rx_dropped: int = 0
+    tx_dropped: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"net-{self.kind}"
+
+    def fault(self, reason: str) -> None:
+        """An event-loop callback of this backend raised (a bug): the link goes down."""
+        import logging
+
+        logging.getLogger("vmrun.net").error("%s: %s: link down", self.name, reason)
+        self.link_up = False
+
+    def set_offloads(self, caps: frozenset[str]) -> None:
+        """The offloads (CAP_CSUM, CAP_TSO4, ...) the guest's driver takes in received
+        frames; a ``vnet_hdr`` backend hands it no others. Default: nothing to do."""
 
     def attach(self, callbacks: LinkCallbacks) -> None:
         """Start delivering to ``callbacks``; receive polling starts switched off."""

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from vmrun.core.input import InputHub
     from vmrun.core.pci import PciDevice
 
-OPTION_TYPES = ("str", "bool", "int", "size", "path", "choice")
+OPTION_TYPES = ("str", "bool", "int", "size", "path", "choice", "list")
 
 
 @dataclass(frozen=True)
@@ -27,8 +27,9 @@ class Option:
     """One option of a device emulation.
 
     ``type``: "str", "bool", "int" (``min``/``max``), "size" (bytes: 512, "20G"), "path"
-    (relative to the machine file; ``must_exist``), "choice" (``choices``). ``validate`` may
-    further check the parsed value and raise ValueError with the reason.
+    (relative to the machine file; ``must_exist``), "choice" (``choices``), "list" (a list of
+    strings, e.g. port forwards; ``max`` entries at most). ``validate`` may further check the
+    parsed value and raise ValueError with the reason.
     """
 
     name: str
@@ -185,6 +186,12 @@ def _parse_value(opt: Option, value: Any, base_dir: Path) -> Any:
             if value not in opt.choices:
                 raise ValueError(f"must be one of {', '.join(opt.choices)}")
             parsed = value
+        elif t == "list":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError("must be a list of strings")
+            if opt.max is not None and len(value) > opt.max:
+                raise ValueError(f"must have at most {opt.max} entries")
+            parsed = list(value)
         elif t == "path":
             if not isinstance(value, str) or not value:
                 raise ValueError("must be a non-empty path string")

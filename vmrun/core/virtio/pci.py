@@ -369,6 +369,14 @@ class VirtioPciTransport(PciDevice):
             if self.active and q.mem is not None and q.needs_interrupt():
                 self._interrupt(q.msix_vector, ISR_QUEUE)
 
+    def config_changed(self) -> None:
+        """The device's configuration changed (a NIC's link status): a new generation and a
+        configuration interrupt, once the driver is live (any thread)."""
+        with self.lock:
+            self.config_generation = (self.config_generation + 1) & 0xFF
+            if self.active:
+                self._interrupt(self.config_msix_vector, ISR_CONFIG)
+
     def _interrupt(self, vector: int, isr_bit: int) -> None:
         irq = self.irq
         if irq is None:
