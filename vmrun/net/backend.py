@@ -41,7 +41,9 @@ CAP_UFO = "ufo"
 class LinkCallbacks:
     """What the attached NIC wants to hear, called on the event loop thread."""
 
-    #: Frames can be read: call ``backend.recv_into`` until it returns 0.
+    #: Frames can be read: call ``backend.recv_into`` until it returns 0. A NIC that stops
+    #: earlier (to bound its work per call) must come back by itself (``loop.call_soon``):
+    #: frames the backend has already buffered are not signalled again.
     readable: Callable[[], None]
     #: The link went up (True) or down (False): passt died, a socket peer left or came back.
     link: Callable[[bool], None] = lambda up: None

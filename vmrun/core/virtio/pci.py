@@ -337,6 +337,11 @@ class VirtioPciTransport(PciDevice):
         return self.active and q.ready and not self.status & STATUS_DEVICE_NEEDS_RESET \
             and bool(self.config.data[4] & COMMAND_MASTER)
 
+    def serving(self, index: int) -> bool:
+        """Whether queue ``index`` may be served now (live, ready, not broken, bus master):
+        for work a device starts itself (a NIC's receive), under ``self.lock``."""
+        return self._serving(self.queues[index])
+
     def kick(self, index: int) -> None:
         """Queue ``index`` was notified: let the device serve it (on the event loop)."""
         with self.lock:
@@ -369,7 +374,7 @@ class VirtioPciTransport(PciDevice):
             if self.active and q.mem is not None and q.needs_interrupt():
                 self._interrupt(q.msix_vector, ISR_QUEUE)
 
-    def config_changed(self) -> None:
+    def device_config_changed(self) -> None:
         """The device's configuration changed (a NIC's link status): a new generation and a
         configuration interrupt, once the driver is live (any thread)."""
         with self.lock:
