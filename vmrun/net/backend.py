@@ -17,8 +17,9 @@ on a vCPU).
 
 Additions since the first version (all with defaults here, so every backend and NIC written
 against it still works): ``set_offloads`` (the offloads the guest accepted, tap's
-TUNSETOFFLOAD), the counters ``rx_dropped``/``tx_dropped``, ``name`` and ``fault`` (a backend
-is the owner of its own event-loop sources).
+TUNSETOFFLOAD), ``send_many`` (a batch in one system call where the host allows), the
+counters ``rx_dropped``/``tx_dropped``, ``name`` and ``fault`` (a backend is the owner of its
+own event-loop sources). No signature changed.
 """
 
 from __future__ import annotations
@@ -104,6 +105,15 @@ class NetBackend:
         side is full right now; the NIC keeps the frame and waits for ``writable``.
         """
         raise NotImplementedError
+
+    def send_many(self, frames: Sequence[Sequence[memoryview | bytes]]) -> int:
+        """Send frames in order; how many were taken (as by ``send``). Fewer than all: the
+        host side is full, the rest wait for ``writable``. A backend that can hand several
+        frames to the host in one system call (a stream socket) overrides this."""
+        for i, frame in enumerate(frames):
+            if not self.send(frame):
+                return i
+        return len(frames)
 
     def close(self) -> None:
         """Release host resources (at the end of ``vmrun up``, not at a guest reboot)."""

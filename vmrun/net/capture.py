@@ -104,6 +104,12 @@ class CaptureBackend(NetBackend):
         self._record(frame)
         return True
 
+    def send_many(self, frames) -> int:
+        n = self.inner.send_many(frames)
+        for frame in frames[:n]:
+            self._record(frame)
+        return n
+
     def close(self) -> None:
         self.inner.close()
         if self.fd >= 0:

@@ -88,6 +88,7 @@ TX_BATCH = 256
 RX_Q, TX_Q, CTRL_Q = 0, 1, 2
 _HDR = struct.Struct("<BBHHHHH")
 BROADCAST = b"\xff" * 6
+ZERO_HDR = bytes(HDR_LEN)
 
 
 class VirtioNet(VirtioDevice):
@@ -130,8 +131,9 @@ class VirtioNet(VirtioDevice):
         self.mac = self.perm_mac
         self._rx_pending = 0          # length (with header) of the frame in hand, 0: none
         self._rx_chains: deque[DescriptorChain] = deque()   # popped, not yet filled
-        self._tx_pending: tuple[DescriptorChain, list] | None = None
+        self._tx_pending: tuple[list[DescriptorChain], list] | None = None
         self._rx_again = self._tx_again = False
+        self._rx_done: list[tuple[DescriptorChain, int]] = []
 
     # -- wiring --------------------------------------------------------------------------
     def setup(self) -> None:
@@ -225,7 +227,7 @@ class VirtioNet(VirtioDevice):
         view = self._rxview
         target = view if self.vnet else view[HDR_LEN:]
         q = self.queues[RX_Q]
-        delivered = 0
+        self._rx_done = done = []
         for _ in range(RX_BATCH):
             n = self._rx_pending
             if not n:
@@ -242,14 +244,13 @@ class VirtioNet(VirtioDevice):
                 break
             self._rx_pending = 0
             if used:
-                delivered += used
                 self.rx_frames += 1
         else:
             if not self._rx_again:       # more may be buffered: come back, bounded
                 self._rx_again = True
                 self.loop.call_soon(self._rx_soon, owner=self)
-        if delivered:
-            t.notify_queue(RX_Q)
+        if done:
+            t.complete_many(RX_Q, done)
 
     def _accept(self, view: memoryview, n: int) -> bool:
         """The receive filter, and the header a vnet_hdr backend sent."""
@@ -267,7 +268,7 @@ class VirtioNet(VirtioDevice):
             if flags & HDR_F_DATA_VALID and CAP_CSUM not in self.guest_offloads:
                 view[0] = flags & ~HDR_F_DATA_VALID
         else:
-            view[0:HDR_LEN] = bytes(HDR_LEN)
+            view[0:HDR_LEN] = ZERO_HDR
         if self.promisc:
             return True
         dst = bytes(view[HDR_LEN:HDR_LEN + 6])
@@ -298,8 +299,13 @@ class VirtioNet(VirtioDevice):
                 chains.appendleft(chain)
                 return 0
             struct.pack_into("<H", self._rxbuf, 10, 1)
-            self._copy(dma.sg(chain.writable).views, 0, n)
-            self.transport.complete(RX_Q, chain, n, notify=False)
+            w = chain.writable
+            if len(w) == 1:
+                gpa, _ = w[0]
+                dma.view(gpa, n)[:] = self._rxview[:n]
+            else:
+                self._copy(dma.sg(w).views, 0, n)
+            self._rx_done.append((chain, n))
             return 1
         room = sum(c.writable_len for c in chains)
         while room < n:
@@ -319,12 +325,12 @@ class VirtioNet(VirtioDevice):
                 break
         struct.pack_into("<H", self._rxbuf, 10, count)
         pos = 0
-        complete = self.transport.complete
+        done = self._rx_done
         for _ in range(count):
             chain = chains.popleft()
             k = min(chain.writable_len, n - pos)
             self._copy(dma.sg(chain.writable).views, pos, k)
-            complete(RX_Q, chain, k, notify=False)
+            done.append((chain, k))
             pos += k
         return count
 
@@ -340,51 +346,75 @@ class VirtioNet(VirtioDevice):
 
     # -- transmit --------------------------------------------------------------------------
     def _tx_run(self) -> None:
+        """Take up to TX_BATCH frames, hand them to the backend in one ``send_many``, and
+        give their chains back in one batch. Frames the backend did not take stay in hand
+        (in order) until it calls ``writable``."""
         t = self.transport
         if not self.live or not t.serving(TX_Q):
             return
         q = self.queues[TX_Q]
-        send = self.backend.send
-        complete = t.complete
-        done = 0
-        for _ in range(TX_BATCH):
-            if self._tx_pending is not None:
-                chain, pieces = self._tx_pending
-                self._tx_pending = None
-            else:
-                chain = q.pop()
-                if chain is None:
-                    break
-                pieces = self._tx_frame(chain)
-            if pieces is not None:
-                if not send(pieces):
-                    self._tx_pending = (chain, pieces)    # the backend calls writable
-                    break
-                self.tx_frames += 1
-            complete(TX_Q, chain, 0, notify=False)
-            done += 1
-        else:
-            if not self._tx_again:
-                self._tx_again = True
-                self.loop.call_soon(self._tx_soon, owner=self)
+        held = self._tx_pending
+        chains: list[DescriptorChain] = []
+        frames: list = []
+        if held:
+            chains, frames = held
+            self._tx_pending = None
+        done: list[tuple[DescriptorChain, int]] = []
+        pop = q.pop
+        tx_frame = self._tx_frame
+        while len(chains) < TX_BATCH:
+            chain = pop()
+            if chain is None:
+                break
+            pieces = tx_frame(chain)
+            if pieces is None:
+                done.append((chain, 0))      # a bad frame: dropped, its chain goes back
+                continue
+            chains.append(chain)
+            frames.append(pieces)
+        more = len(chains) >= TX_BATCH
+        if frames:
+            n = self.backend.send_many(frames)
+            self.tx_frames += n
+            done.extend((c, 0) for c in chains[:n])
+            if n < len(frames):
+                self._tx_pending = (chains[n:], frames[n:])   # the backend calls writable
+                more = False
         if done:
-            t.notify_queue(TX_Q)
+            t.complete_many(TX_Q, done)
+        if more and not self._tx_again:
+            self._tx_again = True
+            self.loop.call_soon(self._tx_soon, owner=self)
 
-    def _tx_frame(self, chain: DescriptorChain) -> list | None:
+    def _tx_frame(self, chain: DescriptorChain) -> list | tuple | None:
         """The pieces to send for one transmit chain, or None: a bad frame, dropped."""
         total = chain.readable_len
         if total < HDR_LEN + ETH_HLEN or total > HDR_LEN + MAX_FRAME:
             self.tx_bad += 1
             return None
-        views = self.dma.sg(chain.readable).views
-        first = views[0]
-        if len(first) >= HDR_LEN:
+        readable = chain.readable
+        if len(readable) == 1:
+            # The usual chain (Linux with VERSION_1, any_header_sg): header and frame in one
+            # buffer; the virtqueue walk already checked it lies in RAM.
+            gpa, n = readable[0]
+            first = self.dma.view(gpa, n)
+            if not self.vnet:
+                if first[0] or first[1] or n - HDR_LEN > self.mtu + ETH_HLEN + 4:
+                    self.tx_bad += 1        # offloads we never offered, or a giant frame
+                    return None
+                return (first[HDR_LEN:],)
             hdr = bytes(first[:HDR_LEN])
-            frame = [first[HDR_LEN:], *views[1:]] if len(first) > HDR_LEN else views[1:]
+            frame = [first[HDR_LEN:]]
         else:
-            r = self.dma.sg(chain.readable).reader()
-            hdr = r.read(HDR_LEN)
-            frame = r.take().views
+            views = self.dma.sg(readable).views
+            first = views[0]
+            if len(first) >= HDR_LEN:
+                hdr = bytes(first[:HDR_LEN])
+                frame = [first[HDR_LEN:], *views[1:]] if len(first) > HDR_LEN else views[1:]
+            else:
+                r = self.dma.sg(readable).reader()
+                hdr = r.read(HDR_LEN)
+                frame = r.take().views
         flags, gso, hdr_len, gso_size, csum_start, csum_offset, _ = _HDR.unpack(hdr)
         n = total - HDR_LEN
         if not self.vnet:

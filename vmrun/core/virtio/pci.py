@@ -367,6 +367,21 @@ class VirtioPciTransport(PciDevice):
             if notify and q.needs_interrupt():
                 self._interrupt(q.msix_vector, ISR_QUEUE)
 
+    def complete_many(self, index: int, done: list[tuple[DescriptorChain, int]]) -> None:
+        """:meth:`complete` for a batch (one lock, one interrupt decision): a NIC hands back
+        a whole burst of frames at once."""
+        with self.lock:
+            q = self.queues[index]
+            if not self.active or q.mem is None or not self.config.data[4] & COMMAND_MASTER:
+                return
+            epoch = self.epoch
+            push = q.push_used
+            for chain, written in done:
+                if chain.epoch == epoch:
+                    push(chain.head, min(written, chain.writable_len))
+            if q.needs_interrupt():
+                self._interrupt(q.msix_vector, ISR_QUEUE)
+
     def notify_queue(self, index: int) -> None:
         """Interrupt for queue ``index`` if the driver wants one (after batched completes)."""
         with self.lock:
