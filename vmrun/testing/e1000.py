@@ -303,7 +303,7 @@ class E1000Driver:
             o = offload
             tucmd = (TUCMD_TCP if o.tcp else 0) | (TUCMD_IP if o.ipv4 else 0) | \
                 (TUCMD_TSE if o.tso else 0)
-            paylen = len(frame) - o.hdr_len if o.tso else 0
+            paylen = max(0, len(frame) - o.hdr_len) & 0xFFFFF if o.tso else 0
             addr = o.ipcss | o.ipcso << 8 | o.ipcse << 16 | o.tucss << 32 | o.tucso << 40 | \
                 o.tucse << 48
             self._tx_desc(addr, paylen | DTYP_C << 20 | (tucmd | TXD_DEXT) << 24,
