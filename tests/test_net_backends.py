@@ -148,6 +148,35 @@ def test_stream_peer_leaving_is_seen_with_receive_off(loop) -> None:
     assert nic.wait(lambda: nic.links == [False])
 
 
+def test_stream_frames_sent_before_a_hang_up_are_all_delivered(loop) -> None:
+    """The peer sends and leaves while the NIC has no buffers: what it sent still arrives
+    (some of it already in the backend's buffer), then the link goes down."""
+    ours, peer = socket.socketpair()
+    be = _Pair(loop, ours)
+    nic = Nic(be)
+    frames = [bytes([i % 256]) * 100 for i in range(300)]
+    taken: list[bytes] = []
+
+    def limited() -> None:                # a NIC with room for 20 frames per kick
+        mv = memoryview(nic.buf)
+        for _ in range(20):
+            n = be.recv_into(mv)
+            if not n:
+                return
+            taken.append(bytes(mv[:n]))
+        be.set_rx(False)
+
+    be.cb.readable = limited          # type: ignore[union-attr]
+    peer.sendall(b"".join(struct.pack(">I", len(f)) + f for f in frames))
+    peer.close()
+    end = time.monotonic() + 10
+    while len(taken) < 300 and time.monotonic() < end:
+        time.sleep(0.01)
+        loop.call_soon(be.set_rx, True)
+    assert taken == frames
+    assert nic.wait(lambda: nic.links == [False])
+
+
 def test_stream_full_socket_keeps_frames_in_order(loop) -> None:
     ours, peer = socket.socketpair()
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
@@ -485,3 +514,22 @@ def test_mac_derivation_is_stable_and_local() -> None:
     assert m == derive_mac(u, "net0") and m != derive_mac(u, "net1")
     assert m[0] & 2 and not m[0] & 1
     assert parse_mac("52:54:00:AB:cd:01") == bytes.fromhex("525400abcd01")
+
+
+def test_backend_is_made_once_per_run_and_closed_with_it(tmp_path: Path) -> None:
+    """Two boots (two factory calls on one HostContext) share the backend; the run's end
+    closes it."""
+    from vmrun.core.host import HostContext
+    from vmrun.net.options import open_net_backend
+    from vmrun.plugins.registry import DeviceContext
+
+    host = HostContext()
+    host.start()
+    opts = _validate({"backend": "socket", "listen": str(tmp_path / "l.sock")}, tmp_path)
+    ctx = DeviceContext("net0", "m", str(uuid.UUID(int=1)), host, tmp_path)
+    a = open_net_backend(ctx, opts)
+    b = open_net_backend(DeviceContext("net0", "m", str(uuid.UUID(int=1)), host, tmp_path),
+                         opts)
+    assert a is b and (tmp_path / "l.sock").exists()
+    host.close()
+    assert not (tmp_path / "l.sock").exists()

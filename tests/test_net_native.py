@@ -139,3 +139,41 @@ def test_vnet_echo_answers_arp_and_ping(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="QEMU is not installed")
+def test_vmrun_and_qemu_share_a_socket_link(tmp_path: Path) -> None:
+    """vmrun listens, QEMU's -netdev stream connects: the vnet guest under QEMU sends 300
+    frames, the one under vmrun receives them."""
+    sock = tmp_path / "link.sock"
+    m = _machine(tmp_path, "tests=r count=300 size=200", sock)
+    m.write_text(m.read_text().replace(f'connect = "{sock}"', f'listen = "{sock}"'))
+    vm = subprocess.Popen([sys.executable, "-m", "vmrun", "up", str(m)],
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT)
+    qemu = None
+    try:
+        end = time.monotonic() + 30
+        while not sock.exists():
+            assert time.monotonic() < end and vm.poll() is None, "vmrun did not listen"
+            time.sleep(0.1)
+        qemu = subprocess.Popen(
+            ["qemu-system-x86_64", "-enable-kvm", "-M", "pc", "-nodefaults", "-no-reboot",
+             "-display", "none", "-cpu", "qemu64,-cx16", "-m", "64",
+             "-kernel", str(native.build("vnet")), "-append", "tests=t count=300 size=200",
+             "-chardev", f"file,id=dbg,path={tmp_path / 'qemu.log'}",
+             "-device", "isa-debugcon,iobase=0xe9,chardev=dbg",
+             "-device", "isa-debug-exit,iobase=0xf4,iosize=1",
+             "-netdev", f"stream,id=n0,server=off,addr.type=unix,addr.path={sock}",
+             "-device", "virtio-net-pci,netdev=n0,disable-legacy=on,mac=02:00:00:00:04:01"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        out, _ = vm.communicate(timeout=60)
+    finally:
+        vm.kill()
+        vm.wait()
+        if qemu is not None:
+            qemu.kill()
+            qemu.wait()
+    log = (tmp_path / "debugcon.log").read_text()
+    assert "end rx frames=300 bytes=60000" in log, log + out.decode(errors="replace")
+    assert "end tx frames=300" in (tmp_path / "qemu.log").read_text()

@@ -278,6 +278,12 @@ class StreamLink(NetBackend):
                 return
             return
         # Woken neither to read nor to write: the peer hung up (or the socket broke).
+        if self._rend > self._rstart:
+            # Frames it sent before leaving are still in our buffer: they go to the NIC
+            # first; the end of the stream is seen when the buffer runs dry.
+            self._hup = True
+            self._update()
+            return
         try:
             data = self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) \
                 if self.sock is not None else b""
