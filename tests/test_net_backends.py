@@ -342,10 +342,17 @@ def test_passt_forwards_a_host_port(loop) -> None:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
-    be = UserBackend(loop, [parse_forward(f"tcp:127.0.0.1:{port}:80")])
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.bind(("127.0.0.1", 0))
+    uport = u.getsockname()[1]
+    u.close()
+    be = UserBackend(loop, [parse_forward(f"tcp:127.0.0.1:{port}:80"),
+                            parse_forward(f"udp:127.0.0.1:{uport}:53")])
     try:
         out = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout
         assert any(f"127.0.0.1:{port} " in ln for ln in out.splitlines()), out
+        out = subprocess.run(["ss", "-lun"], capture_output=True, text=True).stdout
+        assert any(f"127.0.0.1:{uport} " in ln for ln in out.splitlines()), out
         # the port is taken now: a second backend on it is one error, before any VM
         with pytest.raises(VmrunError, match=f"host port 127.0.0.1:{port} cannot be used"):
             UserBackend(loop, [parse_forward(f"tcp:127.0.0.1:{port}:80")])
@@ -454,6 +461,11 @@ def test_tap_in_a_namespace_carries_frames_with_vnet_header(loop) -> None:
         assert "02:00:00:00:00:01" in neigh, neigh
         be.set_offloads(frozenset({"csum", "tso4"}))
         be.close()
+        # without ifname (root): a new tap with a kernel-chosen name, gone at close
+        be2 = TapBackend(loop, None)
+        assert be2.created and Path("/sys/class/net", be2.ifname).exists()
+        be2.close()
+        assert not Path("/sys/class/net", be2.ifname).exists()
     finally:
         subprocess.run(["ip", "netns", "del", ns])
 
