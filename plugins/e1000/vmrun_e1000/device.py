@@ -189,6 +189,7 @@ MAX_TSO = 256 * 1024
 #: Frames received at most per event-loop call, descriptors transmitted at most per call.
 RX_BUDGET = 256
 TX_BUDGET = 1024
+TX_BATCH = 32                # frames handed to the backend at once
 RX_SCRATCH = 65536 + VNET_HDR_LEN + 64
 BROADCAST = b"\xff" * 6
 USEC = 1.024e-6              # the delay timers' unit
@@ -311,8 +312,8 @@ class E1000(PciDevice):
         self._tx_scheduled = False
         self._rx_scheduled = False
         self._tx_blocked = False
-        self._tx_pending: deque[list] = deque()
-        self._tx_done: tuple[memoryview | None, list[int]] = (None, [])
+        # Frames for the backend, each with the descriptors to mark done once it is out.
+        self._tx_pending: deque[tuple[list, tuple | None]] = deque()
         self._tx_ide = False
         self._pkt_reset()
         self.ctx_csum = Context()
@@ -715,15 +716,21 @@ class E1000(PciDevice):
             self._kick_tx()
 
     def _tx_process(self) -> bool:
-        """Serve the transmit ring; True when there is more to do than one call's budget."""
+        """Serve the transmit ring; True when there is more to do than one call's budget.
+
+        Packets are gathered into ``_tx_pending`` and handed to the backend in batches
+        (``send_many``: one system call per burst on a stream socket); a packet's
+        descriptors get DD only once all of its frames are out."""
         r = self.r
         if not r[_reg(TCTL)] & TCTL_EN or not self.dma.enabled:
             return False
-        if self._tx_pending:                 # a packet the backend had no room for
-            if not self._tx_flush():
-                return False
-            if self._tx_writeback():
+        pending = self._tx_pending
+        if pending:                          # frames the backend had no room for
+            ok, rs = self._tx_flush()
+            if rs:
                 self._tx_interrupt()
+            if not ok:
+                return False
         ring = self._txring = self._ring(_reg(TDBAL), self._txring, "transmit")
         view = ring[2]
         count = ring[1] // DESC_SIZE
@@ -735,7 +742,11 @@ class E1000(PciDevice):
                              f"{count}-descriptor ring")
         budget = TX_BUDGET
         done_rs = False
+        ok = True
         unpack = _DESC.unpack_from
+        dma_view = self.dma.view
+        psp = r[_reg(TCTL)] & TCTL_PSP
+        vnet = self.vnet
         while head != tail and budget:
             budget -= 1
             index = head
@@ -756,6 +767,26 @@ class E1000(PciDevice):
                 length = lower & 0xFFFFF
             else:
                 length = lower & 0xFFFF
+                # The common case: a whole plain packet in one legacy descriptor.
+                if cmd & TXD_CMD_EOP and not cmd & (TXD_CMD_IC | TXD_CMD_VLE) and \
+                        self._pkt_first_cmd < 0 and length >= (MIN_FRAME if psp else 1):
+                    if length > MAX_FRAME:
+                        raise GuestError(f"transmit packet of {length} bytes (over "
+                                         f"{MAX_FRAME}) at descriptor {index}")
+                    try:
+                        buf = dma_view(addr, length)
+                    except GuestError as e:
+                        raise GuestError(f"transmit buffer {addr:#x}+{length:#x} (descriptor "
+                                         f"{index}) is outside guest RAM") from e
+                    self._tx_ide = bool(cmd & TXD_CMD_IDE)
+                    pending.append(([VNET_NONE, buf] if vnet else [buf],
+                                    (view, (off,)) if cmd & TXD_CMD_RS else None))
+                    if len(pending) >= TX_BATCH:
+                        ok, rs = self._tx_flush()
+                        done_rs |= rs
+                        if not ok:
+                            break
+                    continue
             if length == 0:
                 raise GuestError(f"zero-length transmit buffer in descriptor {index}")
             if self._pkt_first_cmd < 0:
@@ -772,16 +803,21 @@ class E1000(PciDevice):
                 self._pkt_rs.append(off)
             if cmd & TXD_CMD_EOP:
                 self._tx_ide = bool(cmd & TXD_CMD_IDE)
-                sent = self._tx_packet(view, cmd, lower, upper)
-                if not sent:                 # the host side is full: wait for writable
-                    break
-                done_rs |= self._tx_writeback()
+                self._tx_packet(view, cmd, lower, upper)
+                if len(pending) >= TX_BATCH:
+                    ok, rs = self._tx_flush()
+                    done_rs |= rs
+                    if not ok:
+                        break
+        if ok and pending:
+            ok, rs = self._tx_flush()
+            done_rs |= rs
         r[_reg(TDH)] = head
         if done_rs:
             self._tx_interrupt()
-        if head == tail and not self._tx_pending:
+        if head == tail and not pending:
             self._cause(ICR_TXQE)
-        return head != tail and not self._tx_blocked
+        return ok and head != tail
 
     def _tx_context(self, addr: int, lower: int, upper: int) -> None:
         tucmd = lower >> 24
@@ -796,13 +832,13 @@ class E1000(PciDevice):
         else:
             self.ctx_csum = ctx
 
-    def _tx_packet(self, view: memoryview, cmd: int, lower: int, upper: int) -> bool:
-        """The packet whose last descriptor this is: gather, offload, send. False: the backend
-        is full (the frames left are kept in ``_tx_pending``)."""
+    def _tx_packet(self, view: memoryview, cmd: int, lower: int, upper: int) -> None:
+        """The packet whose last descriptor this is: gather and offload it into
+        ``_tx_pending`` (its last frame carries the descriptors to mark done)."""
         first = self._pkt_first_cmd
         popts = self._pkt_popts
         pieces = self._pieces
-        self._tx_done = (view, self._pkt_rs)
+        done = (view, self._pkt_rs) if self._pkt_rs else None
         self._pkt_reset()
         sg = self.dma.sg(pieces)              # every buffer checked against guest RAM
         views = sg.views
@@ -831,9 +867,15 @@ class E1000(PciDevice):
                 with self.lock:
                     self.st[S_TSCTFC] += 1
             log.debug("%s: transmit offload: %s: packet dropped", self.name, e)
-            return True
-        self._tx_pending.extend(frames)
-        return self._tx_flush()
+            frames = []
+        pending = self._tx_pending
+        for f in frames[:-1]:
+            pending.append((f, None))
+        if frames:
+            pending.append((frames[-1], done))
+        elif done is not None:                # dropped: its descriptors are still done
+            for off in done[1]:
+                view[off + 12] |= TXD_STAT_DD
 
     def _finish(self, buf: bytearray, vlan: int | None, hdr: bytes = VNET_NONE) -> list:
         """VLAN tag insertion and short-packet padding, then the pieces to send."""
@@ -869,49 +911,53 @@ class E1000(PciDevice):
             return [self._finish(buf, vlan, hdr)]
         return [self._finish(f, vlan) for f in segment(data, ctx, ip, l4)]
 
-    def _tx_flush(self) -> bool:
-        """Send what is pending; False when the backend is full."""
-        send = self.backend.send
+    def _tx_flush(self) -> tuple[bool, bool]:
+        """Hand what is pending to the backend; (all sent, some descriptor marked done)."""
         pending = self._tx_pending
+        frames = [f for f, _ in pending]
+        n = self.backend.send_many(frames)
         skip = 1 if self.vnet else 0
-        while pending:
-            frame = pending[0]
-            if not send(frame):
-                self._tx_blocked = True
-                return False
-            pending.popleft()
-            self._count_tx(frame, skip)
-        return True
-
-    def _count_tx(self, frame: list, skip: int) -> None:
-        n = 0
-        for p in frame:
-            n += len(p)
-        if skip:
-            n -= VNET_HDR_LEN
-        start = frame[skip]
-        if len(start) < 6:
-            start = b"".join(bytes(p) for p in frame[skip:])
-        wire = n + 4
-        b = _size_bin(wire)
-        st = self.st
-        with self.lock:
-            st[S_GPTC] += 1
-            st[S_TPT] += 1
-            st[S_GOTC] += wire
-            st[S_TOT] += wire
+        packets = octets = mcast = bcast = 0
+        bins = [0] * 6
+        rs = False
+        for _ in range(n):
+            frame, done = pending.popleft()
+            size = 4 - (VNET_HDR_LEN if skip else 0)       # with the FCS, without the header
+            for p in frame:
+                size += len(p)
+            packets += 1
+            octets += size
+            b = _size_bin(size)
             if b >= 0:
-                st[S_PTC64 + b] += 1
-            if len(start) >= 6 and start[0] & 1:
-                st[S_BPTC if bytes(start[:6]) == BROADCAST else S_MPTC] += 1
-
-    def _tx_writeback(self) -> bool:
-        """The packet is out: DD in each of its descriptors that asked (RS); True if any."""
-        view, offsets = self._tx_done
-        self._tx_done = (view, [])
-        for off in offsets:
-            view[off + 12] |= TXD_STAT_DD
-        return bool(offsets)
+                bins[b] += 1
+            start = frame[skip]
+            if start[0] & 1:
+                if len(start) < 6:
+                    start = b"".join(bytes(p) for p in frame[skip:])
+                if bytes(start[:6]) == BROADCAST:
+                    bcast += 1
+                else:
+                    mcast += 1
+            if done is not None:
+                view, offsets = done
+                for off in offsets:
+                    view[off + 12] |= TXD_STAT_DD
+                rs = True
+        if packets:
+            st = self.st
+            with self.lock:
+                st[S_GPTC] += packets
+                st[S_TPT] += packets
+                st[S_GOTC] += octets
+                st[S_TOT] += octets
+                st[S_BPTC] += bcast
+                st[S_MPTC] += mcast
+                for i, c in enumerate(bins):
+                    st[S_PTC64 + i] += c
+        if pending:
+            self._tx_blocked = True
+            return False, rs
+        return True, rs
 
     def _tx_interrupt(self) -> None:
         tidv = self.r[_reg(TIDV)]
