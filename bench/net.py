@@ -172,7 +172,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--frames", type=int, default=200000)
+    ap.add_argument("--only", default="", help="comma-separated subset, e.g. tx64,rx1500")
     args = ap.parse_args()
+    tests = [(t, s) for t, s in TESTS if not args.only or f"{t}{s}" in args.only.split(",")]
     sys.path.insert(0, str(REPO))
     from vmrun.testing import native
 
@@ -183,7 +185,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         for r in range(args.rounds):
-            for direction, size in TESTS:
+            for direction, size in tests:
                 key = f"{direction}{size}"
                 runs = [("vmrun", lambda s, c: vmrun_cmd(elf, s, c, d), ours)]
                 if qemu:
@@ -196,7 +198,7 @@ def main() -> None:
                               f"{figure(size, *out):12.1f}", flush=True)
     print(f"\nvirtio-net, native guest, socket backend, best of {args.rounds} "
           f"({args.frames} frames; 64-byte: packets/s, 1500-byte: MB/s)")
-    for direction, size in TESTS:
+    for direction, size in tests:
         key = f"{direction}{size}"
         a, b = max(ours[key], default=0.0), max(theirs[key], default=0.0)
         unit = "pps" if size == 64 else "MB/s"

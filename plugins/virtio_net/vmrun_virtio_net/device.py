@@ -85,6 +85,8 @@ ETH_HLEN = 14
 MAX_FRAME = 65535 + ETH_HLEN  # without the header: the largest (GSO) frame taken
 RX_BATCH = 128
 TX_BATCH = 256
+TX_CHUNK = 64
+RX_CHUNK = 32
 RX_Q, TX_Q, CTRL_Q = 0, 1, 2
 _HDR = struct.Struct("<BBHHHHH")
 BROADCAST = b"\xff" * 6
@@ -245,6 +247,9 @@ class VirtioNet(VirtioDevice):
             self._rx_pending = 0
             if used:
                 self.rx_frames += 1
+                if len(done) >= RX_CHUNK:     # let the driver see them while we go on
+                    t.complete_many(RX_Q, done)
+                    done.clear()
         else:
             if not self._rx_again:       # more may be buffered: come back, bounded
                 self._rx_again = True
@@ -346,43 +351,48 @@ class VirtioNet(VirtioDevice):
 
     # -- transmit --------------------------------------------------------------------------
     def _tx_run(self) -> None:
-        """Take up to TX_BATCH frames, hand them to the backend in one ``send_many``, and
-        give their chains back in one batch. Frames the backend did not take stay in hand
-        (in order) until it calls ``writable``."""
+        """Take frames in chunks of TX_CHUNK, hand each chunk to the backend in one
+        ``send_many`` and give its chains back at once (so the driver refills while the next
+        chunk goes out), up to TX_BATCH per call. Frames the backend did not take stay in
+        hand (in order) until it calls ``writable``."""
         t = self.transport
         if not self.live or not t.serving(TX_Q):
             return
         q = self.queues[TX_Q]
-        held = self._tx_pending
-        chains: list[DescriptorChain] = []
-        frames: list = []
-        if held:
-            chains, frames = held
-            self._tx_pending = None
-        done: list[tuple[DescriptorChain, int]] = []
         pop = q.pop
         tx_frame = self._tx_frame
-        while len(chains) < TX_BATCH:
-            chain = pop()
-            if chain is None:
-                break
-            pieces = tx_frame(chain)
-            if pieces is None:
-                done.append((chain, 0))      # a bad frame: dropped, its chain goes back
-                continue
-            chains.append(chain)
-            frames.append(pieces)
-        more = len(chains) >= TX_BATCH
-        if frames:
-            n = self.backend.send_many(frames)
-            self.tx_frames += n
-            done.extend((c, 0) for c in chains[:n])
-            if n < len(frames):
-                self._tx_pending = (chains[n:], frames[n:])   # the backend calls writable
-                more = False
-        if done:
-            t.complete_many(TX_Q, done)
-        if more and not self._tx_again:
+        taken = 0
+        while taken < TX_BATCH:
+            chains: list[DescriptorChain] = []
+            frames: list = []
+            if self._tx_pending:
+                chains, frames = self._tx_pending
+                self._tx_pending = None
+            done: list[tuple[DescriptorChain, int]] = []
+            while len(chains) < TX_CHUNK:
+                chain = pop()
+                if chain is None:
+                    break
+                pieces = tx_frame(chain)
+                if pieces is None:
+                    done.append((chain, 0))      # a bad frame: dropped, its chain goes back
+                    continue
+                chains.append(chain)
+                frames.append(pieces)
+            full = len(chains) >= TX_CHUNK
+            taken += len(chains) + len(done)
+            if frames:
+                n = self.backend.send_many(frames)
+                self.tx_frames += n
+                done.extend((c, 0) for c in chains[:n])
+                if n < len(frames):
+                    self._tx_pending = (chains[n:], frames[n:])   # the backend calls writable
+                    full = False
+            if done:
+                t.complete_many(TX_Q, done)
+            if not full:
+                return
+        if not self._tx_again:               # more waiting: come back, bounded per call
             self._tx_again = True
             self.loop.call_soon(self._tx_soon, owner=self)
 
