@@ -261,21 +261,20 @@ class StreamLink(NetBackend):
         src.enable()
 
     def _ready(self, fd: int) -> None:
+        cb = self.cb                 # the NIC may detach from another thread (a reboot)
         if self.want_write:
             if self._wpending:
                 self._flush()
             if not self._wpending:
                 self.want_write = False
                 self._update()
-                if self.cb is not None:
-                    self.cb.writable()
+                if cb is not None:
+                    cb.writable()
             return
-        if self.rx_on and self.cb is not None:
-            self.cb.readable()
-            if self.sock is not None and self.rx_on:
-                # Level-triggered: if the NIC stopped before the socket was empty it is out
-                # of buffers and has switched us off; otherwise the next wake-up reads on.
-                return
+        if self.rx_on and cb is not None:
+            # Level-triggered: a NIC out of buffers switches us off; otherwise the next
+            # wake-up reads on.
+            cb.readable()
             return
         # Woken neither to read nor to write: the peer hung up (or the socket broke).
         if self._rend > self._rstart:
@@ -325,8 +324,9 @@ class StreamLink(NetBackend):
         self._rstart = self._rend = 0
         if self.want_write:
             self.want_write = False
-            if self.cb is not None:
-                self.cb.writable()       # sends are dropped now: the NIC may go on
+            cb = self.cb
+            if cb is not None:
+                cb.writable()       # sends are dropped now: the NIC may go on
         self._set_link(False)
         self._disconnected()
 
@@ -336,8 +336,9 @@ class StreamLink(NetBackend):
     def _set_link(self, up: bool) -> None:
         if up != self.link_up:
             self.link_up = up
-            if self.cb is not None:
-                self.cb.link(up)
+            cb = self.cb
+            if cb is not None:
+                cb.link(up)
 
     def fault(self, reason: str) -> None:
         log.error("%s: %s: link down", self.name, reason)

@@ -168,13 +168,14 @@ class TapBackend(NetBackend):
             self.src.disable()
 
     def _ready(self, fd: int) -> None:
+        cb = self.cb                 # the NIC may detach from another thread (a reboot)
         if self.want_write:
             self.want_write = False
             self._update()
-            if self.cb is not None:
-                self.cb.writable()
-        if self.rx_on and self.cb is not None:
-            self.cb.readable()
+            if cb is not None:
+                cb.writable()
+        if self.rx_on and cb is not None:
+            cb.readable()
 
     def recv_into(self, buf: memoryview) -> int:
         while True:

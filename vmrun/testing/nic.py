@@ -140,16 +140,19 @@ class LoopbackBackend(NetBackend):
 
     def _deliver(self) -> None:
         self._scheduled = False
-        if self.rx_on and self.cb is not None and self._queue:
-            self.cb.readable()
+        cb = self.cb
+        if self.rx_on and cb is not None and self._queue:
+            cb.readable()
 
     def _writable(self) -> None:
-        if self.cb is not None:
-            self.cb.writable()
+        cb = self.cb
+        if cb is not None:
+            cb.writable()
 
     def _link(self, up: bool) -> None:
-        if self.cb is not None:
-            self.cb.link(up)
+        cb = self.cb
+        if cb is not None:
+            cb.link(up)
 
 
 def loopback_pair(loop: EventLoop, caps: frozenset[str] = frozenset(),

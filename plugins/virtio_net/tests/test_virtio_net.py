@@ -357,7 +357,7 @@ def test_hostile_chains_never_escape(chains, inject) -> None:
         nic.drv.setup()
         nic.drv.post_rx()
         be.inject(bytes(12) + frame(60, fill=7))
-        end = time.monotonic() + 5
+        end = time.monotonic() + 20         # generous: this host is often busy
         got: list = []
         while frame(60, fill=7) not in [g[1] for g in got] and time.monotonic() < end:
             got += nic.drv.recv()
@@ -366,6 +366,6 @@ def test_hostile_chains_never_escape(chains, inject) -> None:
         assert frame(60, fill=7) in [g[1] for g in got]
         be.sent.clear()
         nic.drv.send(frame(60, fill=8))
-        assert be.wait_sent(1) and be.sent[-1] == bytes(12) + frame(60, fill=8)
+        assert be.wait_sent(1, 20) and be.sent[-1] == bytes(12) + frame(60, fill=8)
     finally:
         vm.close()
