@@ -10,6 +10,9 @@ script as sink or source; vmrun ``backend = "socket"``, QEMU ``-netdev stream``)
   - tx64 / rx64: 64-byte frames, packets per second;
   - tx1500 / rx1500: 1500-byte frames, MB/s.
 
+Transmit figures count the frames that reached the host: QEMU's e1000 drops frames when the
+socket is full (its guest still sees them done), vmrun's holds them until there is room.
+
 vmrun and QEMU run alternately, ROUNDS times each; the best of each is compared. Goal
 (issue 11): >= 1.0 x QEMU.
 
@@ -22,6 +25,7 @@ import argparse
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,13 +73,20 @@ def one(name: str, make_cmd, d: Path, direction: str, size: int, frames: int,
     peer.start()
     res, text = netbench.timed_run(make_cmd(sock, f"tests={direction[0]} count={frames} "
                                                   f"size={size}"), 600)
-    peer.stop = True
     if "e1000: done" not in text or direction not in res:
+        peer.stop = True
         print(f"  {name} {direction}{size} did not finish: {text.strip()[-300:]}")
         return None
     secs, n, _nbytes = res[direction]
-    if direction == "tx" and peer.received < n * (size + 4) * 0.99:
-        print(f"  {name} tx{size}: the sink got {peer.received} bytes for {n} frames")
+    if direction == "tx":
+        # Count what reached the host: a VMM that drops frames when the socket is full
+        # (QEMU's e1000 does) must not get credit for them.
+        time.sleep(0.3)
+        delivered = peer.received // (size + 4)
+        if delivered < n:
+            print(f"  {name} tx{size}: {n - delivered} of {n} frames never reached the host")
+            n = delivered
+    peer.stop = True
     return secs, n
 
 

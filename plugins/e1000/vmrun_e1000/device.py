@@ -139,6 +139,7 @@ from vmrun_e1000.regs import (
     RXD_STAT_DD,
     RXD_STAT_EOP,
     RXD_STAT_IPCS,
+    RXD_STAT_IXSM,
     RXD_STAT_TCPCS,
     RXD_STAT_VP,
     STATS64,
@@ -208,6 +209,43 @@ _BSIZES_EXT = (0, 16384, 8192, 4096)
 _MO_SHIFT = (4, 3, 2, 0)
 
 
+# Register indexes (dword offsets) used on hot paths.
+I_CTRL = CTRL >> 2
+I_EECD = EECD >> 2
+I_EERD = EERD >> 2
+I_ICR = ICR >> 2
+I_ICS = ICS >> 2
+I_IMC = IMC >> 2
+I_IMS = IMS >> 2
+I_ITR = ITR >> 2
+I_LEDCTL = LEDCTL >> 2
+I_MANC = MANC >> 2
+I_MDIC = MDIC >> 2
+I_MTA = MTA >> 2
+I_PBA = PBA >> 2
+I_RA = RA >> 2
+I_RADV = RADV >> 2
+I_RCTL = RCTL >> 2
+I_RDBAH = RDBAH >> 2
+I_RDBAL = RDBAL >> 2
+I_RDH = RDH >> 2
+I_RDLEN = RDLEN >> 2
+I_RDT = RDT >> 2
+I_RDTR = RDTR >> 2
+I_RXCSUM = RXCSUM >> 2
+I_STATUS = STATUS >> 2
+I_TADV = TADV >> 2
+I_TCTL = TCTL >> 2
+I_TDBAH = TDBAH >> 2
+I_TDBAL = TDBAL >> 2
+I_TDH = TDH >> 2
+I_TDLEN = TDLEN >> 2
+I_TDT = TDT >> 2
+I_TIDV = TIDV >> 2
+I_VET = VET >> 2
+I_VFTA = VFTA >> 2
+
+
 def _stat(off: int) -> int:
     return (off - STATS_START) >> 2
 
@@ -218,10 +256,6 @@ S_TPR, S_TPT, S_PRC64, S_PTC64 = map(_stat, (TPR, TPT, PRC64, PTC64))
 S_BPRC, S_MPRC, S_BPTC, S_MPTC = map(_stat, (BPRC, MPRC, BPTC, MPTC))
 S_MPC, S_RNBC, S_ROC, S_RUC, S_TSCTC, S_TSCTFC = map(_stat, (MPC, RNBC, ROC, RUC, TSCTC,
                                                            TSCTFC))
-
-
-def _reg(off: int) -> int:
-    return off >> 2
 
 
 class E1000(PciDevice):
@@ -250,6 +284,7 @@ class E1000(PciDevice):
         self.work = threading.RLock()
         self.r = [0] * (MMIO_SIZE // 4)
         self.st = [0] * ((STATS_END - STATS_START) // 4)
+        self._rx_acc = [0] * len(self.st)    # counted during one receive call
         self._rxbuf = bytearray(RX_SCRATCH)
         self._rxview = memoryview(self._rxbuf)
         self.timers: dict[str, Any] = {}
@@ -257,26 +292,26 @@ class E1000(PciDevice):
         self.rx_on = False
         self.ioaddr = 0
         self.faults = 0
-        self._read = {_reg(CTRL): self._rd_ctrl, _reg(STATUS): self._rd_status,
-                      _reg(EECD): self.eeprom.read, _reg(ICR): self._rd_icr,
-                      _reg(ICS): lambda: self.icr, _reg(IMS): lambda: self.ims,
-                      _reg(IMC): lambda: 0}
-        self._write = {_reg(CTRL): self._wr_ctrl, _reg(STATUS): _ignore,
-                       _reg(EECD): self._wr_eecd, _reg(EERD): self._wr_eerd,
-                       _reg(MDIC): self._wr_mdic, _reg(ICR): self._wr_icr,
-                       _reg(ICS): self._wr_ics, _reg(IMS): self._wr_ims,
-                       _reg(IMC): self._wr_imc, _reg(ITR): self._wr_16,
-                       _reg(RCTL): self._wr_rctl, _reg(TCTL): self._wr_tctl,
-                       _reg(RDBAL): self._wr_rxring, _reg(RDBAH): self._wr_rxring,
-                       _reg(RDLEN): self._wr_rxring, _reg(RDH): self._wr_rdh,
-                       _reg(RDT): self._wr_rdt, _reg(RDTR): self._wr_rdtr,
-                       _reg(RADV): self._wr_16, _reg(TDBAL): self._wr_txring,
-                       _reg(TDBAH): self._wr_txring, _reg(TDLEN): self._wr_txring,
-                       _reg(TDH): self._wr_tdh, _reg(TDT): self._wr_tdt,
-                       _reg(TIDV): self._wr_16, _reg(TADV): self._wr_16,
-                       _reg(VET): self._wr_16}
+        self._read = {I_CTRL: self._rd_ctrl, I_STATUS: self._rd_status,
+                      I_EECD: self.eeprom.read, I_ICR: self._rd_icr,
+                      I_ICS: lambda: self.icr, I_IMS: lambda: self.ims,
+                      I_IMC: lambda: 0}
+        self._write = {I_CTRL: self._wr_ctrl, I_STATUS: _ignore,
+                       I_EECD: self._wr_eecd, I_EERD: self._wr_eerd,
+                       I_MDIC: self._wr_mdic, I_ICR: self._wr_icr,
+                       I_ICS: self._wr_ics, I_IMS: self._wr_ims,
+                       I_IMC: self._wr_imc, I_ITR: self._wr_16,
+                       I_RCTL: self._wr_rctl, I_TCTL: self._wr_tctl,
+                       I_RDBAL: self._wr_rxring, I_RDBAH: self._wr_rxring,
+                       I_RDLEN: self._wr_rxring, I_RDH: self._wr_rdh,
+                       I_RDT: self._wr_rdt, I_RDTR: self._wr_rdtr,
+                       I_RADV: self._wr_16, I_TDBAL: self._wr_txring,
+                       I_TDBAH: self._wr_txring, I_TDLEN: self._wr_txring,
+                       I_TDH: self._wr_tdh, I_TDT: self._wr_tdt,
+                       I_TIDV: self._wr_16, I_TADV: self._wr_16,
+                       I_VET: self._wr_16}
         for i in range(2 * RA_ENTRIES):
-            self._write[_reg(RA) + i] = self._wr_ra
+            self._write[I_RA + i] = self._wr_ra
         self._power_on()
 
     # -- state ---------------------------------------------------------------------------
@@ -287,15 +322,15 @@ class E1000(PciDevice):
             r[i] = 0
         for i in range(len(self.st)):
             self.st[i] = 0
-        r[_reg(CTRL)] = CTRL_SLU | CTRL_SPD_1000
-        r[_reg(PBA)] = 0x30
-        r[_reg(LEDCTL)] = 0x07068302
-        r[_reg(RXCSUM)] = RXCSUM_IPOFL | RXCSUM_TUOFL
-        r[_reg(VET)] = 0x8100
-        r[_reg(MANC)] = 0
+        r[I_CTRL] = CTRL_SLU | CTRL_SPD_1000
+        r[I_PBA] = 0x30
+        r[I_LEDCTL] = 0x07068302
+        r[I_RXCSUM] = RXCSUM_IPOFL | RXCSUM_TUOFL
+        r[I_VET] = 0x8100
+        r[I_MANC] = 0
         mac = self.mac_address          # RAR[0] loaded from the EEPROM
-        r[_reg(RA)] = int.from_bytes(mac[:4], "little")
-        r[_reg(RA) + 1] = int.from_bytes(mac[4:], "little") | RAH_AV
+        r[I_RA] = int.from_bytes(mac[:4], "little")
+        r[I_RA + 1] = int.from_bytes(mac[4:], "little") | RAH_AV
         self._rebuild_rar()
         self.eeprom.reset()
         self.phy.reset()
@@ -542,17 +577,17 @@ class E1000(PciDevice):
             self._kick_tx()
 
     def _wr_rxring(self, i: int, v: int) -> None:
-        if i == _reg(RDLEN):
+        if i == I_RDLEN:
             v &= 0xFFF80
-        elif i == _reg(RDBAL):
+        elif i == I_RDBAL:
             v &= ~0xF
         self.r[i] = v
         self._rxring = None
 
     def _wr_txring(self, i: int, v: int) -> None:
-        if i == _reg(TDLEN):
+        if i == I_TDLEN:
             v &= 0xFFF80
-        elif i == _reg(TDBAL):
+        elif i == I_TDBAL:
             v &= ~0xF
         self.r[i] = v
         self._txring = None
@@ -581,7 +616,7 @@ class E1000(PciDevice):
         self._rebuild_rar()
 
     def _rebuild_rar(self) -> None:
-        base = _reg(RA)
+        base = I_RA
         rar = set()
         for n in range(RA_ENTRIES):
             low, high = self.r[base + 2 * n], self.r[base + 2 * n + 1]
@@ -614,7 +649,7 @@ class E1000(PciDevice):
                 if now >= self.itr_next:
                     self.irq_level = True
                     self.set_intx(True)
-                    itr = self.r[_reg(ITR)]
+                    itr = self.r[I_ITR]
                     self.itr_next = now + itr * 256e-9 if itr else 0.0
                 elif not self.itr_armed and "itr" in self.timers:
                     self.itr_armed = True
@@ -683,7 +718,7 @@ class E1000(PciDevice):
     def _rx_update(self) -> None:
         """After a reset: receive is off until the driver enables it again."""
         with self.work:
-            if not self.r[_reg(RCTL)] & RCTL_EN:
+            if not self.r[I_RCTL] & RCTL_EN:
                 self._set_rx(False)
 
     # -- rings -------------------------------------------------------------------------------
@@ -722,7 +757,7 @@ class E1000(PciDevice):
         (``send_many``: one system call per burst on a stream socket); a packet's
         descriptors get DD only once all of its frames are out."""
         r = self.r
-        if not r[_reg(TCTL)] & TCTL_EN or not self.dma.enabled:
+        if not r[I_TCTL] & TCTL_EN or not self.dma.enabled:
             return False
         pending = self._tx_pending
         if pending:                          # frames the backend had no room for
@@ -731,12 +766,12 @@ class E1000(PciDevice):
                 self._tx_interrupt()
             if not ok:
                 return False
-        ring = self._txring = self._ring(_reg(TDBAL), self._txring, "transmit")
+        ring = self._txring = self._ring(I_TDBAL, self._txring, "transmit")
         view = ring[2]
         count = ring[1] // DESC_SIZE
         if count == 0:
             return False
-        head, tail = r[_reg(TDH)], r[_reg(TDT)]
+        head, tail = r[I_TDH], r[I_TDT]
         if head >= count or tail >= count:
             raise GuestError(f"transmit head {head} or tail {tail} outside the "
                              f"{count}-descriptor ring")
@@ -745,7 +780,7 @@ class E1000(PciDevice):
         ok = True
         unpack = _DESC.unpack_from
         dma_view = self.dma.view
-        psp = r[_reg(TCTL)] & TCTL_PSP
+        psp = r[I_TCTL] & TCTL_PSP
         vnet = self.vnet
         while head != tail and budget:
             budget -= 1
@@ -812,7 +847,7 @@ class E1000(PciDevice):
         if ok and pending:
             ok, rs = self._tx_flush()
             done_rs |= rs
-        r[_reg(TDH)] = head
+        r[I_TDH] = head
         if done_rs:
             self._tx_interrupt()
         if head == tail and not pending:
@@ -842,7 +877,7 @@ class E1000(PciDevice):
         self._pkt_reset()
         sg = self.dma.sg(pieces)              # every buffer checked against guest RAM
         views = sg.views
-        vlan = upper >> 16 if cmd & TXD_CMD_VLE and self.r[_reg(CTRL)] & CTRL_VME else None
+        vlan = upper >> 16 if cmd & TXD_CMD_VLE and self.r[I_CTRL] & CTRL_VME else None
         ext = bool(first & TXD_CMD_DEXT)
         tso = ext and bool(first & TXD_CMD_TSE)
         try:
@@ -856,7 +891,7 @@ class E1000(PciDevice):
                 buf = bytearray(b"".join(views))
                 insert_checksum(buf, upper >> 8 & 0xFF, lower >> 16 & 0xFF)
                 frames = [self._finish(buf, vlan)]
-            elif vlan is not None or sg.nbytes < MIN_FRAME and self.r[_reg(TCTL)] & TCTL_PSP:
+            elif vlan is not None or sg.nbytes < MIN_FRAME and self.r[I_TCTL] & TCTL_PSP:
                 frames = [self._finish(bytearray(b"".join(views)), vlan)]
             elif self.vnet:
                 frames = [[VNET_NONE, *views]]
@@ -880,8 +915,8 @@ class E1000(PciDevice):
     def _finish(self, buf: bytearray, vlan: int | None, hdr: bytes = VNET_NONE) -> list:
         """VLAN tag insertion and short-packet padding, then the pieces to send."""
         if vlan is not None:
-            buf[12:12] = struct.pack(">HH", self.r[_reg(VET)] & 0xFFFF, vlan)
-        if len(buf) < MIN_FRAME and self.r[_reg(TCTL)] & TCTL_PSP:
+            buf[12:12] = struct.pack(">HH", self.r[I_VET] & 0xFFFF, vlan)
+        if len(buf) < MIN_FRAME and self.r[I_TCTL] & TCTL_PSP:
             buf += bytes(MIN_FRAME - len(buf))
         return [hdr, buf] if self.vnet else [buf]
 
@@ -960,10 +995,10 @@ class E1000(PciDevice):
         return True, rs
 
     def _tx_interrupt(self) -> None:
-        tidv = self.r[_reg(TIDV)]
+        tidv = self.r[I_TIDV]
         if self._tx_ide and tidv and "tidv" in self.timers:
             self.timers["tidv"].arm(tidv * USEC)
-            tadv = self.r[_reg(TADV)]
+            tadv = self.r[I_TADV]
             if tadv and not self.tx_delay_armed:
                 self.timers["tadv"].arm(tadv * USEC)
             self.tx_delay_armed = True
@@ -985,7 +1020,7 @@ class E1000(PciDevice):
             self._kick_rx()
 
     def _rx_bufsize(self) -> int:
-        rctl = self.r[_reg(RCTL)]
+        rctl = self.r[I_RCTL]
         code = rctl >> RCTL_BSIZE_SHIFT & 3
         if rctl & RCTL_BSEX:
             return _BSIZES_EXT[code] or 2048      # BSEX with size 00 is reserved
@@ -995,26 +1030,26 @@ class E1000(PciDevice):
         """Move frames from the backend into the receive ring; True when the budget ran out
         with frames possibly left (the backend does not signal those again)."""
         r = self.r
-        rctl = r[_reg(RCTL)]
+        rctl = r[I_RCTL]
         if not rctl & RCTL_EN or not self.dma.enabled:
             self._set_rx(False)
             return False
-        ring = self._rxring = self._ring(_reg(RDBAL), self._rxring, "receive")
+        ring = self._rxring = self._ring(I_RDBAL, self._rxring, "receive")
         view = ring[2]
         count = ring[1] // DESC_SIZE
         if count == 0:
             self._set_rx(False)
             return False
-        head = r[_reg(RDH)]
+        head = r[I_RDH]
         bufsize = self._rx_bufsize()
         crc = 0 if rctl & RCTL_SECRC else 4
         held = self._rx_held
         recv = self.backend.recv_into
         stored = 0
         budget = RX_BUDGET
-        tail = r[_reg(RDT)]
+        tail = r[I_RDT]
         while budget:
-            tail = r[_reg(RDT)]
+            tail = r[I_RDT]
             if head >= count or tail >= count:
                 raise GuestError(f"receive head {head} or tail {tail} outside the "
                                  f"{count}-descriptor ring")
@@ -1035,23 +1070,22 @@ class E1000(PciDevice):
                 if need >= count:            # can never fit this ring: dropped
                     if held:
                         held.popleft()
-                    with self.lock:
-                        self.st[S_MPC] += 1
+                    self._rx_acc[S_MPC] += 1
                     continue
                 if not held:                 # kept until the driver posts more buffers
                     held.append((bytes(item[0]), *item[1:]))
-                    with self.lock:
-                        self.st[S_RNBC] += 1
+                    self._rx_acc[S_RNBC] += 1
                 break
             if held:
                 held.popleft()
             head = self._rx_store(view, count, head, item, bufsize, crc)
-            r[_reg(RDH)] = head
+            r[I_RDH] = head
             stored += 1
             budget -= 1
+        self._rx_counters()
         if stored:
             self._rx_interrupt(head, tail, count)
-        tail = r[_reg(RDT)]
+        tail = r[I_RDT]
         free = (tail - head) % count if tail < count else 0
         self._set_rx(free > 0 and not held)
         return budget == 0
@@ -1079,8 +1113,8 @@ class E1000(PciDevice):
             elif flags & VNET_F_DATA_VALID:
                 valid = True
         length = len(frame)
-        rctl = r[_reg(RCTL)]
-        tagged = length >= 18 and (frame[12] << 8 | frame[13]) == r[_reg(VET)]
+        rctl = r[I_RCTL]
+        tagged = length >= 18 and (frame[12] << 8 | frame[13]) == r[I_VET]
         limit = 16384 if rctl & RCTL_LPE else (1522 if tagged else 1518)
         drop = 0
         dst = bytes(frame[:6])
@@ -1092,26 +1126,30 @@ class E1000(PciDevice):
             drop = -1
         elif tagged and rctl & RCTL_VFE:
             vid = (frame[14] << 8 | frame[15]) & 0xFFF
-            if not r[_reg(VFTA) + (vid >> 5)] >> (vid & 31) & 1:
+            if not r[I_VFTA + (vid >> 5)] >> (vid & 31) & 1:
                 drop = -1
+        acc = self._rx_acc
         if drop:
-            with self.lock:
-                self.st[S_TPR] += 1
-                self.st[S_TOR] += length + 4
-                if drop > 0:
-                    self.st[drop] += 1
+            acc[S_TPR] += 1
+            acc[S_TOR] += length + 4
+            if drop > 0:
+                acc[drop] += 1
             return None
         special = 0
         status = RXD_STAT_DD
-        if tagged and r[_reg(CTRL)] & CTRL_VME:        # strip the tag into "special"
+        if tagged and r[I_CTRL] & CTRL_VME:        # strip the tag into "special"
             special = frame[14] << 8 | frame[15]
             frame = memoryview(bytes(frame[:12]) + bytes(frame[16:]))
             status |= RXD_STAT_VP
             tagged = False
         if len(frame) < MIN_FRAME:                       # a runt from the host: padded
             frame = memoryview(bytes(frame) + bytes(MIN_FRAME - len(frame)))
-        rxcsum = r[_reg(RXCSUM)]
-        if valid and rxcsum & RXCSUM_TUOFL:
+        rxcsum = r[I_RXCSUM]
+        l3type = frame[16] << 8 | frame[17] if tagged else frame[12] << 8 | frame[13]
+        if l3type != 0x0800 and l3type != 0x86DD:
+            status |= RXD_STAT_IXSM
+            errors = 0
+        elif valid and rxcsum & RXCSUM_TUOFL:
             status |= RXD_STAT_IPCS | RXD_STAT_TCPCS
             errors = 0
         else:
@@ -1120,17 +1158,25 @@ class E1000(PciDevice):
             status |= cs
         wire = len(frame) + 4
         b = _size_bin(wire)
+        acc[S_TPR] += 1
+        acc[S_TOR] += length + 4
+        acc[S_GPRC] += 1
+        acc[S_GORC] += wire
+        if b >= 0:
+            acc[S_PRC64 + b] += 1
+        if dst[0] & 1:
+            acc[S_BPRC if dst == BROADCAST else S_MPRC] += 1
+        return frame, status, errors, special
+
+    def _rx_counters(self) -> None:
+        """Add what this call counted (loop thread only, no lock) to the statistics."""
+        acc = self._rx_acc
         st = self.st
         with self.lock:
-            st[S_TPR] += 1
-            st[S_TOR] += length + 4
-            st[S_GPRC] += 1
-            st[S_GORC] += wire
-            if b >= 0:
-                st[S_PRC64 + b] += 1
-            if dst[0] & 1:
-                st[S_BPRC if dst == BROADCAST else S_MPRC] += 1
-        return frame, status, errors, special
+            for i, v in enumerate(acc):
+                if v:
+                    st[i] += v
+                    acc[i] = 0
 
     def _accept(self, dst: bytes, rctl: int) -> bool:
         """The receive filter: exact addresses (RAR), promiscuous modes, broadcast, the
@@ -1144,7 +1190,7 @@ class E1000(PciDevice):
                 return True
             shift = _MO_SHIFT[rctl >> RCTL_MO_SHIFT & 3]
             h = (dst[4] >> shift | dst[5] << (8 - shift)) & 0xFFF
-            return bool(self.r[_reg(MTA) + (h >> 5)] >> (h & 31) & 1)
+            return bool(self.r[I_MTA + (h >> 5)] >> (h & 31) & 1)
         return bool(rctl & RCTL_UPE)
 
     def _rx_store(self, view: memoryview, count: int, head: int, item: tuple, bufsize: int,
@@ -1189,15 +1235,15 @@ class E1000(PciDevice):
     def _rx_interrupt(self, head: int, tail: int, count: int) -> None:
         causes = 0
         free = (tail - head) % count
-        rdmts = self.r[_reg(RCTL)] >> RCTL_RDMTS_SHIFT & 3
+        rdmts = self.r[I_RCTL] >> RCTL_RDMTS_SHIFT & 3
         if free <= count >> (rdmts + 1):
             causes |= ICR_RXDMT0
-        rdtr = self.r[_reg(RDTR)]
+        rdtr = self.r[I_RDTR]
         if rdtr == 0 or "rdtr" not in self.timers:
             causes |= ICR_RXT0
         else:                                # packet timer restarts, absolute one runs on
             self.timers["rdtr"].arm(rdtr * USEC)
-            radv = self.r[_reg(RADV)]
+            radv = self.r[I_RADV]
             if radv and not self.rx_delay_armed:
                 self.timers["radv"].arm(radv * USEC)
             self.rx_delay_armed = True
