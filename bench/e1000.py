@@ -65,14 +65,14 @@ def qemu_cmd(qemu: str, elf: Path, sock: Path, cmdline: str) -> list[str]:
 
 
 def one(name: str, make_cmd, d: Path, direction: str, size: int, frames: int,
-        ) -> tuple[float, int] | None:
+        timeout: float = 600) -> tuple[float, int] | None:
     """One VMM, one test: (seconds, frames), or None when it did not finish."""
     sock = d / f"{name}-{direction}{size}.sock"
     sock.unlink(missing_ok=True)
     peer = netbench.Peer(sock, direction, size)
     peer.start()
     res, text = netbench.timed_run(make_cmd(sock, f"tests={direction[0]} count={frames} "
-                                                  f"size={size}"), 600)
+                                                  f"size={size}"), timeout)
     if "e1000: done" not in text or direction not in res:
         peer.stop = True
         print(f"  {name} {direction}{size} did not finish: {text.strip()[-300:]}")
@@ -95,6 +95,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--frames", type=int, default=100000)
     ap.add_argument("--only", default="", help="e.g. tx64,rx1500")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds per run")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
     from vmrun.testing import native
@@ -114,7 +115,7 @@ def main() -> None:
                 if qemu:
                     runs.append(("qemu", lambda s, c: qemu_cmd(qemu, elf, s, c), theirs))
                 for name, mk, into in runs:
-                    out = one(name, mk, d, direction, size, args.frames)
+                    out = one(name, mk, d, direction, size, args.frames, args.timeout)
                     if out is not None:
                         into[key].append(netbench.figure(size, *out))
                         print(f"round {r + 1}: {name:5s} {key:7s} "
