@@ -962,7 +962,7 @@ class E1000(PciDevice):
                 size += len(p)
             packets += 1
             octets += size
-            b = _size_bin(size)
+            b = _BIN[size] if size < len(_BIN) else -1
             if b >= 0:
                 bins[b] += 1
             start = frame[skip]
@@ -1122,7 +1122,7 @@ class E1000(PciDevice):
             drop = S_RUC
         elif length + 4 > limit:
             drop = S_ROC
-        elif not self._accept(dst, rctl):
+        elif dst not in self._rar and not self._accept(dst, rctl):
             drop = -1
         elif tagged and rctl & RCTL_VFE:
             vid = (frame[14] << 8 | frame[15]) & 0xFFF
@@ -1157,7 +1157,7 @@ class E1000(PciDevice):
                                      bool(rxcsum & RXCSUM_TUOFL))
             status |= cs
         wire = len(frame) + 4
-        b = _size_bin(wire)
+        b = _BIN[wire] if wire < len(_BIN) else -1
         acc[S_TPR] += 1
         acc[S_TOR] += length + 4
         acc[S_GPRC] += 1
@@ -1267,6 +1267,10 @@ def _size_bin(wire: int) -> int:
     if wire <= 1522:
         return 5
     return -1
+
+
+#: The PRC/PTC counter of each frame length (with FCS) up to 1522, as a table.
+_BIN = [_size_bin(n) for n in range(1523)]
 
 
 def _ignore(i: int, v: int) -> None:
