@@ -182,6 +182,7 @@ from vmrun_e1000.regs import (
 )
 
 log = logging.getLogger("vmrun.e1000")
+_release_gil = time.sleep
 
 #: The largest packet without TSE (the 82545EM's 16 KiB jumbo frames, plus a VLAN tag).
 MAX_FRAME = 16384 + 4
@@ -597,7 +598,11 @@ class E1000(PciDevice):
 
     def _wr_rdt(self, i: int, v: int) -> None:
         self.r[i] = v & 0xFFFF
-        self._kick_rx()
+        # While the backend is being read, the next frame finds the new tail by itself: only
+        # a receiver that stopped for want of buffers needs waking (the loop side re-reads
+        # the tail after stopping, so a write in between is not lost).
+        if not self.rx_on or self._rx_held:
+            self._kick_rx()
 
     def _wr_tdh(self, i: int, v: int) -> None:
         self.r[i] = v & 0xFFFF
@@ -1082,12 +1087,19 @@ class E1000(PciDevice):
             r[I_RDH] = head
             stored += 1
             budget -= 1
+            if not stored & 15:
+                # Let a vCPU thread that waits for the GIL in (an RDT write, an ICR read) have
+                # it now instead of after the interpreter's switch interval (5 ms): frames the
+                # backend has buffered cost no system call, so nothing else would release it.
+                _release_gil(0)
         self._rx_counters()
         if stored:
             self._rx_interrupt(head, tail, count)
         tail = r[I_RDT]
         free = (tail - head) % count if tail < count else 0
         self._set_rx(free > 0 and not held)
+        if not self.rx_on and r[I_RDT] != tail:
+            return True                      # buffers posted while stopping: go again
         return budget == 0
 
     def _rx_accept(self, n: int) -> tuple | None:
