@@ -76,6 +76,14 @@ class StreamLink(NetBackend):
         if on != self.rx_on:
             self.rx_on = on
             self._update()
+            if on and self._rend > self._rstart:
+                # Frames already read from the socket: epoll will not say so again.
+                self.loop.call_soon(self._buffered, owner=self)
+
+    def _buffered(self) -> None:
+        cb = self.cb
+        if self.rx_on and cb is not None and self._rend > self._rstart:
+            cb.readable()
 
     def recv_into(self, buf: memoryview) -> int:
         while True:

@@ -136,6 +136,7 @@ class VirtioNet(VirtioDevice):
         self._tx_pending: tuple[list[DescriptorChain], list] | None = None
         self._rx_again = self._tx_again = False
         self._rx_done: list[tuple[DescriptorChain, int]] = []
+        self._direct_min = 0
 
     # -- wiring --------------------------------------------------------------------------
     def setup(self) -> None:
@@ -157,6 +158,16 @@ class VirtioNet(VirtioDevice):
             if acked_features & F_GUEST_TSO6:
                 offl.add(CAP_TSO6)
         self.guest_offloads = frozenset(offl)
+        # Buffers at least this large take frames directly (0: never). Without mergeable
+        # buffers a frame must fit one buffer anyway; with them, only while every frame the
+        # link carries fits one (no GSO frames coming to the guest).
+        mtu_frame = HDR_LEN + self.mtu + ETH_HLEN + 4
+        if not self.mrg:
+            self._direct_min = HDR_LEN + ETH_HLEN
+        elif CAP_TSO4 in offl or CAP_TSO6 in offl:
+            self._direct_min = 0
+        else:
+            self._direct_min = mtu_frame
         if self.vnet:
             self.backend.set_offloads(self.guest_offloads)
         self.live = True
@@ -229,10 +240,42 @@ class VirtioNet(VirtioDevice):
         view = self._rxview
         target = view if self.vnet else view[HDR_LEN:]
         q = self.queues[RX_Q]
+        chains = self._rx_chains
+        direct_min = self._direct_min
+        dma = self.dma
         self._rx_done = done = []
         for _ in range(RX_BATCH):
             n = self._rx_pending
             if not n:
+                # The usual case: a chain of one buffer that any frame the link may carry
+                # fits in: the backend reads straight into guest memory (no staging copy).
+                chain = chains.popleft() if chains else q.pop()
+                if chain is None:        # out of buffers: wait for the driver's kick
+                    backend.set_rx(False)
+                    break
+                w = chain.writable
+                if not w:
+                    raise GuestError(f"receive chain at head {chain.head} has no writable "
+                                     "buffer")
+                if direct_min and len(w) == 1 and w[0][1] >= direct_min:
+                    gv = dma.view(w[0][0], w[0][1])
+                    got = backend.recv_into(gv if self.vnet else gv[HDR_LEN:])
+                    if not got:
+                        chains.appendleft(chain)
+                        break
+                    n = got if self.vnet else got + HDR_LEN
+                    if n < HDR_LEN + ETH_HLEN or not self._accept(gv, n):
+                        chains.appendleft(chain)     # not for the guest: the buffer is reused
+                        continue
+                    gv[10] = 1                       # num_buffers
+                    gv[11] = 0
+                    done.append((chain, n))
+                    self.rx_frames += 1
+                    if len(done) >= RX_CHUNK:        # let the driver see them as we go on
+                        t.complete_many(RX_Q, done)
+                        done.clear()
+                    continue
+                chains.appendleft(chain)
                 got = backend.recv_into(target)
                 if not got:
                     break
@@ -247,7 +290,7 @@ class VirtioNet(VirtioDevice):
             self._rx_pending = 0
             if used:
                 self.rx_frames += 1
-                if len(done) >= RX_CHUNK:     # let the driver see them while we go on
+                if len(done) >= RX_CHUNK:
                     t.complete_many(RX_Q, done)
                     done.clear()
         else:
