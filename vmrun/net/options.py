@@ -151,6 +151,10 @@ def _create(ctx: DeviceContext, opts: dict[str, Any], mtu: int) -> NetBackend:
                     from None
     except ValueError as e:
         raise VmrunError(f"devices.{ctx.id}: {e}") from None
+    except VmrunError as e:
+        if str(e).startswith("devices."):
+            raise
+        raise VmrunError(f"devices.{ctx.id}: {e}") from None
     if opts.get("capture") is not None:
         try:
             be = CaptureBackend(be, Path(opts["capture"]))
