@@ -784,9 +784,9 @@ class E1000(PciDevice):
         done_rs = False
         ok = True
         unpack = _DESC.unpack_from
-        dma_view = self.dma.view
         psp = r[I_TCTL] & TCTL_PSP
-        vnet = self.vnet
+        quick: list[tuple[int, int]] = []    # one-descriptor packets, checked together
+        quick_done: list[tuple | None] = []
         while head != tail and budget:
             budget -= 1
             index = head
@@ -813,15 +813,11 @@ class E1000(PciDevice):
                     if length > MAX_FRAME:
                         raise GuestError(f"transmit packet of {length} bytes (over "
                                          f"{MAX_FRAME}) at descriptor {index}")
-                    try:
-                        buf = dma_view(addr, length)
-                    except GuestError as e:
-                        raise GuestError(f"transmit buffer {addr:#x}+{length:#x} (descriptor "
-                                         f"{index}) is outside guest RAM") from e
                     self._tx_ide = bool(cmd & TXD_CMD_IDE)
-                    pending.append(([VNET_NONE, buf] if vnet else [buf],
-                                    (view, (off,)) if cmd & TXD_CMD_RS else None))
-                    if len(pending) >= TX_BATCH:
+                    quick.append((addr, length))
+                    quick_done.append((view, (off,)) if cmd & TXD_CMD_RS else None)
+                    if len(quick) >= TX_BATCH:
+                        self._tx_quick(quick, quick_done)
                         ok, rs = self._tx_flush()
                         done_rs |= rs
                         if not ok:
@@ -829,6 +825,8 @@ class E1000(PciDevice):
                     continue
             if length == 0:
                 raise GuestError(f"zero-length transmit buffer in descriptor {index}")
+            if quick:                        # keep the order of the packets
+                self._tx_quick(quick, quick_done)
             if self._pkt_first_cmd < 0:
                 self._pkt_first_cmd = cmd
                 self._pkt_popts = upper >> 8 & 0xFF
@@ -849,6 +847,8 @@ class E1000(PciDevice):
                     done_rs |= rs
                     if not ok:
                         break
+        if quick:
+            self._tx_quick(quick, quick_done)
         if ok and pending:
             ok, rs = self._tx_flush()
             done_rs |= rs
@@ -858,6 +858,23 @@ class E1000(PciDevice):
         if head == tail and not pending:
             self._cause(ICR_TXQE)
         return ok and head != tail
+
+    def _tx_quick(self, quick: list[tuple[int, int]], done: list[tuple | None]) -> None:
+        """One-descriptor packets into ``_tx_pending``: their buffers checked against guest
+        RAM in one scatter-gather list (no zero lengths: each piece is one view)."""
+        try:
+            views = self.dma.sg(quick).views
+        except GuestError as e:
+            raise GuestError(f"transmit buffer outside guest RAM: {e}") from e
+        pending = self._tx_pending
+        if self.vnet:
+            for v, d in zip(views, done, strict=True):
+                pending.append(([VNET_NONE, v], d))
+        else:
+            for v, d in zip(views, done, strict=True):
+                pending.append(([v], d))
+        quick.clear()
+        done.clear()
 
     def _tx_context(self, addr: int, lower: int, upper: int) -> None:
         tucmd = lower >> 24
