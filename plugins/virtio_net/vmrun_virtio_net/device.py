@@ -137,6 +137,7 @@ class VirtioNet(VirtioDevice):
         self._rx_again = self._tx_again = False
         self._rx_done: list[tuple[DescriptorChain, int]] = []
         self._direct_min = 0
+        self._rx_dry = True
 
     # -- wiring --------------------------------------------------------------------------
     def setup(self) -> None:
@@ -177,9 +178,10 @@ class VirtioNet(VirtioDevice):
 
     def queue_notify(self, index: int) -> None:
         if index == RX_Q:
-            if self._rx_pending or self._rx_chains:
-                self._rx_run()
-            if self.live and not self._rx_pending:
+            # New buffers: fill them from what the backend holds now, then have it polled
+            # unless they are used up already (saves a wake-up per kick).
+            self._rx_run()
+            if self.live and not self._rx_dry:
                 self.backend.set_rx(True)
         elif index == TX_Q:
             self._tx_run()
@@ -234,8 +236,10 @@ class VirtioNet(VirtioDevice):
     def _rx_run(self) -> None:
         t = self.transport
         if not self.live or not t.serving(RX_Q):
+            self._rx_dry = True
             self.backend.set_rx(False)
             return
+        self._rx_dry = False
         backend = self.backend
         view = self._rxview
         target = view if self.vnet else view[HDR_LEN:]
@@ -251,6 +255,7 @@ class VirtioNet(VirtioDevice):
                 # fits in: the backend reads straight into guest memory (no staging copy).
                 chain = chains.popleft() if chains else q.pop()
                 if chain is None:        # out of buffers: wait for the driver's kick
+                    self._rx_dry = True
                     backend.set_rx(False)
                     break
                 w = chain.writable
@@ -285,6 +290,7 @@ class VirtioNet(VirtioDevice):
                 self._rx_pending = n
             used = self._deliver(q, n)
             if used < 0:                 # out of buffers: wait for the driver's kick
+                self._rx_dry = True
                 backend.set_rx(False)
                 break
             self._rx_pending = 0
