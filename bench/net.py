@@ -13,9 +13,9 @@ socket takes them; both VMMs stop reading while the guest has no buffers posted)
 Each test is timed here between the guest's "begin NAME" and "end NAME" lines on the debug
 console. vmrun and QEMU run alternately, ROUNDS times each; the best of each is compared.
 Goal (issue 11): >= 1.0 x QEMU. Each run also reports the CPU time the VMM spent outside
-its vCPU thread per frame (the device side: the vCPU thread polls in guest user mode the whole
-time under both VMMs): on a busy host, where the rate depends on how much CPU the VMM gets,
-that is the like-for-like figure. vmrun runs with ``huge_pages = true`` as QEMU's RAM has
+its vCPU threads per frame (the device side; the vCPU threads are the ones found inside
+ioctl(KVM_RUN)): on a busy host, where the rate depends on how much CPU the VMM gets, that
+is the like-for-like figure. vmrun runs with ``huge_pages = true`` as QEMU's RAM has
 transparent huge pages by default.
 
 Usage: python bench/net.py [--rounds N] [--frames N]
