@@ -86,35 +86,35 @@ class StreamLink(NetBackend):
             cb.readable()
 
     def recv_into(self, buf: memoryview) -> int:
+        """One frame into ``buf``; 0 when none is complete. Frames longer than ``buf`` (or
+        empty) are dropped and counted."""
+        rbuf = self._rbuf
+        unpack = _LEN.unpack_from
         while True:
-            n = self._next_frame(buf)
-            if n != -1:
-                return n
-
-    def _next_frame(self, buf: memoryview) -> int:
-        """One frame into ``buf`` (its length), 0 when none is complete, -1: one dropped."""
-        avail = self._rend - self._rstart
-        if avail < 4 or avail < 4 + _LEN.unpack_from(self._rbuf, self._rstart)[0]:
-            if not self._fill():
+            start = self._rstart
+            avail = self._rend - start
+            if avail < 4 or avail < 4 + unpack(rbuf, start)[0]:
+                if not self._fill():
+                    return 0
+                start = self._rstart
+                avail = self._rend - start
+                if avail < 4:
+                    return 0
+            length = unpack(rbuf, start)[0]
+            if length > MAX_FRAME:
+                log.warning("%s: peer sent a frame length of %d: disconnected", self.name,
+                            length)
+                self._lost()
                 return 0
-            avail = self._rend - self._rstart
-            if avail < 4:
+            if avail < 4 + length:
                 return 0
-        start = self._rstart
-        length = _LEN.unpack_from(self._rbuf, start)[0]
-        if length > MAX_FRAME:
-            log.warning("%s: peer sent a frame length of %d: disconnected", self.name, length)
-            self._lost()
-            return 0
-        if avail < 4 + length:
-            return 0
-        self._rstart = start + 4 + length
-        if length > len(buf) or length == 0:
-            self.rx_dropped += 1
-            return -1
-        buf[:length] = self._rview[start + 4:start + 4 + length]
-        self.rx_frames += 1
-        return length
+            self._rstart = start + 4 + length
+            if length > len(buf) or length == 0:
+                self.rx_dropped += 1
+                continue
+            buf[:length] = self._rview[start + 4:start + 4 + length]
+            self.rx_frames += 1
+            return length
 
     def _fill(self) -> bool:
         """Read what the socket has; False when nothing new came."""
