@@ -28,7 +28,10 @@ device plugin" for a complete example.
   ``vmrun_qmp_commands`` hook (commands such as ``screendump`` or ``eject``);
 - snapshots: a device's ``device_state()``/``load_device_state()`` (a PciDevice) or
   ``save_state()``/``load_state()`` (a VirtioDevice), with :func:`save_fields`,
-  :func:`load_fields`, :class:`PlainState` and :class:`SnapshotUnsupported`.
+  :func:`load_fields`, :class:`PlainState` and :class:`SnapshotUnsupported`;
+- network: :class:`NetBackend` and :class:`LinkCallbacks` (the host side of a link), the
+  offload caps, ``NET_OPTIONS`` with :func:`check_net_options` (every NIC's backend keys),
+  :func:`open_net_backend` and :func:`nic_mac`.
 """
 
 from vmrun.block.backend import BlockBackend, parse_sectorsize
@@ -61,12 +64,33 @@ from vmrun.core.virtio.device import (
 from vmrun.core.virtio.pci import VirtioPciTransport
 from vmrun.core.virtio.queue import DescriptorChain, Virtqueue, VirtqueueError
 from vmrun.errors import VmrunError
+from vmrun.net.backend import (
+    CAP_CSUM,
+    CAP_TSO4,
+    CAP_TSO6,
+    CAP_UFO,
+    CAP_VNET_HDR,
+    VNET_HDR_LEN,
+    LinkCallbacks,
+    NetBackend,
+)
+from vmrun.net.options import (
+    NET_OPTIONS,
+    check_net_options,
+    derive_mac,
+    format_mac,
+    nic_mac,
+    open_net_backend,
+)
 from vmrun.plugins import hookimpl
 from vmrun.plugins.registry import DeviceContext, DeviceType, Option, OptionError
 from vmrun.qmp import QmpCommand, QmpContext, QmpError
 
 __all__ = [
-    "ABS_MAX", "BAR_IO", "BAR_MEM32", "BAR_MEM64", "CAP_ID_MSI", "CAP_ID_MSIX", "COMMAND",
+    "ABS_MAX", "BAR_IO", "CAP_CSUM", "CAP_TSO4", "CAP_TSO6", "CAP_UFO", "CAP_VNET_HDR",
+    "LinkCallbacks", "NET_OPTIONS", "NetBackend", "VNET_HDR_LEN", "check_net_options",
+    "derive_mac", "format_mac", "nic_mac", "open_net_backend", "BAR_MEM32", "BAR_MEM64",
+    "CAP_ID_MSI", "CAP_ID_MSIX", "COMMAND",
     "COMMAND_MASTER", "COMMAND_MEMORY", "BarSpec", "BlockBackend", "BlockQueue",
     "DescriptorChain", "DeviceContext", "DeviceType", "DmaDisabled", "EventLoop",
     "GuestDma", "GuestError", "InputHub", "InterruptSource", "Option", "PciDevice",

@@ -12,7 +12,14 @@ through untouched; otherwise frames are complete (checksums filled, no GSO) and 
 finish any offload itself before ``send``.
 
 Threading: everything runs on the event loop thread (the backend registers its fd there);
-``send`` may be called from the loop thread only.
+``send`` may be called from the loop thread only; ``set_rx`` from any thread (a NIC reset runs
+on a vCPU).
+
+Additions since the first version (all with defaults here, so every backend and NIC written
+against it still works): ``set_offloads`` (the offloads the guest accepted, tap's
+TUNSETOFFLOAD), ``send_many`` (a batch in one system call where the host allows), the
+counters ``rx_dropped``/``tx_dropped``, ``name`` and ``fault`` (a backend is the owner of its
+own event-loop sources). No signature changed.
 """
 
 from __future__ import annotations
@@ -35,7 +42,9 @@ CAP_UFO = "ufo"
 class LinkCallbacks:
     """What the attached NIC wants to hear, called on the event loop thread."""
 
-    #: Frames can be read: call ``backend.recv_into`` until it returns 0.
+    #: Frames can be read: call ``backend.recv_into`` until it returns 0. A NIC that stops
+    #: earlier (to bound its work per call) must come back by itself (``loop.call_soon``):
+    #: frames the backend has already buffered are not signalled again.
     readable: Callable[[], None]
     #: The link went up (True) or down (False): passt died, a socket peer left or came back.
     link: Callable[[bool], None] = lambda up: None
@@ -51,6 +60,24 @@ class NetBackend:
     caps: frozenset[str] = field(default_factory=frozenset)
     mtu: int = 1500
     link_up: bool = True
+    #: Frames the backend dropped: too long for the NIC's buffer, link down, host errors.
+    rx_dropped: int = 0
+    tx_dropped: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"net-{self.kind}"
+
+    def fault(self, reason: str) -> None:
+        """An event-loop callback of this backend raised (a bug): the link goes down."""
+        import logging
+
+        logging.getLogger("vmrun.net").error("%s: %s: link down", self.name, reason)
+        self.link_up = False
+
+    def set_offloads(self, caps: frozenset[str]) -> None:
+        """The offloads (CAP_CSUM, CAP_TSO4, ...) the guest's driver takes in received
+        frames; a ``vnet_hdr`` backend hands it no others. Default: nothing to do."""
 
     def attach(self, callbacks: LinkCallbacks) -> None:
         """Start delivering to ``callbacks``; receive polling starts switched off."""
@@ -78,6 +105,15 @@ class NetBackend:
         side is full right now; the NIC keeps the frame and waits for ``writable``.
         """
         raise NotImplementedError
+
+    def send_many(self, frames: Sequence[Sequence[memoryview | bytes]]) -> int:
+        """Send frames in order; how many were taken (as by ``send``). Fewer than all: the
+        host side is full, the rest wait for ``writable``. A backend that can hand several
+        frames to the host in one system call (a stream socket) overrides this."""
+        for i, frame in enumerate(frames):
+            if not self.send(frame):
+                return i
+        return len(frames)
 
     def close(self) -> None:
         """Release host resources (at the end of ``vmrun up``, not at a guest reboot)."""

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from vmrun.core.input import InputHub
     from vmrun.core.pci import PciDevice
 
-OPTION_TYPES = ("str", "bool", "int", "size", "path", "choice", "tables")
+OPTION_TYPES = ("str", "bool", "int", "size", "path", "choice", "tables", "list")
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,8 @@ class Option:
     ``type``: "str", "bool", "int" (``min``/``max``), "size" (bytes: 512, "20G"), "path"
     (relative to the machine file; ``must_exist``), "choice" (``choices``), "tables" (an
     array of inline tables, each checked against ``fields``, at most ``max`` of them, at least
-    ``min``; a problem is reported on ``NAME[i].FIELD``). ``validate`` may further check the
+    ``min``; a problem is reported on ``NAME[i].FIELD``), "list" (a list of strings, e.g. port
+    forwards; ``max`` entries at most). ``validate`` may further check the
     parsed value and raise ValueError with the reason.
     """
 
@@ -268,6 +269,12 @@ def _parse_value(opt: Option, value: Any, base_dir: Path) -> Any:
             if value not in opt.choices:
                 raise ValueError(f"must be one of {', '.join(opt.choices)}")
             parsed = value
+        elif t == "list":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError("must be a list of strings")
+            if opt.max is not None and len(value) > opt.max:
+                raise ValueError(f"must have at most {opt.max} entries")
+            parsed = list(value)
         elif t == "path":
             if not isinstance(value, str) or not value:
                 raise ValueError("must be a non-empty path string")

@@ -384,6 +384,11 @@ class VirtioPciTransport(PciDevice):
         return self.active and q.ready and not self.status & STATUS_DEVICE_NEEDS_RESET \
             and bool(self.config.data[4] & COMMAND_MASTER)
 
+    def serving(self, index: int) -> bool:
+        """Whether queue ``index`` may be served now (live, ready, not broken, bus master):
+        for work a device starts itself (a NIC's receive), under ``self.lock``."""
+        return self._serving(self.queues[index])
+
     def kick(self, index: int) -> None:
         """Queue ``index`` was notified: let the device serve it (on the event loop)."""
         with self.lock:
@@ -409,12 +414,35 @@ class VirtioPciTransport(PciDevice):
             if notify and q.needs_interrupt():
                 self._interrupt(q.msix_vector, ISR_QUEUE)
 
+    def complete_many(self, index: int, done: list[tuple[DescriptorChain, int]]) -> None:
+        """:meth:`complete` for a batch (one lock, one interrupt decision): a NIC hands back
+        a whole burst of frames at once."""
+        with self.lock:
+            q = self.queues[index]
+            if not self.active or q.mem is None or not self.config.data[4] & COMMAND_MASTER:
+                return
+            epoch = self.epoch
+            push = q.push_used
+            for chain, written in done:
+                if chain.epoch == epoch:
+                    push(chain.head, min(written, chain.writable_len))
+            if q.needs_interrupt():
+                self._interrupt(q.msix_vector, ISR_QUEUE)
+
     def notify_queue(self, index: int) -> None:
         """Interrupt for queue ``index`` if the driver wants one (after batched completes)."""
         with self.lock:
             q = self.queues[index]
             if self.active and q.mem is not None and q.needs_interrupt():
                 self._interrupt(q.msix_vector, ISR_QUEUE)
+
+    def device_config_changed(self) -> None:
+        """The device's configuration changed (a NIC's link status): a new generation and a
+        configuration interrupt, once the driver is live (any thread)."""
+        with self.lock:
+            self.config_generation = (self.config_generation + 1) & 0xFF
+            if self.active:
+                self._interrupt(self.config_msix_vector, ISR_CONFIG)
 
     def _interrupt(self, vector: int, isr_bit: int) -> None:
         irq = self.irq

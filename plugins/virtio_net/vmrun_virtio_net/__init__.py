@@ -1,0 +1,1 @@
+"""virtio-net for vmrun: a separately installable device plugin."""
