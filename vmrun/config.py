@@ -31,11 +31,13 @@ from vmrun.cloudinit import (
     check_network_config_file,
     check_user_data_file,
     default_user,
+    machine_dir,
 )
 from vmrun.core import boot as bootloader
 from vmrun.core.cpufeatures import FEATURES
 from vmrun.errors import ConfigError
 from vmrun.plugins import placement
+from vmrun.plugins.registry import PATH_ROOTS
 from vmrun.units import GiB as GiB
 from vmrun.units import KiB as KiB
 from vmrun.units import (
@@ -371,9 +373,6 @@ def parse_machine(text: str, file: Path, device_validator: DeviceValidator | Non
     boot = _boot(c, data)
     serial = _serial(c, data)
     control_socket = _control_socket(c, data, serial)
-    from vmrun.cloudinit import machine_dir
-    from vmrun.plugins.registry import PATH_ROOTS
-
     roots = PATH_ROOTS.set({"state": machine_dir(name)})
     try:
         devices = _devices(c, data.get("devices", {}), device_validator)
