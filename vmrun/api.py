@@ -21,12 +21,16 @@ device plugin" for a complete example.
   feature and status bits;
 - block: :class:`BlockBackend`, :func:`open_disk`, :class:`BlockQueue`,
   :func:`parse_sectorsize`;
-- input: :class:`InputHub` and :data:`ABS_MAX`.
+- input: :class:`InputHub` and :data:`ABS_MAX`;
+- device RAM: ``BarSpec(..., ram=True)`` gives a :class:`RamBar` (host memory the guest maps
+  as a KVM memory slot, with a dirty page log), :func:`dirty_log_works` says whether this
+  host's KVM fills that log.
 """
 
 from vmrun.block.backend import BlockBackend, parse_sectorsize
 from vmrun.block.image_tools import open_disk
 from vmrun.block.queue import BlockQueue
+from vmrun.core.dirty_log import dirty_log_works
 from vmrun.core.dma import DmaDisabled, GuestDma, SgList, SgReader, SgWriter
 from vmrun.core.eventloop import EventLoop, Source, Timer
 from vmrun.core.input import ABS_MAX, InputHub
@@ -43,6 +47,7 @@ from vmrun.core.pci import (
     COMMAND_MEMORY,
     BarSpec,
     PciDevice,
+    RamBar,
 )
 from vmrun.core.virtio.device import (
     STATUS_DEVICE_NEEDS_RESET,
@@ -59,8 +64,8 @@ __all__ = [
     "ABS_MAX", "BAR_IO", "BAR_MEM32", "BAR_MEM64", "CAP_ID_MSI", "CAP_ID_MSIX", "COMMAND",
     "COMMAND_MASTER", "COMMAND_MEMORY", "BarSpec", "BlockBackend", "BlockQueue",
     "DescriptorChain", "DeviceContext", "DeviceType", "DmaDisabled", "EventLoop",
-    "GuestDma", "GuestError", "InputHub", "InterruptSource", "Option", "PciDevice",
+    "GuestDma", "GuestError", "InputHub", "InterruptSource", "Option", "PciDevice", "RamBar",
     "STATUS_DEVICE_NEEDS_RESET", "SgList", "SgReader", "SgWriter", "Source", "Timer",
     "VIRTIO_F_VERSION_1", "VirtioDevice", "VirtioPciTransport", "Virtqueue", "VirtqueueError",
-    "VmrunError", "hookimpl", "open_disk", "parse_sectorsize",
+    "VmrunError", "dirty_log_works", "hookimpl", "open_disk", "parse_sectorsize",
 ]
