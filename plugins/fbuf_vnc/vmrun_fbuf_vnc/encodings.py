@@ -82,7 +82,7 @@ class PixelFormat:
                      (self.blue_max, self.blue_shift)):
             bits |= m << s
         if bits < 1 << 24:                            # the least significant 3 bytes
-            return (3, 2, 1) if self.big_endian else (0, 1, 2)
+            return (1, 2, 3) if self.big_endian else (0, 1, 2)
         if not bits & 0xFF:                           # the most significant 3 bytes
             return (0, 1, 2) if self.big_endian else (1, 2, 3)
         return None

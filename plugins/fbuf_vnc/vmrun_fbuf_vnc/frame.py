@@ -98,7 +98,11 @@ class FrameTracker:
         mm = ram.mm
         w4, stride, off = mode.width * 4, mode.stride, mode.offset
         shadow = self.shadow
-        if not change.resized and isinstance(rows, range) and stride == w4:
+        if change.resized:
+            shadow[:] = self._read_frame(mm, mode)
+            change.tiles = self.all_tiles()
+            return change
+        if isinstance(rows, range) and stride == w4 and isinstance(rows, range) and stride == w4:
             if mm[off:off + w4 * self.height] == shadow:
                 return change                     # nothing at all (one compare)
         changed = []
@@ -111,10 +115,6 @@ class FrameTracker:
             return change
         if self._verify:
             self._verify -= 1
-        if change.resized:
-            shadow[:] = self._read_frame(mm, mode)
-            change.tiles = self.all_tiles()
-            return change
         new = self._read_rows(mm, mode, changed)
         if len(changed) > self.height // 2:
             self._scroll(change, new, changed)

@@ -435,6 +435,7 @@ class Client:
                 return 0
             incremental, x, y, w, h = struct.unpack_from(">BHHHH", buf, 1)
             if not incremental:
+                self.server.refresh()             # the newest frame, not the last tick's
                 self.dirty |= self._tiles_of(x, y, w, h)
             self.wants_update = True
             self.maybe_send_update()
