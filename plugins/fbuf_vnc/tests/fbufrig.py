@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import struct
 
-from vmrun.testing import FakeVm, PciDriver
 from vmrun_fbuf_vnc.display import BochsDisplay
 from vmrun_fbuf_vnc.rfb import VncServer
+
+from vmrun.testing import FakeVm, PciDriver
 
 SLOT = 5
 DISPI = 0x500

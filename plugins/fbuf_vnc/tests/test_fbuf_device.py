@@ -7,11 +7,11 @@ from __future__ import annotations
 import struct
 
 import pytest
-
-from plugins.fbuf_vnc.tests.fbufrig import BPP, ENABLE, SLOT, XRES, YRES, Rig
 from vmrun_fbuf_vnc.display import VRAM_SIZE, BochsDisplay
 from vmrun_fbuf_vnc.edid import build_edid, preferred_mode
 from vmrun_fbuf_vnc.frame import FrameTracker
+
+from plugins.fbuf_vnc.tests.fbufrig import BPP, ENABLE, SLOT, XRES, YRES, Rig
 
 
 @pytest.fixture

@@ -398,6 +398,7 @@ class Client:
 
     def _on_init(self, buf: bytearray) -> int:
         # The shared flag: every client shares the display (nobody is disconnected).
+        self.server.refresh()                     # the size of the mode shown now
         t = self.server.tracker
         self.size = (t.width, t.height)
         name = self.server.desktop_name.encode()
