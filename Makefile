@@ -6,7 +6,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 DEB_PACKAGES := linux-source-6.1 busybox-static acpica-tools dmidecode e2fsprogs flex bison bc \
-                libelf-dev libssl-dev gcc libc6-dev make xz-utils
+                libelf-dev libssl-dev gcc libc6-dev make xz-utils \
+                tigervnc-viewer xvfb
 # The peers the benchmarks measure against (bench/blk.py runs QEMU side by side).
 BENCH_PACKAGES := qemu-system-x86 qemu-utils
 MACHINE ?= machines/tiny.toml

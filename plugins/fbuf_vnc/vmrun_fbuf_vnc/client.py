@@ -230,3 +230,36 @@ class RfbClient:
                     raise AssertionError(f"ZRLE subencoding {sub} not expected")
                 self._put(tx, ty, tw, th, px)
         assert pos == len(data), (pos, len(data))
+
+
+def capture(address, password: str | None = None, timeout: float = 10.0) -> tuple[int, int,
+                                                                                   bytes]:
+    """Connect, take one full frame and leave: (width, height, RGB bytes)."""
+    c = RfbClient(address, password=password, timeout=timeout)
+    try:
+        c.handshake()
+        c.set_encodings([16, 0, -223])                  # ZRLE, Raw, DesktopSize
+        c.request(incremental=False)
+        c.read_update()
+        while any(r[4] == -223 for r in c.rects):     # resized: ask again at the new size
+            c.request(incremental=False)
+            c.read_update()
+        fb = bytes(c.fb)
+        rgb = bytearray(len(fb) // 4 * 3)
+        rgb[0::3], rgb[1::3], rgb[2::3] = fb[2::4], fb[1::4], fb[0::4]
+        return c.width, c.height, bytes(rgb)
+    finally:
+        c.close()
+
+
+def write_png(path, width: int, height: int, rgb: bytes) -> None:
+    """A truecolour PNG (no Pillow needed): IHDR, one zlib IDAT, IEND."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(
+            ">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    rows = b"".join(b"\0" + rgb[y * width * 3:(y + 1) * width * 3] for y in range(height))
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n"
+                + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(rows, 6)) + chunk(b"IEND", b""))

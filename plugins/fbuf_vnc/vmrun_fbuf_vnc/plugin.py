@@ -101,6 +101,32 @@ OPTIONS = [
 
 
 @hookimpl
+def vmrun_register_commands(cli) -> None:
+    import click
+
+    @cli.command("vnc-capture")
+    @click.argument("address")
+    @click.argument("output", type=click.Path(dir_okay=False))
+    @click.option("--password", help="VNC password, if the server asks for one.")
+    def vnc_capture(address: str, output: str, password: str | None) -> None:
+        """Save the frame an fbuf device's VNC server shows (ADDRESS: HOST:PORT or a unix
+        socket path) as a PNG."""
+        from vmrun_fbuf_vnc.client import AuthFailed, capture, write_png
+
+        try:
+            where = Listen(address)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="ADDRESS") from None
+        target = where.unix or (where.host, where.port)
+        try:
+            w, h, rgb = capture(target, password)
+        except (OSError, ConnectionError, AuthFailed) as e:
+            raise VmrunError(f"{address}: {e}") from None
+        write_png(output, w, h, rgb)
+        click.echo(f"{output}: {w}x{h}")
+
+
+@hookimpl
 def vmrun_register_devices(register) -> None:
     register(DeviceType("fbuf", "framebuffer (bochs-display) with a VNC server", _factory,
                         OPTIONS, check=_check))
