@@ -138,6 +138,7 @@ def test_dirty_log_path_compares_only_logged_rows(rig: Rig) -> None:
     t = _tracker(rig, True)
     t.refresh()
     t._verify = 0                                  # past the start-up check
+    t.refreshes = 1                                # and not on an audit
     before = t.rows_compared
     rig.fill(0, 100, 8, 1, 0xFFFFFF)
     assert t.refresh().tiles == {1 * 16 + 0}
@@ -145,6 +146,10 @@ def test_dirty_log_path_compares_only_logged_rows(rig: Rig) -> None:
     # A write the log did not see stays unseen (that is what trusting it means) ...
     rig.fill(0, 300, 8, 1, 0xFFFFFF, mark=False)
     assert t.refresh().tiles == set()
+    # ... until the once-a-second audit finds it, and stops trusting the log.
+    t.refreshes = 29
+    assert t.refresh().tiles == {4 * 16}
+    assert not t.dirty_log_trusted
 
 
 def test_a_dirty_log_that_misses_writes_is_caught(rig: Rig, caplog) -> None:

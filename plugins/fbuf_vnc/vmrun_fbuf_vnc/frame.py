@@ -8,8 +8,9 @@ tiles that changed:
   log names the 4 KiB pages written; only their rows are compared), or
 - by comparing every row with the shadow (one ``memcmp`` of each row: about 1 ms for 1024x768)
   where it does not — on kvm-pvm the log stays empty (``vmrun.core.dirty_log``), and the
-  first refreshes of every mapping check the log against a full comparison, so a KVM whose
-  log misses writes is caught at start even where the probe said it works.
+  first refreshes of every mapping (and one a second after them) check the log against a
+  full comparison, so a KVM whose log misses writes is caught even where the probe said it
+  works: the tracker then compares from there on (one log line).
 
 A vertical scroll of most of the frame (fbcon's) is recognised too: the update is then a
 CopyRect of the part that moved plus the tiles that differ from the moved frame.
@@ -28,6 +29,7 @@ log = logging.getLogger("vmrun.fbuf")
 TILE = 64
 PAGE = 4096
 VERIFY_REFRESHES = 30          # refreshes with changes that check the dirty log's answer
+AUDIT_EVERY = 30               # and then one refresh in this many (once a second at 30 Hz)
 
 
 @dataclass
@@ -146,7 +148,7 @@ class FrameTracker:
         if bitmap is None:
             return range(self.height)
         logged = self._rows_of_pages(bitmap, mode)
-        if self._verify:
+        if self._verify or self.refreshes % AUDIT_EVERY == 0:
             # Check the log: a row that changed where no page was logged means this KVM's log
             # misses writes (emulated guest code on kvm-pvm): compare from now on.
             w4 = mode.width * 4
