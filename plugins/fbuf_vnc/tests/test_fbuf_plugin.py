@@ -10,12 +10,12 @@ import threading
 from pathlib import Path
 
 import pytest
+from vmrun_fbuf_vnc.client import RfbClient
 
 from plugins.fbuf_vnc.tests.fbufrig import Rig
 from vmrun.core.host import HostContext
 from vmrun.plugins import get_registry
 from vmrun.plugins.registry import DeviceContext, OptionError, validate_options
-from vmrun_fbuf_vnc.client import RfbClient
 
 
 def _opts(**table):
