@@ -116,6 +116,7 @@ class VncServer:
         self._ticking = False
         self.closed = False
         self.updates_sent = 0
+        self.bytes_sent = 0
 
     # -- the frame -------------------------------------------------------------------------
     def attach(self, dev) -> None:
@@ -531,8 +532,10 @@ class Client:
         if not (self.dirty or self.scroll or self.resize_pending):
             return
         self.wants_update = False
-        self.send(self._build_update())
+        update = self._build_update()
+        self.send(update)
         self.server.updates_sent += 1
+        self.server.bytes_sent += len(update)
 
     def _build_update(self) -> bytes:
         t = self.server.tracker
