@@ -3,10 +3,10 @@
 A fake guest draws into the framebuffer (FakeVm: the same device, frame tracker and server a
 boot uses) and a client on a loopback socket asks for an update after every frame, with the
 refresh timer at 1 kHz so it is not the limit: each round is one change, one refresh, one
-encoded update, received and decoded (by the test client, in Python: part of the time). Two workloads at
-1024x768: a full-screen change (alternating frames of
-coloured bands, as a desktop redraw) and a small one (one 8x16-glyph text line changes), each
-with Raw and with ZRLE. Reported: updates per second and bytes per update.
+encoded update, received and decoded (by the test client, in Python: part of the time).
+Two workloads at 1024x768: a full-screen change (alternating frames of coloured bands, as a
+desktop redraw) and a small one (one 8x16-glyph text line changes), each with Raw and with
+ZRLE. Reported: updates per second and bytes per update.
 
 Not compared with QEMU: that needs a guest drawing the same frames under both VMMs (a native
 test guest for bochs-display), which does not exist yet.
