@@ -103,9 +103,9 @@ def drive_fbuf(run: GuestRun, port: int, d: Path, user_space: bool) -> FbufRun:
     run.send(f"printf '\\000\\000\\377\\000' >/tmp/p; for i in 1 2 3 4 5 6 7 8 9; do "
              f"cat /tmp/p /tmp/p >/tmp/q; mv /tmp/q /tmp/p; done; for i in $(seq {BAND_ROWS}); "
              f"do cat /tmp/p /tmp/p; done | head -c {BAND_ROWS * WIDTH * 4} | "
-             f"dd of=/dev/fb0 bs={WIDTH * 4} seek={BAND_ROW} 2>/dev/null; echo band-done\r"
-             .encode())
-    run.wait_for(r"band-done", 300)
+             f"dd of=/dev/fb0 bs={WIDTH * 4} seek={BAND_ROW} 2>/dev/null; "
+             f"echo band-$((1+1))done\r".encode())
+    run.wait_for(r"band-2done", 300)      # the shell's answer, not the echoed command
     time.sleep(2)                          # fbdev's deferred flush to the framebuffer
     out.captures["band"] = d / "band.png"
     vncdo(port, "capture", str(out.captures["band"]))
@@ -120,11 +120,11 @@ def drive_fbuf(run: GuestRun, port: int, d: Path, user_space: bool) -> FbufRun:
     vncdo(port, "capture", str(out.captures["typed"]))
     vncdo(port, "move", "100", "100", "move", "200", "150", "click", "1")
     time.sleep(3)
-    run.send(b"echo view-begin; ls /sys/class/drm; cat /sys/class/drm/card0/device/vendor "
+    run.send(b"echo view-$((2+2))begin; ls /sys/class/drm; cat /sys/class/drm/card0/device/vendor "
              b"/sys/class/drm/card0/device/device; cat /sys/class/graphics/fb0/virtual_size; "
              b"dmesg | grep -c 'Type: 1, Code'; dmesg | grep -c 'Type: 2, Code'; "
-             b"echo view-end\r")
-    m = run.wait_for(r"view-begin(.*?)view-end", 120)
+             b"echo view-$((3+3))end\r")
+    m = run.wait_for(rb"(?s)view-4begin(.*?)view-6end", 120)
     out.guest_view = m.group(1).decode(errors="replace")
     run.send(b"poweroff\r")
     return out
