@@ -226,8 +226,35 @@ class RfbClient:
                             idx = (value >> (total - (i + 1) * bits)) & ((1 << bits) - 1)
                             out.append(palette[idx])
                     px = b"".join(out)
+                elif sub == 128 or sub >= 130:               # plain RLE, palette RLE
+                    palette = []
+                    if sub >= 130:
+                        palette = [self._cpixel(data[pos + i * cs:pos + (i + 1) * cs])
+                                   for i in range(sub - 128)]
+                        pos += (sub - 128) * cs
+                    out = []
+                    left = tw * th
+                    while left > 0:
+                        if sub == 128:
+                            colour = self._cpixel(data[pos:pos + cs])
+                            pos += cs
+                            run = True
+                        else:
+                            colour = palette[data[pos] & 0x7F]
+                            run = bool(data[pos] & 0x80)
+                            pos += 1
+                        n = 1
+                        if run:
+                            while data[pos] == 255:
+                                n += 255
+                                pos += 1
+                            n += data[pos]
+                            pos += 1
+                        out.append(colour * n)
+                        left -= n
+                    px = b"".join(out)
                 else:
-                    raise AssertionError(f"ZRLE subencoding {sub} not expected")
+                    raise AssertionError(f"ZRLE subencoding {sub} is not defined")
                 self._put(tx, ty, tw, th, px)
         assert pos == len(data), (pos, len(data))
 

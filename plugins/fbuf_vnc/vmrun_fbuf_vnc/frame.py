@@ -75,7 +75,9 @@ class FrameTracker:
         self._seen = None
 
     # -- refresh -------------------------------------------------------------------------
-    def refresh(self) -> Change:
+    def refresh(self, scrolls: bool = True) -> Change:
+        """Look at the frame; ``scrolls``: also look for a scroll (only worth it when a
+        client takes CopyRect)."""
         self.refreshes += 1
         dev = self.dev
         mode = dev.mode() if dev is not None else None
@@ -118,7 +120,7 @@ class FrameTracker:
         if self._verify:
             self._verify -= 1
         new = self._read_rows(mm, mode, changed)
-        if len(changed) > self.height // 2:
+        if scrolls and len(changed) > self.height // 2:
             self._scroll(change, new, changed)
         change.tiles |= self._changed_tiles(new, changed)
         for r in changed:

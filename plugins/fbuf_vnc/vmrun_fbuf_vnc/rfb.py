@@ -185,7 +185,8 @@ class VncServer:
             c.maybe_send_update()
 
     def refresh(self) -> Change:
-        change = self.tracker.refresh()
+        change = self.tracker.refresh(
+            scrolls=any(enc.COPYRECT in c.encodings for c in self.clients))
         if change.resized or change.tiles:
             for c in self.clients:
                 c.frame_changed(change)
