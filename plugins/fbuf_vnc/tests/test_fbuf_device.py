@@ -7,6 +7,7 @@ from __future__ import annotations
 import struct
 
 import pytest
+from vmrun_fbuf_vnc import fast
 from vmrun_fbuf_vnc.display import VRAM_SIZE, BochsDisplay
 from vmrun_fbuf_vnc.edid import build_edid, preferred_mode
 from vmrun_fbuf_vnc.frame import FrameTracker
@@ -14,8 +15,15 @@ from vmrun_fbuf_vnc.frame import FrameTracker
 from plugins.fbuf_vnc.tests.fbufrig import BPP, ENABLE, SLOT, XRES, YRES, Rig
 
 
-@pytest.fixture
-def rig():
+@pytest.fixture(params=["c", "python"])
+def rig(request, monkeypatch):
+    """Every tracker test runs with the C helper and with the pure Python path."""
+    from vmrun_fbuf_vnc import fast
+
+    if request.param == "c" and fast.lib is None:
+        pytest.fail("the C helper did not build (a C compiler is needed)")
+    if request.param == "python":
+        monkeypatch.setattr(fast, "lib", None)
     r = Rig()
     yield r
     r.close()
@@ -112,6 +120,7 @@ def test_edid_blocks(w: int, h: int) -> None:
 # -- the frame tracker -----------------------------------------------------------------------
 def _tracker(rig: Rig, dirty_log: bool) -> FrameTracker:
     t = FrameTracker(1024, 768, dirty_log=dirty_log)
+    assert t.use_c == (fast.lib is not None)
     t.attach(rig.dev)
     return t
 
@@ -185,6 +194,7 @@ def test_mode_change_and_page_flip(rig: Rig) -> None:
 def test_scroll_is_recognised(rig: Rig) -> None:
     rig.set_mode(640, 480)
     t = FrameTracker(640, 480)
+    assert t.use_c == (fast.lib is not None)
     t.attach(rig.dev)
     for line in range(30):                                           # text-like rows
         rig.fill(8 * (line % 7), 16 * line, 40 + line * 3, 8, 0xC0C0C0 + line)

@@ -102,9 +102,18 @@ def test_password_is_its_first_eight_bytes() -> None:
         r.close()
 
 
+@pytest.mark.parametrize("helper", ["c", "python"])
 @pytest.mark.parametrize("encoding", [enc.RAW, enc.ZLIB, enc.ZRLE])
 @pytest.mark.parametrize("fmt", [None, RGBX_LE, XRGB_BE])
-def test_encodings_decode_to_the_framebuffer(rig: Rig, encoding: int, fmt) -> None:
+def test_encodings_decode_to_the_framebuffer(rig: Rig, encoding: int, fmt, helper: str,
+                                             monkeypatch) -> None:
+    from vmrun_fbuf_vnc import fast
+
+    if helper == "python":
+        monkeypatch.setattr(fast, "lib", None)
+        rig.server.tracker.use_c = False
+    elif fast.lib is None:
+        pytest.fail("the C helper did not build (a C compiler is needed)")
     _pattern(rig)
     c = RfbClient(rig.address)
     c.handshake()

@@ -12,6 +12,8 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+from vmrun_fbuf_vnc import fast
+
 RAW, COPYRECT, RRE, HEXTILE, ZLIB, TIGHT, ZRLE = 0, 1, 2, 5, 6, 7, 16
 DESKTOP_SIZE = -223
 EXTENDED_DESKTOP_SIZE = -308
@@ -162,6 +164,12 @@ def encode_zrle(pixels: bytes, w: int, h: int, fmt: PixelFormat, big_endian_src:
     cl = fmt.cpixel_lanes()
     row_bytes = w * bpp
     out = bytearray()
+    lib = fast.lib if bpp == 4 else None
+    if lib is not None:
+        ffi = fast.ffi
+        scratch = bytearray(1 + 16 * 4 + ZRLE_TILE * ZRLE_TILE * 4)
+        sbuf = ffi.from_buffer(scratch)
+        l0, l1, l2 = cl if cl is not None else (0, 1, 2)
     for ty in range(0, h, ZRLE_TILE):
         th = min(ZRLE_TILE, h - ty)
         for tx in range(0, w, ZRLE_TILE):
@@ -172,7 +180,12 @@ def encode_zrle(pixels: bytes, w: int, h: int, fmt: PixelFormat, big_endian_src:
             else:
                 tile = b"".join(px[r * row_bytes + a:r * row_bytes + b]
                                 for r in range(ty, ty + th))
-            out += _zrle_tile(tile, tw, th, bpp, cl)
+            if lib is not None:
+                n = lib.zrle_tile(ffi.from_buffer(tile), tw * th, l0, l1, l2, cl is not None,
+                                  tw, th, sbuf)
+                out += scratch[:n]
+            else:
+                out += _zrle_tile(tile, tw, th, bpp, cl)
     data = stream.compress(bytes(out)) + stream.flush(zlib.Z_SYNC_FLUSH)
     return struct.pack(">I", len(data)) + data
 

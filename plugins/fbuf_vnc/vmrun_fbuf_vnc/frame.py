@@ -22,6 +22,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
+from vmrun_fbuf_vnc import fast
 from vmrun_fbuf_vnc.display import BochsDisplay, Mode
 
 log = logging.getLogger("vmrun.fbuf")
@@ -52,7 +53,9 @@ class FrameTracker:
         self.width, self.height = width, height
         self.big_endian = False
         self.shadow = bytearray(width * height * 4)
+        self._spare = bytearray(width * height * 4)     # the C path's next shadow
         self.mode: Mode | None = None
+        self.use_c = fast.lib is not None
         self._seen: tuple[int, int, Mode | None] | None = None   # generation, changes, mode
         self._verify = 0
         self.refreshes = 0
@@ -106,7 +109,9 @@ class FrameTracker:
             shadow[:] = self._read_frame(mm, mode)
             change.tiles = self.all_tiles()
             return change
-        if isinstance(rows, range) and stride == w4 and isinstance(rows, range) and stride == w4:
+        if self.use_c:
+            return self._refresh_c(change, mm, mode, rows, scrolls)
+        if isinstance(rows, range) and stride == w4:
             if mm[off:off + w4 * self.height] == shadow:
                 return change                     # nothing at all (one compare)
         changed = []
@@ -121,10 +126,39 @@ class FrameTracker:
             self._verify -= 1
         new = self._read_rows(mm, mode, changed)
         if scrolls and len(changed) > self.height // 2:
-            self._scroll(change, new, changed)
+            old_rows = [bytes(shadow[r * w4:(r + 1) * w4]) for r in range(self.height)]
+            self._scroll(change, old_rows, [new.get(r, old_rows[r]) for r in range(self.height)])
         change.tiles |= self._changed_tiles(new, changed)
         for r in changed:
             shadow[r * w4:(r + 1) * w4] = new[r]
+        return change
+
+    def _refresh_c(self, change: Change, mm, mode: Mode, rows, scrolls: bool) -> Change:
+        """The same comparison in C (``fast.fb_diff``): candidate rows are snapshot into the
+        spare shadow and compared there, then the shadows swap."""
+        ffi, lib = fast.ffi, fast.lib
+        h, w4 = self.height, mode.width * 4
+        cand = ffi.NULL
+        if not isinstance(rows, range):
+            marks = bytearray(h)
+            for r in rows:
+                marks[r] = 1
+            cand = ffi.from_buffer(marks)
+        tiles = bytearray(self.tiles_x * self.tiles_y)
+        self.rows_compared += len(rows)
+        old, new = self.shadow, self._spare
+        fb = ffi.from_buffer("uint8_t[]", mm)
+        n = lib.fb_diff(fb + mode.offset, mode.stride, ffi.from_buffer(old),
+                        ffi.from_buffer(new), mode.width, h, cand, ffi.from_buffer(tiles), TILE)
+        if not n:
+            return change
+        if self._verify:
+            self._verify -= 1
+        if scrolls and n > h // 2:
+            self._scroll(change, [bytes(old[r * w4:(r + 1) * w4]) for r in range(h)],
+                         [bytes(new[r * w4:(r + 1) * w4]) for r in range(h)])
+        change.tiles = {i for i, t in enumerate(tiles) if t}
+        self.shadow, self._spare = new, old
         return change
 
     def _blank(self, dev: BochsDisplay | None) -> Change:
@@ -141,6 +175,7 @@ class FrameTracker:
     def _resize(self, width: int, height: int) -> None:
         self.width, self.height = width, height
         self.shadow = bytearray(width * height * 4)
+        self._spare = bytearray(width * height * 4)
 
     def _candidate_rows(self, ram, mode: Mode) -> range | list[int]:
         """The rows the dirty log says were written (all rows without a usable log)."""
@@ -208,12 +243,9 @@ class FrameTracker:
         return tiles
 
     # -- scrolling -----------------------------------------------------------------------
-    def _scroll(self, change: Change, new: dict[int, bytes], changed: list[int]) -> None:
+    def _scroll(self, change: Change, old: list[bytes], cur: list[bytes]) -> None:
         """Find k such that new row i == old row i + k for most rows (a scroll up by k)."""
         w4, h = self.width * 4, self.height
-        shadow = self.shadow
-        old = [bytes(shadow[r * w4:(r + 1) * w4]) for r in range(h)]
-        cur = [new.get(r, old[r]) for r in range(h)]
         common = Counter(old).most_common(1)[0][0]
         where: dict[bytes, list[int]] = {}
         for r, row in enumerate(old):
