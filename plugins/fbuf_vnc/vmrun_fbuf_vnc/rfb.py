@@ -116,6 +116,7 @@ class VncServer:
         self._ticking = False
         self.closed = False
         self.updates_sent = 0
+        self.last_refresh = 0.0
         self.bytes_sent = 0
 
     # -- the frame -------------------------------------------------------------------------
@@ -185,6 +186,7 @@ class VncServer:
             c.maybe_send_update()
 
     def refresh(self) -> Change:
+        self.last_refresh = time.monotonic()
         change = self.tracker.refresh(
             scrolls=any(enc.COPYRECT in c.encodings for c in self.clients))
         if change.resized or change.tiles:
@@ -299,6 +301,20 @@ class Client:
     def send(self, data: bytes) -> None:
         if self.closed:
             return
+        if not self.outbuf:
+            # Straight to the socket; only what it does not take is copied into the buffer.
+            try:
+                n = self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError:
+                self.close(None)
+                return
+            if n:
+                self.last_progress = time.monotonic()
+            if n == len(data):
+                return
+            data = memoryview(data)[n:]
         self.outbuf += data
         if len(self.outbuf) > MAX_OUTBUF:
             self.close("does not read its updates")
@@ -308,7 +324,8 @@ class Client:
     def _write(self) -> None:
         while self.outbuf and not self.closed:
             try:
-                n = self.sock.send(self.outbuf[:1 << 20])
+                with memoryview(self.outbuf) as view:
+                    n = self.sock.send(view[:8 << 20])
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as e:
@@ -440,6 +457,9 @@ class Client:
             if not incremental:
                 self.server.refresh()             # the newest frame, not the last tick's
                 self.dirty |= self._tiles_of(x, y, w, h)
+            elif not self.dirty and time.monotonic() - self.server.last_refresh >= \
+                    1.0 / REFRESH_HZ:
+                self.server.refresh()             # due anyway: no wait for the next tick
             self.wants_update = True
             self.maybe_send_update()
             self.server._kick()
