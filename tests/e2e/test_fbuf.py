@@ -76,6 +76,8 @@ class FbufRun:
     vnc_log: list[str] = field(default_factory=list)
     token_seen: bool = False
     guest_view: str = ""
+    key_events: int = -1
+    rel_events: int = -1
 
 
 def vncdo(port: int, *args: str, timeout: float = 120) -> str:
@@ -100,11 +102,16 @@ def drive_fbuf(run: GuestRun, port: int, d: Path, user_space: bool) -> FbufRun:
     run.send(b"setsid sh -c 'exec sh </dev/tty1 >/dev/tty1 2>&1' &\r")
     time.sleep(2)
     run.send(b"printf '\\033[2J\\033[H' >/dev/tty1\r")       # clear tty1: the band stays
+    # One write of the whole band: Linux 6.1's fbdev emulation drops the damage of a write
+    # that stays within one scanline (drm_fb_helper_memory_range_to_clip: x2 = 0 when it ends
+    # at the end of the line), so a dd from a pipe, whose last write is such a piece, leaves
+    # that piece out of the framebuffer (seen on the first run: row 415 from x=512 on).
+    band = BAND_ROWS * WIDTH * 4
     run.send(f"printf '\\000\\000\\377\\000' >/tmp/p; for i in 1 2 3 4 5 6 7 8 9; do "
              f"cat /tmp/p /tmp/p >/tmp/q; mv /tmp/q /tmp/p; done; for i in $(seq {BAND_ROWS}); "
-             f"do cat /tmp/p /tmp/p; done | head -c {BAND_ROWS * WIDTH * 4} | "
-             f"dd of=/dev/fb0 bs={WIDTH * 4} seek={BAND_ROW} 2>/dev/null; "
-             f"echo band-$((1+1))done\r".encode())
+             f"do cat /tmp/p /tmp/p; done | head -c {band} >/tmp/band; "
+             f"dd if=/tmp/band of=/dev/fb0 bs={band} seek={BAND_ROW * WIDTH * 4 // band} "
+             f"2>/dev/null; echo band-$((1+1))done\r".encode())
     run.wait_for(r"band-2done", 300)      # the shell's answer, not the echoed command
     time.sleep(2)                          # fbdev's deferred flush to the framebuffer
     out.captures["band"] = d / "band.png"
@@ -122,10 +129,21 @@ def drive_fbuf(run: GuestRun, port: int, d: Path, user_space: bool) -> FbufRun:
     time.sleep(3)
     run.send(b"echo view-$((2+2))begin; ls /sys/class/drm; cat /sys/class/drm/card0/device/vendor "
              b"/sys/class/drm/card0/device/device; cat /sys/class/graphics/fb0/virtual_size; "
-             b"dmesg | grep -c 'Type: 1, Code'; dmesg | grep -c 'Type: 2, Code'; "
              b"echo view-$((3+3))end\r")
     m = run.wait_for(rb"(?s)view-4begin(.*?)view-6end", 120)
     out.guest_view = m.group(1).decode(errors="replace")
+    # evbug's lines (key and relative-motion events the guest's input core saw). Guest user
+    # space on kvm-pvm sometimes crashes a command (a segfault in busybox was seen here): ask
+    # again then.
+    for _ in range(3):
+        run.send(b"dmesg >/tmp/k; echo evbug-keys-$(grep -c 'Type: 1, Code' /tmp/k)-rel-"
+                 b"$(grep -c 'Type: 2, Code' /tmp/k)-end\r")
+        try:
+            m = run.wait_for(rb"evbug-keys-(\d+)-rel-(\d+)-end", 120)
+        except AssertionError:
+            continue
+        out.key_events, out.rel_events = int(m.group(1)), int(m.group(2))
+        break
     run.send(b"poweroff\r")
     return out
 
@@ -222,5 +240,5 @@ def test_key_and_pointer_events_reach_the_guest_input_layer(fbuf_boot: FbufRun) 
     assert re.search(r"input: AT Translated Set 2 keyboard", text)
     assert re.search(r"input: PS/2 Generic Mouse|input: \S*PS/2", text), text[-3000:]
     if fbuf_boot.user_space:
-        counts = [int(x) for x in re.findall(r"^\s*(\d+)\s*$", fbuf_boot.guest_view, re.M)]
-        assert len(counts) >= 2 and counts[-2] > 20 and counts[-1] > 0, fbuf_boot.guest_view
+        assert fbuf_boot.key_events > 20, fbuf_boot.run.tail()      # typed: ~30 keys
+        assert fbuf_boot.rel_events > 0, fbuf_boot.run.tail()       # moved: PS/2 packets
