@@ -3,9 +3,10 @@
  * from guest user mode, for the display benchmark (bench/fbuf.py --native).
  *
  * At CPL0 it finds PCI 1234:1111 on bus 0, places BAR 0 (the framebuffer) at 0xC0000000,
- * where entry.S maps 4 KiB pages (kvm-pvm mishandles user accesses through 2 MiB ones), and
- * BAR 2 (the registers) at 0xC1000000, sets the mode through the dispi registers, says
- * "vfb: ready" on the debug console, then draws at CPL3 until the VM is ended:
+ * where entry.S maps 4 KiB pages (kvm-pvm mishandles accesses through 2 MiB ones: under QEMU
+ * the guest hung on its first register access at 0xC1000000), and BAR 2 (the registers) at
+ * 48 MiB, also in 4 KiB pages (the machine has 32 MiB of RAM), sets the mode through the
+ * dispi registers, says "vfb: ready" on the debug console, then draws at CPL3 until the VM is ended:
  *
  *   work=full   every frame repaints the whole screen (bands of four colours, moving)
  *   work=line   every frame rewrites one 8x16-glyph text line (colour changing)
@@ -22,7 +23,7 @@ typedef uint64_t u64;
 #define DEBUGCON 0xE9
 #define DEBUG_EXIT 0xF4
 #define FB_BASE 0xC0000000ull
-#define MMIO_BASE 0xC1000000ull
+#define MMIO_BASE 0x03000000ull    /* above 32 MiB of RAM, in entry.S's 4 KiB-page range */
 
 static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port)); }
 static inline void outl(u16 port, u32 v) { __asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port)); }
