@@ -361,6 +361,23 @@ def test_hostile_message_closes_only_that_client(rig: Rig, caplog, message: byte
     assert bytes(good.fb) == rig.frame()
 
 
+def test_client_count_is_bounded(rig: Rig, monkeypatch) -> None:
+    from vmrun_fbuf_vnc import rfb
+
+    monkeypatch.setattr(rfb, "MAX_CLIENTS", 2)
+    a, b = RfbClient(rig.address), RfbClient(rig.address)
+    a.handshake()
+    b.handshake()
+    c = socket.create_connection(rig.address, timeout=5)
+    assert _closed_by_server(c)
+    a.close()
+    for _ in range(50):
+        if len(rig.server.clients) < 2:
+            break
+        time.sleep(0.05)
+    RfbClient(rig.address).handshake()
+
+
 def test_bad_version_and_huge_encoding_lists(rig: Rig) -> None:
     s = socket.create_connection(rig.address, timeout=5)
     s.recv(12)

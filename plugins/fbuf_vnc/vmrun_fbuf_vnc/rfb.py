@@ -47,6 +47,7 @@ MAX_INBUF = MAX_CUT_TEXT + 64
 SEND_LOW_WATER = 64 << 10      # build the next update only below this much unsent
 MAX_OUTBUF = 64 << 20
 STALL_S = 30.0
+MAX_CLIENTS = 32
 
 # client -> server message types
 SET_PIXEL_FORMAT, SET_ENCODINGS, FB_UPDATE_REQUEST, KEY_EVENT, POINTER_EVENT, CUT_TEXT = \
@@ -159,6 +160,10 @@ class VncServer:
             except OSError as e:
                 log.warning("vnc: accept: %s", e)
                 return
+            if len(self.clients) >= MAX_CLIENTS:
+                log.warning("vnc: %d clients already: connection refused", MAX_CLIENTS)
+                conn.close()
+                continue
             conn.setblocking(False)
             if conn.family != socket.AF_UNIX:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
