@@ -7,7 +7,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEB_PACKAGES := linux-source-6.1 busybox-static acpica-tools dmidecode e2fsprogs flex bison bc \
                 libelf-dev libssl-dev gcc libc6-dev make xz-utils qemu-utils xorriso socat \
-                passt tcpdump iproute2 cloud-init genisoimage openssh-client
+                passt tcpdump iproute2 cloud-init genisoimage openssh-client \
+                tigervnc-viewer xvfb
 # The peers the benchmarks measure against (bench/blk.py runs QEMU side by side).
 BENCH_PACKAGES := qemu-system-x86 qemu-utils
 MACHINE ?= machines/tiny.toml

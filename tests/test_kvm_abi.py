@@ -43,6 +43,7 @@ STRUCTS = {
     "kvm_vcpu_events": ["exception", "interrupt", "nmi", "sipi_vector", "flags", "smi",
                         "exception_has_payload", "exception_payload"],
     "kvm_enable_cap": ["cap", "flags", "args"],
+    "kvm_dirty_log": ["slot", "dirty_bitmap"],
     "kvm_guest_debug": ["control", "arch"],
     "kvm_debug_exit_arch": ["exception", "pc", "dr6", "dr7"],
 }
@@ -64,7 +65,8 @@ SUBFIELDS = {  # (struct, member path in C, member path in cffi)
 IOCTLS = [name for name in dir(kvm) if name.startswith("KVM_") and name in {
     "KVM_GET_API_VERSION", "KVM_CREATE_VM", "KVM_CHECK_EXTENSION", "KVM_GET_VCPU_MMAP_SIZE",
     "KVM_GET_SUPPORTED_CPUID", "KVM_GET_MSR_INDEX_LIST", "KVM_CREATE_VCPU",
-    "KVM_SET_USER_MEMORY_REGION", "KVM_SET_TSS_ADDR", "KVM_SET_IDENTITY_MAP_ADDR",
+    "KVM_SET_USER_MEMORY_REGION", "KVM_GET_DIRTY_LOG", "KVM_SET_TSS_ADDR",
+    "KVM_SET_IDENTITY_MAP_ADDR",
     "KVM_CREATE_IRQCHIP", "KVM_IRQ_LINE", "KVM_SET_GSI_ROUTING", "KVM_IRQFD", "KVM_CREATE_PIT2",
     "KVM_IOEVENTFD", "KVM_SIGNAL_MSI", "KVM_ENABLE_CAP", "KVM_RUN", "KVM_GET_REGS",
     "KVM_SET_REGS", "KVM_GET_SREGS", "KVM_SET_SREGS", "KVM_TRANSLATE", "KVM_GET_MSRS",
@@ -122,6 +124,6 @@ def test_field_offsets(c_values: dict[str, int]) -> None:
 
 
 def test_ioctl_numbers(c_values: dict[str, int]) -> None:
-    assert len(IOCTLS) == 36
+    assert len(IOCTLS) == 37
     for name in IOCTLS:
         assert getattr(kvm, name) == c_values[f"ioctl {name}"], name

@@ -31,7 +31,10 @@ device plugin" for a complete example.
   :func:`load_fields`, :class:`PlainState` and :class:`SnapshotUnsupported`;
 - network: :class:`NetBackend` and :class:`LinkCallbacks` (the host side of a link), the
   offload caps, ``NET_OPTIONS`` with :func:`check_net_options` (every NIC's backend keys),
-  :func:`open_net_backend` and :func:`nic_mac`.
+  :func:`open_net_backend` and :func:`nic_mac`;
+- device RAM: ``BarSpec(..., ram=True)`` gives a :class:`RamBar` (host memory the guest maps
+  as a KVM memory slot, with a dirty page log), :func:`dirty_log_works` says whether this
+  host's KVM fills that log.
 """
 
 from vmrun.block.backend import BlockBackend, parse_sectorsize
@@ -39,6 +42,7 @@ from vmrun.block.image_tools import open_disk
 from vmrun.block.options import check_disk, disk_options, open_disk_from
 from vmrun.block.queue import BlockQueue
 from vmrun.core.devstate import PlainState, SnapshotUnsupported, load_fields, save_fields
+from vmrun.core.dirty_log import dirty_log_works
 from vmrun.core.dma import DmaDisabled, GuestDma, SgList, SgReader, SgWriter
 from vmrun.core.eventloop import EventLoop, Source, Timer
 from vmrun.core.input import ABS_MAX, InputHub
@@ -55,6 +59,7 @@ from vmrun.core.pci import (
     COMMAND_MEMORY,
     BarSpec,
     PciDevice,
+    RamBar,
 )
 from vmrun.core.virtio.device import (
     STATUS_DEVICE_NEEDS_RESET,
@@ -94,9 +99,9 @@ __all__ = [
     "COMMAND_MASTER", "COMMAND_MEMORY", "BarSpec", "BlockBackend", "BlockQueue",
     "DescriptorChain", "DeviceContext", "DeviceType", "DmaDisabled", "EventLoop",
     "GuestDma", "GuestError", "InputHub", "InterruptSource", "Option", "PciDevice",
-    "PlainState", "QmpCommand", "QmpContext", "QmpError", "SnapshotUnsupported",
+    "PlainState", "QmpCommand", "QmpContext", "QmpError", "RamBar", "SnapshotUnsupported",
     "STATUS_DEVICE_NEEDS_RESET", "SgList", "SgReader", "SgWriter", "Source", "Timer",
     "VIRTIO_F_VERSION_1", "VirtioDevice", "VirtioPciTransport", "Virtqueue", "VirtqueueError",
-    "VmrunError", "hookimpl", "load_fields", "open_disk", "parse_sectorsize", "save_fields",
-    "check_disk", "disk_options", "open_disk_from", "OptionError",
+    "VmrunError", "dirty_log_works", "hookimpl", "load_fields", "open_disk", "parse_sectorsize",
+    "save_fields", "check_disk", "disk_options", "open_disk_from", "OptionError",
 ]

@@ -112,6 +112,7 @@ struct kvm_vcpu_events {
     __u8 exception_has_payload;
     __u64 exception_payload;
 };
+struct kvm_dirty_log { __u32 slot; __u32 padding1; __u64 dirty_bitmap; };
 struct kvm_enable_cap { __u32 cap; __u32 flags; __u64 args[4]; __u8 pad[64]; };
 struct kvm_guest_debug_arch { __u64 debugreg[8]; };
 struct kvm_guest_debug { __u32 control; __u32 pad; struct kvm_guest_debug_arch arch; };
@@ -152,6 +153,7 @@ KVM_GET_VCPU_MMAP_SIZE = _io(0x04)
 KVM_GET_SUPPORTED_CPUID = _iowr(0x05, "struct kvm_cpuid2")
 KVM_CREATE_VCPU = _io(0x41)
 KVM_SET_USER_MEMORY_REGION = _iow(0x46, "struct kvm_userspace_memory_region")
+KVM_GET_DIRTY_LOG = _iow(0x42, "struct kvm_dirty_log")
 KVM_SET_TSS_ADDR = _io(0x47)
 KVM_SET_IDENTITY_MAP_ADDR = _iow(0x48, "__u64")
 KVM_CREATE_IRQCHIP = _io(0x60)
@@ -226,6 +228,7 @@ KVM_CAP_MAX_VCPUS = 66
 KVM_CAP_EXIT_ON_EMULATION_FAILURE = 204
 
 KVM_PIT_SPEAKER_DUMMY = 1
+KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 KVM_IRQ_ROUTING_IRQCHIP = 1
 KVM_IRQ_ROUTING_MSI = 2
 KVM_IRQCHIP_PIC_MASTER = 0

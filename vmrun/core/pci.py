@@ -14,6 +14,7 @@ one :meth:`PciDevice.bar_read`/:meth:`bar_write` call through a small adapter.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import struct
 import threading
@@ -59,7 +60,7 @@ STATUS_INTERRUPT = 1 << 3
 STATUS_CAP_LIST = 1 << 4
 
 CAP_ID_VENDOR = 0x09
-__all__ = ["CAP_ID_MSI", "CAP_ID_MSIX", "CAP_ID_VENDOR", "PciDevice", "BarSpec"]
+__all__ = ["CAP_ID_MSI", "CAP_ID_MSIX", "CAP_ID_VENDOR", "PciDevice", "BarSpec", "RamBar"]
 
 BAR_IO = "io"
 BAR_MEM32 = "mem32"
@@ -68,16 +69,108 @@ BAR_MEM64 = "mem64"
 
 @dataclass
 class BarSpec:
-    """A BAR the device wants: its index, size (power of two) and kind."""
+    """A BAR the device wants: its index, size (power of two) and kind.
+
+    ``ram = True`` (memory BARs only): the BAR is host memory, not registers — the core
+    allocates a :class:`RamBar` (``dev.ram_bars[index]``) and, while the guest decodes the
+    BAR, maps it into the guest as a KVM memory slot (with the dirty page log), so guest
+    accesses never exit (a framebuffer).
+    """
 
     index: int
     size: int
     kind: str = BAR_MEM32
     prefetchable: bool = False
+    ram: bool = False
 
     def __post_init__(self) -> None:
         if self.size & (self.size - 1) or self.size < (4 if self.kind == BAR_IO else 16):
             raise ValueError(f"BAR{self.index}: size {self.size:#x} is not a power of two")
+        if self.ram and (self.kind == BAR_IO or self.size < mmap.PAGESIZE):
+            raise ValueError(f"BAR{self.index}: a RAM BAR is memory, at least a page")
+
+
+class RamBar:
+    """The host memory behind a RAM-backed BAR (zeroed, shared anonymous mapping).
+
+    The device reads and writes it through :attr:`view`. While the BAR is decoded the core
+    keeps it mapped into the guest at :attr:`gpa` as KVM memory slot :attr:`slot`, with the
+    dirty page log on; :meth:`dirty_log` hands out what the guest wrote since the last call.
+    :attr:`generation` changes on every (re)mapping: a log from before tells nothing then.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.mm = mmap.mmap(-1, size)
+        self.view = memoryview(self.mm)
+        from vmrun.core.kvm import ffi
+
+        self.hva = int(ffi.cast("uintptr_t", ffi.from_buffer(self.mm)))
+        self.gpa: int | None = None
+        self.slot: int | None = None
+        self.generation = 0
+        self._vm: Vm | None = None
+
+    def map(self, vm: Vm, gpa: int) -> None:
+        """Map into the guest (a memory slot where the VM has them; otherwise accesses exit
+        and reach the buffer through :class:`RamBarWindow`)."""
+        if hasattr(vm, "add_memslot"):
+            from vmrun.core.kvm import KvmError
+
+            try:
+                self.slot = vm.add_memslot(gpa, self.size, self.hva, log_dirty=True)
+            except KvmError as e:   # overlaps guest RAM or another slot: not decoded
+                raise VmrunError(f"RAM BAR at {gpa:#x}: {e}") from None
+            self._vm = vm
+        self.gpa = gpa
+        self.generation += 1
+
+    def unmap(self) -> None:
+        if self.slot is not None and self._vm is not None:
+            self._vm.remove_memslot(self.slot)
+        self.slot = None
+        self._vm = None
+        self.gpa = None
+        self.generation += 1
+
+    def dirty_log(self) -> bytes | None:
+        """One bit per 4 KiB page the guest wrote since the last call (KVM_GET_DIRTY_LOG), or
+        None while there is no log (not mapped, or no memory slot)."""
+        if self.slot is None or self._vm is None:
+            return None
+        return self._vm.get_dirty_log(self.slot, self.size)
+
+    def close(self) -> None:
+        if self.slot is not None:
+            try:
+                self.unmap()
+            except OSError:
+                pass
+        try:
+            self.view.release()
+            self.mm.close()
+        except BufferError:
+            pass   # a device still holds a view: the mapping goes when it is collected
+
+
+class RamBarWindow:
+    """The bus side of a RAM BAR: only reached when an access does exit (no memory slot, or
+    a test without KVM); reads and writes the buffer little-endian."""
+
+    __slots__ = ("ram",)
+
+    def __init__(self, ram: RamBar) -> None:
+        self.ram = ram
+
+    def read(self, offset: int, size: int) -> int:
+        if offset + size > self.ram.size:
+            return (1 << (8 * size)) - 1
+        return int.from_bytes(self.ram.view[offset:offset + size], "little")
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if offset + size <= self.ram.size:
+            self.ram.view[offset:offset + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(
+                size, "little")
 
 
 class PciDevice:
@@ -112,7 +205,8 @@ class PciDevice:
     :class:`ConfigSpace`), ``self.irq`` (or None), ``self.intx`` (an IrqLine for INTA#, or
     None), ``self.dma`` (a :class:`~vmrun.core.dma.GuestDma`: guest memory, refused while bus
     mastering is off), ``self.loop`` (the devices' :class:`~vmrun.core.eventloop.EventLoop`),
-    ``self.vm`` and ``self.address`` (bus, slot, function).
+    ``self.vm`` and ``self.address`` (bus, slot, function), and ``self.ram_bars`` (index ->
+    :class:`RamBar`) for its RAM-backed BARs.
     """
 
     vendor_id = 0xFFFF
@@ -136,6 +230,7 @@ class PciDevice:
     loop: EventLoop | None = None
     vm: Vm | None = None
     address: tuple[int, int, int] = (0, 0, 0)
+    ram_bars: dict[int, RamBar] = {}
     _doorbells: list[Doorbell]
 
     def bar_read(self, index: int, offset: int, size: int) -> int:
@@ -433,6 +528,7 @@ class PciRoot:
                                      "the MSI-X table's")
                 dev.bars = [*dev.bars, BarSpec(dev.msix_bar, dev.irq.bar_size, BAR_MEM32)]
         dev.config = ConfigSpace(dev)
+        dev.ram_bars = {b.index: RamBar(b.size) for b in dev.bars if b.ram}
         dev.address = (0, slot, func)
         dev.vm = self.vm
         dev.loop = self.loop
@@ -519,14 +615,25 @@ class PciRoot:
             have = self.mapped.get(key)
             if have == want:
                 continue
+            ram = dev.ram_bars.get(bar.index)
             if have is not None:
                 self._unmap(have)
                 del self.mapped[key]
+                if ram is not None:
+                    ram.unmap()
             if want is not None:
                 window = dev.irq.window() if dev.irq is not None and \
                     dev.irq.msix is not None and bar.index == dev.msix_bar else None
+                if ram is not None:
+                    window = RamBarWindow(ram)
                 try:
                     self._map(want, window or PciBarWindow(dev, bar.index))
+                    try:
+                        if ram is not None:
+                            ram.map(self.vm, want[1])
+                    except VmrunError:
+                        self._unmap(want)
+                        raise
                     self.mapped[key] = want
                 except VmrunError:
                     want = None   # overlaps something: the guest placed it badly; not decoded
@@ -573,6 +680,8 @@ class PciRoot:
         for dev in self.devices.values():
             dev.close()
             dev._close_doorbells()
+            for ram in dev.ram_bars.values():
+                ram.close()
             if dev.irq is not None:
                 dev.irq.close()
 

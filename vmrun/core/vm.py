@@ -24,6 +24,8 @@ from vmrun.core.memory import GuestMemory
 from vmrun.core.vcpu import Vcpu
 
 TSS_ADDR = 0xFFFB_D000
+# KVM memory slot numbers for device RAM (RAM-backed PCI BARs): above guest RAM's slots.
+RAM_BAR_SLOTS_START, RAM_BAR_SLOTS_END = 16, 32
 IDENTITY_MAP_ADDR = 0xFFFB_C000
 
 
@@ -77,6 +79,7 @@ class Vm:
         self._irq_lock = threading.Lock()
         self._next_gsi = 24
         self._msi_routes: dict[int, tuple[int, int]] = {}
+        self._free_memslots = list(range(RAM_BAR_SLOTS_START, RAM_BAR_SLOTS_END))
         try:
             self.fd = kvm.ioctl(self.kvm_fd, kvm.KVM_CREATE_VM, 0)
             kvm.ioctl(self.fd, kvm.KVM_SET_TSS_ADDR, TSS_ADDR)
@@ -109,6 +112,40 @@ class Vm:
         except BaseException:
             self.close()
             raise
+
+    # -- device RAM: extra memory slots (a RAM-backed PCI BAR) ------------------------
+    def add_memslot(self, gpa: int, size: int, hva: int, *, log_dirty: bool = False) -> int:
+        """Map ``size`` bytes of host memory at ``hva`` into the guest at ``gpa`` (guest
+        accesses then never exit); returns the slot number for :meth:`remove_memslot` and
+        :meth:`get_dirty_log`. Raises :class:`~vmrun.core.kvm.KvmError` (EEXIST) when the
+        range overlaps another slot."""
+        if not self._free_memslots:
+            raise kvm.KvmError(28, "no free KVM memory slot for device RAM")
+        slot = self._free_memslots[0]
+        self._set_region(slot, gpa, size, hva, kvm.KVM_MEM_LOG_DIRTY_PAGES if log_dirty else 0)
+        self._free_memslots.remove(slot)
+        return slot
+
+    def remove_memslot(self, slot: int) -> None:
+        self._set_region(slot, 0, 0, 0, 0)      # memory_size 0 deletes the slot
+        self._free_memslots.append(slot)
+
+    def _set_region(self, slot: int, gpa: int, size: int, hva: int, flags: int) -> None:
+        region = kvm.ffi.new("struct kvm_userspace_memory_region *")
+        region.slot, region.flags = slot, flags
+        region.guest_phys_addr, region.memory_size, region.userspace_addr = gpa, size, hva
+        kvm.ioctl(self.fd, kvm.KVM_SET_USER_MEMORY_REGION, region)
+
+    def get_dirty_log(self, slot: int, size: int) -> bytes:
+        """The pages of ``slot`` (``size`` bytes) the guest wrote since the last call, one
+        bit per 4 KiB page (KVM_GET_DIRTY_LOG, which also re-arms the log)."""
+        npages = (size + 4095) // 4096
+        bitmap = kvm.ffi.new("uint64_t[]", max(1, (npages + 63) // 64))
+        log = kvm.ffi.new("struct kvm_dirty_log *")
+        log.slot = slot
+        log.dirty_bitmap = int(kvm.ffi.cast("uintptr_t", bitmap))
+        kvm.ioctl(self.fd, kvm.KVM_GET_DIRTY_LOG, log)
+        return bytes(kvm.ffi.buffer(bitmap))[:(npages + 7) // 8]
 
     # -- interrupts ----------------------------------------------------------------
     def set_irq_line(self, gsi: int, level: int) -> None:

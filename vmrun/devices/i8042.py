@@ -217,6 +217,8 @@ class I8042(PlainState, ByteWideDevice):
         self.ctrl_dropped = 0
         self.kbd_dropped = 0
         self.aux_dropped = 0
+        #: Called (without the lock) after the guest read the data port.
+        self.on_data_read: Callable[[], None] | None = None
 
     def _aux_defaults(self) -> None:
         self._aux_reporting = False
@@ -288,7 +290,9 @@ class I8042(PlainState, ByteWideDevice):
                     self._obf = False
                     self._update_irq()        # drop the pin: the next byte is a new edge
                     self._refill()
-                return value
+            if self.on_data_read is not None:
+                self.on_data_read()           # room again: an input sink's backlog moves
+            return value
         if offset == STATUS:
             with self._lock:
                 status = ST_INH | (ST_A2 if self._a2 else 0) | (self._ram[0] & CCB_SYS)

@@ -3,7 +3,12 @@ pointer motion becomes PS/2 mouse packets. Attached for each boot, detached when
 
 from __future__ import annotations
 
+import threading
+from collections import deque
+
 from vmrun.devices.i8042 import _SET2_TO_SET1, I8042
+
+BACKLOG_KEYS = 512    # keys typed faster than the guest reads them (a VNC client's paste)
 
 # -- evdev key codes -> PS/2 scancode set 2 (what a keyboard sends on the wire) -------------
 # evdev codes 1..88 were chosen equal to the set-1 scancodes of the same keys; set 2 comes from
@@ -53,15 +58,43 @@ def evdev_to_set2(code: int, down: bool) -> bytes:
 
 
 class Ps2InputSink:
-    """Feeds an :class:`I8042`'s keyboard and mouse from the input hub."""
+    """Feeds an :class:`I8042`'s keyboard and mouse from the input hub.
+
+    A keyboard buffers 16 bytes; a source can type faster than a slow guest reads (a VNC
+    client sends a whole string at once). Keys that do not fit wait here, in order, and move
+    into the keyboard as the guest reads the data port; a keyboard that is not scanning drops
+    them, as a real one would.
+    """
 
     def __init__(self, i8042: I8042) -> None:
         self.i8042 = i8042
+        self._backlog: deque[bytes] = deque()
+        self._lock = threading.Lock()
+        self.dropped = 0
+        i8042.on_data_read = self._drain
 
     def input_key(self, code: int, down: bool) -> None:
         data = evdev_to_set2(code, down)
-        if data:
-            self.i8042.key_event(data)
+        if not data:
+            return
+        with self._lock:
+            if not self._backlog and self.i8042.key_event(data):
+                return
+            if not self.i8042._kbd_scanning:
+                return
+            if len(self._backlog) >= BACKLOG_KEYS:
+                self.dropped += 1
+                return
+            self._backlog.append(data)
+
+    def _drain(self) -> None:
+        if not self._backlog:
+            return
+        with self._lock:
+            while self._backlog and self.i8042.key_event(self._backlog[0]):
+                self._backlog.popleft()
+            if self._backlog and not self.i8042._kbd_scanning:
+                self._backlog.clear()
 
     def input_rel(self, dx: int, dy: int, wheel: int, buttons: int) -> None:
         # PS/2 counts y up; the hub counts it down (screen coordinates). mouse_event splits

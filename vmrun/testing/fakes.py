@@ -51,6 +51,8 @@ class FakeVm:
         self.irqfds: dict[int, int] = {}
         self.ioeventfds: list[tuple[int, int, int]] = []
         self._next_gsi = 24
+        self.memslots: dict[int, tuple[int, int, int, bool]] = {}   # slot -> gpa, size, hva, log
+        self.dirty_pages: dict[int, set[int]] = {}
         self.pci = PciRoot(self, self.loop)  # type: ignore[arg-type]
         self.pio.insert(ConfigMechanism1(self.pci), layout.PCI_CONFIG_ADDRESS, 8)
 
@@ -80,6 +82,33 @@ class FakeVm:
             self.ioeventfds.remove(entry)
         else:
             self.ioeventfds.append(entry)
+
+    # -- device RAM slots, with a dirty log the test writes (mark_dirty) ----------------
+    def add_memslot(self, gpa: int, size: int, hva: int, *, log_dirty: bool = False) -> int:
+        slot = 16 + len(self.memslots)
+        while slot in self.memslots:
+            slot += 1
+        self.memslots[slot] = (gpa, size, hva, log_dirty)
+        self.dirty_pages[slot] = set()
+        return slot
+
+    def remove_memslot(self, slot: int) -> None:
+        del self.memslots[slot]
+        del self.dirty_pages[slot]
+
+    def mark_dirty(self, gpa: int, length: int = 1) -> None:
+        """What KVM would log for a guest write of ``length`` bytes at ``gpa``."""
+        for slot, (base, size, _hva, log) in self.memslots.items():
+            if log and base <= gpa < base + size:
+                for page in range((gpa - base) >> 12, ((gpa - base + length - 1) >> 12) + 1):
+                    self.dirty_pages[slot].add(page)
+
+    def get_dirty_log(self, slot: int, size: int) -> bytes:
+        bitmap = bytearray((((size + 4095) >> 12) + 7) // 8)
+        for page in self.dirty_pages[slot]:
+            bitmap[page >> 3] |= 1 << (page & 7)
+        self.dirty_pages[slot].clear()
+        return bytes(bitmap)
 
     def msi_count(self, gsi: int) -> int:
         """How many times the irqfd of ``gsi`` fired since the last call."""
