@@ -152,6 +152,8 @@ def run_vm(cfg: MachineConfig, log, *, ready_fd: int | None = None,
         runner: Runner
 
         def started() -> None:
+            if runner.host.published:
+                state["forwards"] = dict(runner.host.published)
             if console.startswith("pty:"):
                 backend = runner.serial.get(console[4:])
                 state["console"] = f"pty:{getattr(backend, 'path', '')}"

@@ -27,6 +27,10 @@ class HostContext:
         self.loop = loop or EventLoop()
         self.input = input_hub or InputHub()
         self._resources: dict[str, Any] = {}
+        #: Facts devices publish for the VM's state (``vmrun ps``, ``vmrun ssh``): e.g. the
+        #: host port vmrun chose for ``forward = ["tcp:127.0.0.1:auto:22"]`` as
+        #: ``{"net:tcp:22": 40123}``.
+        self.published: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._closed = False
 

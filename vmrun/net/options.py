@@ -64,7 +64,8 @@ NET_OPTIONS = [
            "user", choices=BACKENDS),
     Option("mac", "str", "MAC address (default: derived from the machine UUID and device id)",
            validate=_mac),
-    Option("forward", "list", "user: host ports to the guest, \"tcp|udp:[ADDR:]HOST:GUEST\"",
+    Option("forward", "list", "user: host ports to the guest, \"tcp|udp:[ADDR:]HOST:GUEST\" "
+           "(HOST \"auto\": a free port, see vmrun ps/ssh)",
            [], max=64, validate=_forwards),
     Option("ifname", "str", "tap: the tap device (created when missing, as root)"),
     Option("listen", "str", "socket: listen on a unix path or 127.0.0.1:PORT"),
@@ -138,7 +139,10 @@ def _create(ctx: DeviceContext, opts: dict[str, Any], mtu: int) -> NetBackend:
     loop = ctx.loop
     try:
         if backend == "user":
-            be: NetBackend = UserBackend(loop, [parse_forward(f) for f in opts["forward"]], mtu)
+            user = UserBackend(loop, [parse_forward(f) for f in opts["forward"]], mtu)
+            for f in user.forwards:
+                ctx.host.published[f"{ctx.id}:{f.proto}:{f.guest_port}"] = f.host_port
+            be: NetBackend = user
         elif backend == "tap":
             be = TapBackend(loop, opts["ifname"], mtu)
         else:

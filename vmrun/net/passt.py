@@ -56,7 +56,10 @@ def parse_forward(text: str) -> Forward:
         except ValueError:
             raise ValueError(f"{text!r}: {parts[1]!r} is not an IPv4 address") from None
     ports = []
-    for p in parts[-2:]:
+    for i, p in enumerate(parts[-2:]):
+        if i == 0 and p == "auto":          # a free host port, chosen when the VM starts
+            ports.append(0)
+            continue
         if not p.isdigit() or not 1 <= int(p) <= 65535:
             raise ValueError(f"{text!r}: port {p!r} is not a number in 1-65535")
         ports.append(int(p))
@@ -67,6 +70,8 @@ def check_forwards(forwards: list[Forward]) -> None:
     """Each host port must be free now (a taken one is one line before the VM starts)."""
     seen: set[tuple[str, int]] = set()
     for f in forwards:
+        if f.host_port == 0:
+            continue                        # "auto": any free port will do
         if (f.proto, f.host_port) in seen:
             raise ValueError(f"{f.proto} host port {f.host_port} is forwarded twice")
         seen.add((f.proto, f.host_port))
@@ -82,6 +87,19 @@ def check_forwards(forwards: list[Forward]) -> None:
                 from None
         finally:
             s.close()
+
+
+def resolve_auto(forwards: list[Forward]) -> list[Forward]:
+    """Give each ``auto`` forward a free host port (asked of the kernel: bind to port 0)."""
+    out = []
+    for f in forwards:
+        if f.host_port == 0:
+            kind = socket.SOCK_STREAM if f.proto == "tcp" else socket.SOCK_DGRAM
+            with socket.socket(socket.AF_INET, kind) as s:
+                s.bind((f.addr or "127.0.0.1", 0))
+                f = Forward(f.proto, f.addr, s.getsockname()[1], f.guest_port)
+        out.append(f)
+    return out
 
 
 def find_passt() -> str:
@@ -101,8 +119,11 @@ class UserBackend(StreamLink):
         try:
             binary = passt or find_passt()
             check_forwards(forwards)
+            forwards = resolve_auto(forwards)
         except ValueError as e:
             raise VmrunError(f"user network: {e}") from None
+        #: The forwards as passt got them (``auto`` ports resolved).
+        self.forwards = forwards
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         fd = theirs.fileno()
         tcp = ",".join(f.passt_spec() for f in forwards if f.proto == "tcp") or "none"
