@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from vmrun.core.input import InputHub
     from vmrun.core.pci import PciDevice
 
-OPTION_TYPES = ("str", "bool", "int", "size", "path", "choice")
+OPTION_TYPES = ("str", "bool", "int", "size", "path", "choice", "list")
 
 
 @dataclass(frozen=True)
@@ -27,8 +27,9 @@ class Option:
     """One option of a device emulation.
 
     ``type``: "str", "bool", "int" (``min``/``max``), "size" (bytes: 512, "20G"), "path"
-    (relative to the machine file; ``must_exist``), "choice" (``choices``). ``validate`` may
-    further check the parsed value and raise ValueError with the reason.
+    (relative to the machine file; ``must_exist``), "choice" (``choices``), "list" (a list
+    of distinct strings, each one of ``choices`` when given, at most ``max`` of them).
+    ``validate`` may further check the parsed value and raise ValueError with the reason.
     """
 
     name: str
@@ -146,7 +147,7 @@ def validate_options(dtype: DeviceType, table: dict[str, Any], base_dir: Path) -
             if opt.required:
                 raise OptionError(opt.name, f"required option of {dtype.name} is missing",
                                   None)
-            out[opt.name] = opt.default
+            out[opt.name] = list(opt.default) if opt.type == "list" else opt.default
             continue
         value = table[opt.name]
         out[opt.name] = _parse_value(opt, value, base_dir)
@@ -185,6 +186,17 @@ def _parse_value(opt: Option, value: Any, base_dir: Path) -> Any:
             if value not in opt.choices:
                 raise ValueError(f"must be one of {', '.join(opt.choices)}")
             parsed = value
+        elif t == "list":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError("must be a list of strings")
+            for v in value:
+                if opt.choices and v not in opt.choices:
+                    raise ValueError(f"{v!r} is not one of {', '.join(opt.choices)}")
+            if len(set(value)) != len(value):
+                raise ValueError("names an entry twice")
+            if opt.max is not None and len(value) > opt.max:
+                raise ValueError(f"must have at most {opt.max} entries")
+            parsed = list(value)
         elif t == "path":
             if not isinstance(value, str) or not value:
                 raise ValueError("must be a non-empty path string")
