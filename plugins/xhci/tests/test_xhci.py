@@ -14,17 +14,6 @@ import struct
 import time
 
 import pytest
-
-from vmrun.core.input import ABS_MAX, InputHub
-from vmrun.plugins.registry import DeviceContext, validate_options
-from vmrun.testing import FakeVm, PciDriver
-from vmrun.testing.xhci_driver import (
-    COMMAND_COMPLETION,
-    NORMAL,
-    PORT_STATUS_CHANGE,
-    TRANSFER_EVENT,
-    XhciDriver,
-)
 from vmrun_xhci import plugin
 from vmrun_xhci.controller import TRB_BUDGET, XhciController
 from vmrun_xhci.hid import (
@@ -66,6 +55,17 @@ from vmrun_xhci.spec import (
     SLOT_CONFIGURED,
     SLOT_DEFAULT,
     USBSTS_HSE,
+)
+
+from vmrun.core.input import ABS_MAX, InputHub
+from vmrun.plugins.registry import DeviceContext, validate_options
+from vmrun.testing import FakeVm, PciDriver
+from vmrun.testing.xhci_driver import (
+    COMMAND_COMPLETION,
+    NORMAL,
+    PORT_STATUS_CHANGE,
+    TRANSFER_EVENT,
+    XhciDriver,
 )
 
 SLOT = 5
