@@ -5,6 +5,8 @@
   device, sizes and reads its BARs and capabilities, as an OS would.
 - :class:`MockVirtqueue` / :class:`VirtioDriver`: a mock virtio driver that lays out descriptor
   tables and rings in the fake memory and drives a device through its modern PCI transport.
+- :class:`XhciDriver`: a mock xHCI driver (rings, contexts, event ring, enumeration, control
+  and interrupt transfers) for any xHCI controller.
 
 Use them as pytest fixtures in a plugin's tests::
 
@@ -14,5 +16,7 @@ Use them as pytest fixtures in a plugin's tests::
 from vmrun.testing.fakes import FakeVm, RecordingDevice
 from vmrun.testing.pcidriver import PciDriver
 from vmrun.testing.virtio import MockVirtqueue, VirtioDriver
+from vmrun.testing.xhci_driver import XhciDriver
 
-__all__ = ["FakeVm", "RecordingDevice", "PciDriver", "MockVirtqueue", "VirtioDriver"]
+__all__ = ["FakeVm", "RecordingDevice", "PciDriver", "MockVirtqueue", "VirtioDriver",
+           "XhciDriver"]

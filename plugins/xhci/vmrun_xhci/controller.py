@@ -295,7 +295,8 @@ class XhciController(PciDevice):
         self.intrs = [Interrupter(i) for i in range(NINTRS)]
         self.slots = [Slot(i) for i in range(MAX_SLOTS + 1)]        # [0] unused
         self.stats = {"doorbells": 0, "commands": 0, "transfers": 0, "events": 0,
-                      "interrupts": 0, "link_loops": 0, "budget_exhausted": 0, "hse": 0}
+                      "interrupts": 0, "link_loops": 0, "budget_exhausted": 0, "hse": 0,
+                      "faults": 0}
         self._budget = 0
         self.mfwrap_timer = None
         for port in self.ports:
@@ -660,6 +661,7 @@ class XhciController(PciDevice):
     def fault(self, reason: str) -> None:
         """An internal error: the controller halts with HSE (the driver's HCRST recovers)."""
         log.error("%s: %s", self.name, reason)
+        self.stats["faults"] += 1
         with self.lock:
             self._host_system_error(reason)
 
