@@ -597,8 +597,7 @@ class XhciController(PciDevice):
     def _erdp_moved(self, intr: Interrupter) -> None:
         """Software consumed events: events still unread (or queued) interrupt again."""
         enq = intr.enqueue_address()
-        if intr.queue or enq is not None and intr.erdp & ~0xF != enq:
-            intr.pending = True
+        intr.pending = bool(intr.queue) or enq is not None and intr.erdp & ~0xF != enq
         self.loop.call_soon(self._guard, self._flush, intr, owner=self)
 
     def _portsc_write(self, port: Port, v: int) -> None:
@@ -1194,7 +1193,7 @@ class XhciController(PciDevice):
             return False                     # suspended: the TD waits for the resume
         if ep.is_in:
             want = sum(t[2] & 0x1FFFF for t in trbs if self._type(t) == TRB_NORMAL)
-            resp = dev.data_in(ep.address, want)
+            resp = dev.data_in(ep.address, want) if want else b""
         else:
             resp = dev.data_out(ep.address, self._gather(trbs))
         if resp == NAK:

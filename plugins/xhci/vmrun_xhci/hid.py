@@ -242,10 +242,11 @@ class HidTablet(HidDevice):
 
     def input_abs(self, x: int, y: int, wheel: int, buttons: int) -> None:
         wheel = max(-127, min(127, wheel))
-        fold = not wheel and buttons == self.buttons and bool(self.queue) and \
-            self.queue[-1][5] == 0
-        self.x, self.y, self.buttons = x, y, buttons & 7
-        self.push(struct.pack("<BHHb", self.buttons, x, y, wheel), fold)
+        with self.lock:
+            fold = not wheel and buttons == self.buttons and bool(self.queue) and \
+                self.queue[-1][5] == 0
+            self.x, self.y, self.buttons = x, y, buttons & 7
+            self.push(struct.pack("<BHHb", self.buttons, x, y, wheel), fold)
 
 
 class HidKeyboard(HidDevice):
@@ -272,16 +273,17 @@ class HidKeyboard(HidDevice):
         usage = EVDEV_TO_HID.get(code)
         if usage is None:
             return
-        if usage >= 0xE0:
-            bit = 1 << (usage - 0xE0)
-            self.modifiers = self.modifiers | bit if down else self.modifiers & ~bit
-        elif down and usage not in self.keys:
-            self.keys.append(usage)
-        elif not down and usage in self.keys:
-            self.keys.remove(usage)
-        else:
-            return
-        self.push(self.current_report())
+        with self.lock:
+            if usage >= 0xE0:
+                bit = 1 << (usage - 0xE0)
+                self.modifiers = self.modifiers | bit if down else self.modifiers & ~bit
+            elif down and usage not in self.keys:
+                self.keys.append(usage)
+            elif not down and usage in self.keys:
+                self.keys.remove(usage)
+            else:
+                return
+            self.push(self.current_report())
 
     def reset_state(self) -> None:
         super().reset_state()

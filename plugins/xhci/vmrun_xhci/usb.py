@@ -52,7 +52,7 @@ class UsbDevice:
     endpoints: dict[int, tuple[int, int]] = {}
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         self.notify: Callable[[], None] = lambda: None
         self.address = 0
         self.configuration = 0
