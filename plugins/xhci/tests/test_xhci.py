@@ -518,3 +518,68 @@ def test_plugin_options_and_factory(tmp_path) -> None:
         with pytest.raises(ValueError):
             validate_options(dtype, bad, tmp_path)
     host.close()
+
+
+# -- more transfer shapes, suspend, bus mastering ----------------------------------------------
+def test_chained_trbs_with_event_data(rig: Rig) -> None:
+    d = rig.drv
+    sid = d.enumerate(1)
+    ring = d.rings[(sid, 3)]
+    a, b = d.alloc(4, 16), d.alloc(4, 16)
+    first = ring.put(a, 4, NORMAL << 10 | 1 << 4)                     # CH
+    second = ring.put(b, 4, NORMAL << 10 | 1 << 4 | 1 << 2)           # CH, ISP
+    ed = ring.put(0xED0000DA7A, 0, 7 << 10 | 1 << 5)                  # Event Data, IOC
+    d.ring_doorbell(sid, 3)
+    rig.hub.abs(0x1122, 0x3344, 0, 1)
+    short = d.wait_event(lambda e: e.type == TRANSFER_EVENT and e.param == second, "short")
+    assert short.cc == CC_SHORT_PACKET and short.length == 2          # 2 of its 4 bytes
+    data = d.wait_event(lambda e: e.type == TRANSFER_EVENT and e.param == 0xED0000DA7A, "ED")
+    assert data.control & 1 << 2 and data.length == 6                 # ED, EDTLA
+    assert d.mem.read(a, 4) + d.mem.read(b, 2) == struct.pack("<BHHb", 1, 0x1122, 0x3344, 0)
+    assert not [e for e in d.events if e.param == first]
+    del ed
+
+
+def test_out_endpoint_the_device_lacks_is_a_transaction_error(rig: Rig) -> None:
+    d = rig.drv
+    sid = d.enumerate(1)
+    assert d.configure_endpoint(sid, [(2, 3, 8)]).cc == CC_SUCCESS   # interrupt OUT, EP 1
+    trb = d.rings[(sid, 2)].put(0x1122334455667788, 8, NORMAL << 10 | 1 << 6 | 1 << 5)
+    d.ring_doorbell(sid, 2)
+    ev = d.wait_event(lambda e: e.type == TRANSFER_EVENT and e.param == trb, "OUT TD")
+    assert ev.cc == CC_TRANSACTION and d.ep_state(sid, 2) == EP_HALTED
+    bad = d.rings[(sid, 3)].put(0x1000, 8, 2 << 10)                  # a Setup TRB on EP 1 IN
+    d.ring_doorbell(sid, 3)
+    ev = d.wait_event(lambda e: e.type == TRANSFER_EVENT and e.param == bad, "TRB error")
+    assert ev.cc == CC_TRB and d.ep_state(sid, 3) == EP_HALTED
+
+
+def test_suspend_and_remote_wakeup(rig: Rig) -> None:
+    d = rig.drv
+    sid = d.enumerate(1)
+    assert d.control(sid, 0x00, 3, 1, 0, 0)[0].cc == CC_SUCCESS       # SET_FEATURE wakeup
+    trb, buf = d.queue_in(sid, 3, 8)
+    neutral = d.portsc(1) & 0x0E00C200
+    d.set_portsc(1, neutral | 1 << 16 | 3 << 5)                        # LWS, PLS = U3
+    assert (d.portsc(1) >> 5) & 0xF == 3
+    d.poll_events()
+    d.events.clear()
+    rig.hub.abs(5, 6, 0, 0)
+    ev = d.wait_event(lambda e: e.type == PORT_STATUS_CHANGE, "remote wake-up")
+    assert ev.param >> 24 == 1 and (d.portsc(1) >> 5) & 0xF == 15      # Resume
+    assert not [e for e in d.events if e.type == TRANSFER_EVENT]       # still suspended
+    d.set_portsc(1, neutral | 1 << 22 | 1 << 16)                       # clear PLC, U0
+    assert (d.portsc(1) >> 5) & 0xF == 0
+    assert d.wait_in(sid, 3, trb, buf, 8)[1] == struct.pack("<BHHb", 0, 5, 6, 0)
+
+
+def test_bus_mastering_off_is_a_host_system_error(rig: Rig) -> None:
+    pci = PciDriver(rig.vm)
+    cmd = pci.read(SLOT, 0, 4, 2)
+    pci.write(SLOT, 0, 4, 2, cmd & ~4)
+    rig.drv.cmd_ring.put(0, 0, CMD_NOOP << 10)
+    rig.drv.ring_doorbell(0, 0)
+    rig.drv.wait(lambda: rig.drv.op_read(0x04) & USBSTS_HSE, "HSE")
+    pci.write(SLOT, 0, 4, 2, cmd)
+    rig.drv.start()
+    assert rig.drv.command(CMD_NOOP).cc == CC_SUCCESS
