@@ -598,7 +598,8 @@ class XhciController(PciDevice):
         """Software consumed events: events still unread (or queued) interrupt again."""
         enq = intr.enqueue_address()
         intr.pending = bool(intr.queue) or enq is not None and intr.erdp & ~0xF != enq
-        self.loop.call_soon(self._guard, self._flush, intr, owner=self)
+        if intr.pending:         # else nothing to write or signal: the loop stays asleep
+            self.loop.call_soon(self._guard, self._flush, intr, owner=self)
 
     def _portsc_write(self, port: Port, v: int) -> None:
         port.portsc &= ~(v & PORTSC_CHANGE)

@@ -6,7 +6,8 @@ on a host whose KVM emulates guest kernel mode (kvm-pvm), makes it run at native
 same ELF boots under vmrun and QEMU (``-kernel``), which makes it a like-for-like device test
 and benchmark. Built with the host's gcc and cached outside the repository.
 
-- ``vblk``: a polling virtio-blk driver and benchmark (see ``vblk.c``).
+- ``vblk``: a polling virtio-blk driver and benchmark (see ``vblk.c``);
+- ``vxhci``: an xHCI doorbell and command benchmark (see ``vxhci.c``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from vmrun.errors import VmrunError
 from vmrun.image import cache_dir
 
 SOURCE_DIR = Path(__file__).parent
-GUESTS = ("vblk",)
+GUESTS = ("vblk", "vxhci")
 CFLAGS = ["-O2", "-ffreestanding", "-fno-builtin", "-fno-tree-loop-distribute-patterns",
           "-fno-pic", "-no-pie", "-nostdlib", "-static", "-mgeneral-regs-only", "-mno-red-zone",
           "-fno-stack-protector", "-fcf-protection=none", "-Wall", "-Wextra",
