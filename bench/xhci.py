@@ -15,18 +15,29 @@ devices' event loop runs on its own thread as in ``vmrun up``. Measured:
 driver fragment, under vmrun (``xhci``) and QEMU 7.2 (``qemu-xhci`` + ``usb-tablet``), best
 of ``--rounds`` each: a doorbell vmrun serves with an ioeventfd, a doorbell write that
 exits to the VMM, and a No-Op command's round trip (doorbell, completion event in memory,
-ERDP). The input latency against QEMU needs a host input source on vmrun's side (the VNC
-server, or a QMP ``input-send-event``): until one is merged only vmrun's in-process figure
-is printed.
+ERDP).
 
-Usage: python bench/xhci.py [--n N] [--native [--rounds R] [--guest-n N]]
+``--latency N`` runs ``vxhci lat=N``: the guest enumerates the tablet and keeps one
+interrupt IN TD posted; the host injects an absolute pointer event and spins (yielding)
+until the guest has the report in RAM, read from the host side: vmrun's machine runs in
+this process (the event goes to ``InputHub.abs``, as from its VNC server), QEMU's RAM is a
+shared file and the event goes in through QMP ``input-send-event`` (its VNC server calls
+the same input layer). Median and p90 of N, vmrun against QEMU.
+
+Usage: python bench/xhci.py [--n N] [--native [--rounds R] [--guest-n N]] [--latency N]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import mmap
+import os
 import shutil
+import socket
 import statistics
+import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -101,16 +112,143 @@ model = "xhci"
         print(line)
 
 
+STATE = 0x01100000          # vxhci: u64 ready, u64 count
+
+
+def _rounds(read_u64, inject, n: int) -> list[float]:
+    out = []
+    for i in range(n):
+        end = time.monotonic() + 20
+        while read_u64(STATE) != i + 1:
+            if time.monotonic() > end:
+                raise TimeoutError(f"guest not ready for round {i}")
+            time.sleep(0.0001)
+        time.sleep(0.002)                     # the TD's doorbell is served: it waits for input
+        t0 = time.perf_counter()
+        inject(100 + (i % 2) * 20000)         # a new position every time
+        while read_u64(STATE + 8) != i + 1:
+            if time.perf_counter() - t0 > 5:
+                raise TimeoutError(f"no report in round {i}")
+            time.sleep(0)                     # yield: vmrun's loop shares this process
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def vmrun_latency(elf: Path, n: int) -> list[float]:
+    from vmrun.config import load_machine
+    from vmrun.core.exits import ExitCode
+    from vmrun.core.host import HostContext
+    from vmrun.machine import Machine
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "lat.toml"
+        path.write_text(f'''name = "vxhci-lat"
+cpus = 1
+memory = "256M"
+on_reboot = "exit"
+[boot]
+kernel = "{elf}"
+cmdline = "lat={n}"
+[devices.usb]
+model = "xhci"
+''')
+        cfg = load_machine(path)
+        host = HostContext()
+        m = Machine(cfg, {}, debug_out=lambda data: None, host=host)
+        try:
+            m.start()
+            mem = m.vm.memory
+            return _rounds(lambda a: struct.unpack("<Q", mem.read(a, 8))[0],
+                           lambda v: host.input.abs(v, v), n)
+        finally:
+            m.stop(ExitCode.POWER_OFF, "benchmark done")
+            m.wait(5)
+            m.close()
+            host.close()
+
+
+def qemu_latency(qemu: str, elf: Path, n: int) -> list[float]:
+    with tempfile.TemporaryDirectory() as d:
+        ram, sock_path = Path("/dev/shm") / f"vxhci-{os.getpid()}", Path(d) / "qmp.sock"
+        cmd = [qemu, "-enable-kvm", "-M", "pc,memory-backend=ram", "-nodefaults",
+               "-no-reboot", "-display", "none", "-cpu", "qemu64,-cx16", "-m", "256",
+               "-object", f"memory-backend-file,id=ram,size=256M,mem-path={ram},share=on",
+               "-kernel", str(elf), "-append", f"lat={n}",
+               "-chardev", f"file,id=dbg,path={d}/dbg.log",
+               "-device", "isa-debugcon,iobase=0xe9,chardev=dbg",
+               "-device", "isa-debug-exit,iobase=0xf4,iosize=1",
+               "-device", "qemu-xhci", "-device", "usb-tablet",
+               "-qmp", f"unix:{sock_path},server=on,wait=off"]
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        try:
+            end = time.monotonic() + 20
+            while not sock_path.exists() or not ram.exists():
+                if time.monotonic() > end or proc.poll() is not None:
+                    raise RuntimeError("QEMU did not start")
+                time.sleep(0.05)
+            qmp = socket.socket(socket.AF_UNIX)
+            qmp.connect(str(sock_path))
+            f = qmp.makefile("rwb")
+            f.readline()
+            f.write(b'{"execute": "qmp_capabilities"}\n')
+            f.flush()
+            f.readline()
+            fd = os.open(ram, os.O_RDONLY)
+            mem = mmap.mmap(fd, 256 << 20, prot=mmap.PROT_READ)
+
+            def inject(v: int) -> None:
+                events = [{"type": "abs", "data": {"axis": a, "value": v}} for a in "xy"]
+                f.write(json.dumps({"execute": "input-send-event",
+                                    "arguments": {"events": events}}).encode() + b"\n")
+                f.flush()
+
+            try:
+                return _rounds(lambda a: struct.unpack_from("<Q", mem, a)[0], inject, n)
+            finally:
+                mem.close()
+                os.close(fd)
+                qmp.close()
+        finally:
+            proc.kill()
+            proc.wait()
+            ram.unlink(missing_ok=True)
+
+
+def latency(n: int) -> None:
+    from vmrun.testing import native as guests
+
+    elf = guests.build("vxhci")
+    qemu = shutil.which("qemu-system-x86_64")
+
+    def fig(xs: list[float]) -> str:
+        xs = sorted(xs)
+        med, p90 = statistics.median(xs) * 1e6, xs[len(xs) * 9 // 10] * 1e6
+        return f"median {med:7.0f} us, p90 {p90:7.0f} us"
+
+    ours = vmrun_latency(elf, n)
+    print(f"host input event -> HID report in guest RAM, n={n}")
+    print(f"  vmrun (xhci + tablet):          {fig(ours)}")
+    if qemu:
+        theirs = qemu_latency(qemu, elf, n)
+        print(f"  qemu  (qemu-xhci + usb-tablet): {fig(theirs)}")
+        print(f"  vmrun/qemu (median): {statistics.median(ours) / statistics.median(theirs):.2f}"
+              " (goal <= 1)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--native", action="store_true")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--guest-n", type=int, default=20000)
+    ap.add_argument("--latency", type=int, default=0)
     args = ap.parse_args()
     n = args.n
     if args.native:
         native(args.rounds, args.guest_n)
+    if args.latency:
+        latency(args.latency)
+        return
     vm = FakeVm()
     hub = InputHub()
     dev = XhciController([HidTablet()], input_hub=hub)
