@@ -8,7 +8,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 
-for script in ("exit_rate.py", "eventloop.py", "boot.py", "blk.py"):
+for script in ("exit_rate.py", "eventloop.py", "boot.py", "blk.py", "xhci.py"):
     path = HERE / script
     if path.exists():
         print(f"== {script}", flush=True)

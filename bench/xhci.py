@@ -24,7 +24,7 @@ this process (the event goes to ``InputHub.abs``, as from its VNC server), QEMU'
 shared file and the event goes in through QMP ``input-send-event`` (its VNC server calls
 the same input layer). Median and p90 of N, vmrun against QEMU.
 
-Usage: python bench/xhci.py [--n N] [--native [--rounds R] [--guest-n N]] [--latency N]
+Usage: python bench/xhci.py [--n N] [--no-native | --rounds R --guest-n N] [--latency N]
 """
 
 from __future__ import annotations
@@ -238,17 +238,16 @@ def latency(n: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=2000)
-    ap.add_argument("--native", action="store_true")
+    ap.add_argument("--native", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--guest-n", type=int, default=20000)
-    ap.add_argument("--latency", type=int, default=0)
+    ap.add_argument("--latency", type=int, default=200, help="rounds (0: none)")
     args = ap.parse_args()
     n = args.n
     if args.native:
         native(args.rounds, args.guest_n)
     if args.latency:
         latency(args.latency)
-        return
     vm = FakeVm()
     hub = InputHub()
     dev = XhciController([HidTablet()], input_hub=hub)
