@@ -583,3 +583,20 @@ def test_bus_mastering_off_is_a_host_system_error(rig: Rig) -> None:
     pci.write(SLOT, 0, 4, 2, cmd)
     rig.drv.start()
     assert rig.drv.command(CMD_NOOP).cc == CC_SUCCESS
+
+
+def test_msi_when_the_driver_enables_no_msix() -> None:
+    r = Rig()
+    pci = PciDriver(r.vm)
+    cap = dict((cid, off) for off, cid in pci.capabilities(SLOT, 0))[0x05]
+    pci.write(SLOT, 0, cap + 4, 4, 0xFEE00000)
+    pci.write(SLOT, 0, cap + 8, 4, 0)
+    pci.write(SLOT, 0, cap + 12, 2, 0x41)
+    pci.write(SLOT, 0, cap + 2, 2, pci.read(SLOT, 0, cap + 2, 2) | 1)
+    assert r.dev.irq.mode == "msi"
+    gsi = r.dev.irq.msi.gsis[0]
+    r.drv.start()
+    r.vm.msi_count(gsi)
+    r.drv.command(CMD_NOOP)
+    assert r.vm.msi_count(gsi) == 1 and not r.dev.intx.level
+    r.close()
