@@ -52,13 +52,15 @@ from vmrun.testing.xhci_driver import NOOP_CMD, TRB, XhciDriver
 
 
 def _spin_event(drv: XhciDriver, timeout: float = 2.0) -> None:
-    """Wait (spinning, as a polling guest would) for the next event's cycle bit."""
+    """Wait (spinning, as a polling guest would, but yielding: the loop shares this
+    process's GIL) for the next event's cycle bit."""
     base, _ = drv.segments[drv.ev_seg]
     addr = base + 16 * drv.ev_idx
     end = time.perf_counter() + timeout
     while TRB.unpack(drv.mem.read(addr, 16))[2] & 1 != drv.ev_cycle:
         if time.perf_counter() > end:
             raise TimeoutError("no event")
+        time.sleep(0)         # yield the GIL to the devices' loop
 
 
 def native(rounds: int, n: int) -> None:
