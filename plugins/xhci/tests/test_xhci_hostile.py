@@ -147,7 +147,7 @@ class Hostile:
         self.vm.close()
 
 
-@settings(deadline=None, max_examples=60 * SCALE,
+@settings(deadline=None, max_examples=40 * SCALE,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(acts=actions)
 def test_hostile_driver(acts: list) -> None:
