@@ -28,7 +28,7 @@ from tests.e2e.harness import GuestRun, require_guest_image, tiny_cmdline
 
 pytestmark = pytest.mark.e2e
 
-TOKEN_TIMEOUT = 120
+TOKEN_TIMEOUT = 300
 XHCI_SLOT = 6                     # a shared boot may move it: the checks follow
 PCI = f"0000:00:{XHCI_SLOT:02x}.0"
 PCI_RE = re.escape(PCI)
