@@ -391,6 +391,8 @@ def test_input_hub_prefers_the_newest_sink_the_guest_listens_to() -> None:
     hub.abs(1, 2)
     assert ps2.keys == [(30, True)] and not usb.keys and ps2.abs == [(1, 2, 0, 0)]
     hub.detach(ps2)
+    usb.input_active = False
+    assert not hub.has_tablet                # absolute positions would reach nobody
     hub.abs(3, 4)                            # no active tablet: the newest one still gets it
     assert usb.abs == [(3, 4, 0, 0)]
     usb.input_active = True

@@ -69,8 +69,10 @@ class InputHub:
 
     @property
     def has_tablet(self) -> bool:
-        """Whether absolute positions reach the guest (a VNC server tells its clients)."""
-        return bool(self._tablets)
+        """Whether absolute positions reach the guest (a VNC server tells its clients): a
+        tablet is attached and its guest listens (``input_active``, default True)."""
+        with self._lock:
+            return any(getattr(t, "input_active", True) for t in self._tablets)
 
     @staticmethod
     def _pick(sinks: list) -> object | None:
