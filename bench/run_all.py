@@ -9,7 +9,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 
 for script, *args in (("exit_rate.py",), ("eventloop.py",), ("boot.py",), ("blk.py",),
-                      ("blk.py", "--qcow2"), ("blk.py", "--device", "ahci")):
+                      ("blk.py", "--qcow2"), ("blk.py", "--device", "ahci"), ("xhci.py",)):
     path = HERE / script
     if path.exists():
         print(f"== {' '.join([script, *args])}", flush=True)

@@ -381,6 +381,45 @@ def test_input_hub_routes_to_the_newest_sink_and_clamps() -> None:
     assert len(a.keys) == 2
 
 
+def test_input_hub_prefers_the_newest_sink_the_guest_listens_to() -> None:
+    hub = InputHub()
+    ps2, usb = Recorder(), Recorder()
+    usb.input_active = False                 # a USB keyboard the guest has not configured
+    hub.attach(ps2)
+    hub.attach(usb)
+    hub.key(30, True)
+    hub.abs(1, 2)
+    assert ps2.keys == [(30, True)] and not usb.keys and ps2.abs == [(1, 2, 0, 0)]
+    hub.detach(ps2)
+    usb.input_active = False
+    assert not hub.has_tablet                # absolute positions would reach nobody
+    hub.abs(3, 4)                            # no active tablet: the newest one still gets it
+    assert usb.abs == [(3, 4, 0, 0)]
+    usb.input_active = True
+    hub.key(30, False)
+    assert usb.keys == [(30, False)]
+
+
+def test_list_options_and_capabilities_offset(tmp_path: Path) -> None:
+    from vmrun.core.pci import ConfigSpace, PciDevice
+    from vmrun.plugins.registry import DeviceType, Option, validate_options
+
+    dtype = DeviceType("t", "t", lambda ctx, o: None,
+                       [Option("devs", "list", "h", ["a"], choices=("a", "b"), max=2)])
+    assert validate_options(dtype, {}, tmp_path) == {"devs": ["a"]}
+    assert validate_options(dtype, {"devs": ["b", "a"]}, tmp_path) == {"devs": ["b", "a"]}
+    for bad in ("a", ["c"], ["a", "a"], ["a", "b", "b"], [1]):
+        with pytest.raises(ValueError):
+            validate_options(dtype, {"devs": bad}, tmp_path)
+
+    class Dev(PciDevice):
+        capabilities_offset = 0x70
+
+    cfg = ConfigSpace(Dev())
+    assert cfg.add_capability(0x09, b"\0\0") == 0x70
+    assert ConfigSpace(PciDevice()).add_capability(0x09, b"\0\0") == 0x40
+
+
 def test_i8042_is_an_input_hub_sink() -> None:
     from vmrun.core.irq import RecordingIrqLine
 

@@ -544,6 +544,8 @@ def devices(name: str | None) -> None:
         table.add_column(col)
     for opt in dtype.options:
         typ = opt.type if opt.type != "choice" else " | ".join(opt.choices)
+        if opt.type == "list" and opt.choices:
+            typ = "list of " + " | ".join(opt.choices)
         default = "(required)" if opt.required else ("-" if opt.default is None
                                                      else repr(opt.default))
         table.add_row(escape(opt.name), escape(typ), escape(default), escape(opt.help))

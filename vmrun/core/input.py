@@ -7,14 +7,17 @@ tablet) receive them. Events are device-neutral:
 - keys are Linux evdev key codes (``KEY_A`` = 30, as in ``linux/input-event-codes.h``): every
   source can map to them and every sink from them, so n sources and m sinks need n + m
   tables, not n × m;
-- relative motion is (dx, dy, wheel) with dy positive *down*, buttons as a bit mask (1 left,
-  2 right, 4 middle);
+- relative motion is (dx, dy, wheel) with dy positive *down* and wheel positive *up* (away
+  from the user, evdev's REL_WHEEL), buttons as a bit mask (1 left, 2 right, 4 middle);
 - absolute positions are scaled to 0..:data:`ABS_MAX` on both axes, whatever the screen size.
 
 The hub lives as long as a ``vmrun up`` (host side); each boot's devices attach as sinks and
 detach when that boot ends, so a VNC client stays connected across guest reboots. A sink
 that cannot take absolute positions (the PS/2 mouse) is skipped for them, and a key goes to
-the most recently attached keyboard sink.
+the most recently attached keyboard sink. A sink may say whether the guest listens to it now
+(``input_active``, e.g. a USB keyboard the guest has not configured yet answers False): the
+newest *active* sink of a kind wins, else the newest one, so keys reach the PS/2 keyboard
+until the guest's USB HID driver takes over.
 """
 
 from __future__ import annotations
@@ -66,31 +69,42 @@ class InputHub:
 
     @property
     def has_tablet(self) -> bool:
-        """Whether absolute positions reach the guest (a VNC server tells its clients)."""
-        return bool(self._tablets)
+        """Whether absolute positions reach the guest (a VNC server tells its clients): a
+        tablet is attached and its guest listens (``input_active``, default True)."""
+        with self._lock:
+            return any(getattr(t, "input_active", True) for t in self._tablets)
+
+    @staticmethod
+    def _pick(sinks: list) -> object | None:
+        """The newest sink whose guest listens (``input_active``, default True), else the
+        newest."""
+        for sink in reversed(sinks):
+            if getattr(sink, "input_active", True):
+                return sink
+        return sinks[-1] if sinks else None
 
     def key(self, code: int, down: bool) -> None:
         if not 0 < code < 0x300:
             return
         with self._lock:
-            sink = self._keyboards[-1] if self._keyboards else None
+            sink = self._pick(self._keyboards)
         self.events += 1
         if sink is not None:
-            sink.input_key(code, down)
+            sink.input_key(code, down)  # type: ignore[attr-defined]
 
     def rel(self, dx: int, dy: int, wheel: int = 0, buttons: int = 0) -> None:
         with self._lock:
-            sink = self._pointers[-1] if self._pointers else None
+            sink = self._pick(self._pointers)
         self.events += 1
         if sink is not None:
-            sink.input_rel(dx, dy, wheel, buttons & 7)
+            sink.input_rel(dx, dy, wheel, buttons & 7)  # type: ignore[attr-defined]
 
     def abs(self, x: int, y: int, wheel: int = 0, buttons: int = 0) -> None:
         """An absolute position (0..ABS_MAX each); with no tablet attached, dropped."""
         x = min(max(x, 0), ABS_MAX)
         y = min(max(y, 0), ABS_MAX)
         with self._lock:
-            sink = self._tablets[-1] if self._tablets else None
+            sink = self._pick(self._tablets)
         self.events += 1
         if sink is not None:
-            sink.input_abs(x, y, wheel, buttons & 7)
+            sink.input_abs(x, y, wheel, buttons & 7)  # type: ignore[attr-defined]

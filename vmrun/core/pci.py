@@ -222,6 +222,9 @@ class PciDevice:
     msix_vectors = 0
     msix_bar: int | None = None
     msi_vectors = 0
+    #: Where the capability list starts in config space: a device with registers of its own
+    #: at fixed offsets after the header (xHCI's SBRN/FLADJ at 0x60) moves it past them.
+    capabilities_offset = 0x40
 
     config: ConfigSpace
     intx = None
@@ -397,7 +400,7 @@ class ConfigSpace:
         # Command: I/O, memory, bus master, INTx disable are writable.
         struct.pack_into("<H", self.wmask, COMMAND, COMMAND_IO | COMMAND_MEMORY | COMMAND_MASTER
                          | COMMAND_INTX_DISABLE)
-        self.next_cap = 0x40
+        self.next_cap = dev.capabilities_offset
         self.last_cap_ptr = CAPABILITIES_POINTER
         for bar in dev.bars:
             off = BAR0 + 4 * bar.index

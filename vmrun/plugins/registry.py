@@ -31,9 +31,9 @@ class Option:
     ``type``: "str", "bool", "int" (``min``/``max``), "size" (bytes: 512, "20G"), "path"
     (relative to the machine file; ``must_exist``), "choice" (``choices``), "tables" (an
     array of inline tables, each checked against ``fields``, at most ``max`` of them, at least
-    ``min``; a problem is reported on ``NAME[i].FIELD``), "list" (a list of strings, e.g. port
-    forwards; ``max`` entries at most). ``validate`` may further check the
-    parsed value and raise ValueError with the reason.
+    ``min``; a problem is reported on ``NAME[i].FIELD``), "list" (a list of distinct strings,
+    e.g. port forwards, each one of ``choices`` when given, at most ``max`` of them).
+    ``validate`` may further check the parsed value and raise ValueError with the reason.
     """
 
     name: str
@@ -180,7 +180,7 @@ def _parse_table(options: list[Option] | tuple[Option, ...], table: dict[str, An
         if opt.name not in table:
             if opt.required:
                 raise OptionError(opt.name, f"required {missing} is missing", None)
-            out[opt.name] = opt.default
+            out[opt.name] = list(opt.default) if opt.type == "list" else opt.default
             continue
         out[opt.name] = _parse_value(opt, table[opt.name], base_dir)
     return out
@@ -272,6 +272,11 @@ def _parse_value(opt: Option, value: Any, base_dir: Path) -> Any:
         elif t == "list":
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ValueError("must be a list of strings")
+            for v in value:
+                if opt.choices and v not in opt.choices:
+                    raise ValueError(f"{v!r} is not one of {', '.join(opt.choices)}")
+            if len(set(value)) != len(value):
+                raise ValueError("names an entry twice")
             if opt.max is not None and len(value) > opt.max:
                 raise ValueError(f"must have at most {opt.max} entries")
             parsed = list(value)

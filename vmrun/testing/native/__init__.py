@@ -9,6 +9,7 @@ and benchmark. Built with the host's gcc and cached outside the repository.
 - ``vblk``: a polling virtio-blk driver and benchmark (see ``vblk.c``);
 - ``vahci``: the same for an AHCI controller with NCQ (see ``vahci.c``).
 - ``vfb``: draws frames into a bochs-display framebuffer (see ``vfb.c``).
+- ``vxhci``: an xHCI doorbell and command benchmark (see ``vxhci.c``).
 """
 
 from __future__ import annotations

@@ -1,0 +1,168 @@
+"""The xHCI controller with a tablet and a keyboard, end to end with the default guest.
+
+One boot of machines/tiny.toml's kernel and initramfs with ``[devices.usb] model = "xhci"``
+and ``devices = ["tablet", "keyboard"]``. In three parts, so the checks can join a shared boot:
+
+1. :func:`xhci_devices`: the ``[devices.*]`` fragment;
+2. :func:`drive_xhci`: what the guest shell is asked (sysfs, /proc/bus/input/devices, the
+   HID report descriptors, /proc/interrupts), answered with short tokens;
+3. the ``test_*`` checks on the console text: Linux's xhci_hcd binds (1b36:000d, hci
+   version 0x110), registers a USB 2 and a USB 3 root hub with 4 ports each, and enumerates
+   both HID devices at high speed; their idVendor/idProduct/product in sysfs; the tablet is an
+   absolute pointer (ABS X and Y) and its report descriptor is byte for byte ours; the
+   controller interrupts through MSI-X.
+
+Input events injected host-side need the display issue's VNC server (an input source); until
+it is merged the unit tests (plugins/xhci/tests) carry the interrupt IN path from the input
+hub to guest memory.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.harness import GuestRun, require_guest_image, tiny_cmdline
+
+pytestmark = pytest.mark.e2e
+
+TOKEN_TIMEOUT = 300
+XHCI_SLOT = 6                     # a shared boot may move it: the checks follow
+PCI = f"0000:00:{XHCI_SLOT:02x}.0"
+PCI_RE = re.escape(PCI)
+
+
+def xhci_devices() -> str:
+    return f'''
+[devices.usb]
+model = "xhci"
+slot = {XHCI_SLOT}
+devices = ["tablet", "keyboard"]
+'''
+
+
+def drive_xhci(run: GuestRun) -> None:
+    """Once the shell runs: ask the guest what it found. Each answer ends with a token the
+    command line spells differently (E''ND), so the shell's echo of it cannot match."""
+    run.wait_for(r"input: vmrun USB Keyboard", 600)
+    run.wait_for(r"input: vmrun USB Tablet", 60)
+    run.send(b'for d in /sys/bus/usb/devices/*; do [ -f $d/idVendor ] && '
+             b'echo "USBDEV $(basename $d) $(cat $d/idVendor):$(cat $d/idProduct) '
+             b'$(cat $d/speed) [$(cat $d/product)]"; done; echo XHCI-SYSFS-E\'\'ND\r')
+    run.wait_for(r"XHCI-SYSFS-END\s", TOKEN_TIMEOUT)
+    run.send(b'grep -E "^(N|B: ABS|B: EV)" /proc/bus/input/devices | sed "s/^/INPUTDEV /";'
+             b' echo XHCI-INPUT-E\'\'ND\r')
+    run.wait_for(r"XHCI-INPUT-END\s", TOKEN_TIMEOUT)
+    run.send(b'for r in /sys/bus/hid/devices/*/report_descriptor; do '
+             b'echo "RDESC $(od -An -v -tx1 $r | tr -d \' \\n\')"; done; echo XHCI-RDESC-E\'\'ND\r')
+    run.wait_for(r"XHCI-RDESC-END\s", TOKEN_TIMEOUT)
+    run.send(b'grep xhci /proc/interrupts | sed "s/^/XHCIIRQ /"; '
+             b'for f in /sys/bus/pci/devices/' + PCI.encode() + b'/msi_irqs/*; do '
+             b'echo "XHCIMSI $(cat $f)"; done; echo XHCI-IRQ-E\'\'ND\r')
+    run.wait_for(r"XHCI-IRQ-END\s", TOKEN_TIMEOUT)
+
+
+def _machine(path: Path, kernel: Path, initrd: Path) -> Path:
+    path.write_text(f'''name = "e2e-xhci"
+cpus = 1
+memory = "256M"
+on_reboot = "exit"
+[cpu]
+profile = "compat"
+[boot]
+kernel = "{kernel}"
+initrd = "{initrd}"
+cmdline = "{tiny_cmdline()} panic=1 reboot=k"
+[serial.com1]
+backend = "stdio"
+{xhci_devices()}
+''')
+    return path
+
+
+@pytest.fixture(scope="module")
+def usb_boot(tmp_path_factory) -> GuestRun:
+    kernel, initrd = require_guest_image()
+    d = tmp_path_factory.mktemp("xhci")
+    run = GuestRun(_machine(d / "xhci.toml", kernel, initrd))
+    try:
+        m = run.wait_for(r"vmrun-init: user space is up|Kernel panic[^\n]*")
+        if b"user space is up" in m.group(0):
+            drive_xhci(run)
+            run.send(b"poweroff\r")
+        run.wait_exit()
+        return run
+    finally:
+        run.close()
+
+
+def _lines(run: GuestRun, tag: str) -> list[str]:
+    return [line.strip()[len(tag) + 1:] for line in run.text.splitlines()
+            if line.strip().startswith(tag + " ")]
+
+
+def _need_shell(run: GuestRun) -> None:
+    if "XHCI-SYSFS-END" not in run.text:
+        pytest.skip("guest user space did not run on this host's KVM (see issue 2)")
+
+
+def test_xhci_hcd_binds_and_registers_both_root_hubs(usb_boot: GuestRun) -> None:
+    text = usb_boot.text
+    assert re.search(r"xhci_hcd " + PCI_RE + r": xHCI Host Controller", text), text[-3000:]
+    assert re.search(r"xhci_hcd " + PCI_RE + r": hcc params 0x[0-9a-f]+ hci version 0x110", text)
+    assert re.search(r"xhci_hcd " + PCI_RE + r": new USB bus registered, assigned bus number 1",
+                     text)
+    assert re.search(r"usb usb1: New USB device found, idVendor=1d6b, idProduct=0002", text)
+    assert re.search(r"usb usb2: New USB device found, idVendor=1d6b, idProduct=0003", text)
+    assert re.search(r"hub 1-0:1\.0: 4 ports detected", text)
+    assert re.search(r"hub 2-0:1\.0: 4 ports detected", text)
+    assert "Host System Error" not in text and "xHCI host controller not responding" not in text
+
+
+def test_tablet_and_keyboard_enumerate_at_high_speed(usb_boot: GuestRun) -> None:
+    text = usb_boot.text
+    assert re.search(r"usb 1-1: new high-speed USB device number \d+ using xhci_hcd", text)
+    assert re.search(r"usb 1-2: new high-speed USB device number \d+ using xhci_hcd", text)
+    assert re.search(r"usb 1-1: New USB device found, idVendor=0627, idProduct=0001", text)
+    assert re.search(r"usb 1-1: Product: USB Tablet", text)
+    assert re.search(r"usb 1-2: Product: USB Keyboard", text)
+    assert re.search(r"input: vmrun USB Tablet as /devices/pci0000:00/" + PCI_RE + r"/usb1/1-1/",
+                     text)
+    assert re.search(r"input: vmrun USB Keyboard as /devices/pci0000:00/" + PCI_RE + r"/usb1/1-2/",
+                     text)
+    assert re.search(r"hid-generic 0003:0627:0001\.\d+: input,hidraw\d: USB HID v1\.11 Pointer "
+                     r"\[vmrun USB Tablet\]", text)        # "Pointer": the application collection
+    assert re.search(r"hid-generic 0003:0627:0001\.\d+: input,hidraw\d: USB HID v1\.11 Keyboard "
+                     r"\[vmrun USB Keyboard\]", text)
+
+
+def test_sysfs_has_the_usb_descriptors(usb_boot: GuestRun) -> None:
+    _need_shell(usb_boot)
+    devs = _lines(usb_boot, "USBDEV")
+    assert "1-1 0627:0001 480 [USB Tablet]" in devs, devs
+    assert "1-2 0627:0001 480 [USB Keyboard]" in devs, devs
+    assert any(d.startswith("usb1 1d6b:0002 480") for d in devs), devs
+    assert any(d.startswith("usb2 1d6b:0003 5000") for d in devs), devs
+
+
+def test_tablet_is_an_absolute_pointer_with_our_report_descriptor(usb_boot: GuestRun) -> None:
+    _need_shell(usb_boot)
+    from vmrun_xhci.hid import KEYBOARD_REPORT_DESCRIPTOR, TABLET_REPORT_DESCRIPTOR
+
+    inputs = _lines(usb_boot, "INPUTDEV")
+    i = inputs.index('N: Name="vmrun USB Tablet"')
+    assert "B: ABS=3" in inputs[i + 1:i + 4], inputs          # ABS_X and ABS_Y
+    assert 'N: Name="vmrun USB Keyboard"' in inputs, inputs
+    rdesc = _lines(usb_boot, "RDESC")
+    assert TABLET_REPORT_DESCRIPTOR.hex() in rdesc, rdesc
+    assert KEYBOARD_REPORT_DESCRIPTOR.hex() in rdesc, rdesc
+
+
+def test_controller_interrupts_through_msix(usb_boot: GuestRun) -> None:
+    _need_shell(usb_boot)
+    irqs = _lines(usb_boot, "XHCIIRQ")
+    assert irqs and all(int(line.split()[1]) > 0 for line in irqs if "xhci_hcd" in line), irqs
+    assert "msix" in _lines(usb_boot, "XHCIMSI"), usb_boot.text[-2000:]
+    assert usb_boot.returncode == 1, usb_boot.log[-2000:]
