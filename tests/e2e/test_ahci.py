@@ -1,5 +1,5 @@
 """AHCI end to end: the default Linux guest (initramfs, busybox shell) with three AHCI
-controllers, in one boot.
+controllers, in the shared device boot (tests/e2e/conftest.py).
 
 - ``ahci-hd``: a 64 MiB raw disk with 512-byte logical, 4 KiB physical sectors;
 - ``ahci-cd``: an ISO 9660 image made on the host with ``xorriso``;
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import GuestRun, make_ext4, require_guest_image, tiny_cmdline
+from tests.e2e.harness import GuestRun, make_ext4
 
 pytestmark = pytest.mark.e2e
 
@@ -78,7 +78,7 @@ ports = [{{type = "hd", path = "{ext}"}}, {{type = "cd"}}]
     return devices, AhciSetup(d, hd, iso, ext, payload)
 
 
-def drive_ahci_shell(run: GuestRun) -> None:
+def drive_ahci_shell(run: GuestRun, poweroff: bool = True) -> None:
     """At the guest's shell prompt: report, copy, discard, write. Each step ends with a token
     the shell computes (``$((6*7))``), so the echo of the command line never matches it."""
     def step(command: str, token: str, timeout: float = 300) -> None:
@@ -104,7 +104,8 @@ def drive_ahci_shell(run: GuestRun) -> None:
          f"{GUEST_TEXT.decode().strip()} > /mnt/ext/guest.txt && umount /mnt/ext; "
          "echo EXT4-RC=$?", r"EXT4-RC=\d+")
     step("umount /mnt/cd; sync; echo SYNC-$((9*7))", r"SYNC-63\s")
-    run.send(b"poweroff\r")
+    if poweroff:
+        run.send(b"poweroff\r")
 
 
 @dataclass
@@ -115,35 +116,9 @@ class Boot:
 
 
 @pytest.fixture(scope="module")
-def ahci_boot(tmp_path_factory) -> Boot:
-    kernel, initrd = require_guest_image()
-    d = tmp_path_factory.mktemp("ahci")
-    devices, setup = ahci_devices(d)
-    machine = d / "ahci.toml"
-    machine.write_text(f'''name = "e2e-ahci"
-cpus = 1
-memory = "256M"
-on_reboot = "exit"
-[cpu]
-profile = "compat"
-[boot]
-kernel = "{kernel}"
-initrd = "{initrd}"
-cmdline = "{tiny_cmdline()} panic=1 reboot=k"
-[serial.com1]
-backend = "stdio"
-{devices}
-''')
-    run = GuestRun(machine)
-    try:
-        m = run.wait_for(r"vmrun-init: user space is up|Kernel panic[^\n]*")
-        if b"user space is up" not in m.group(0):
-            pytest.fail(f"the guest did not reach user space: {m.group(0)!r}")
-        drive_ahci_shell(run)
-        code = run.wait_exit()
-        return Boot(run, setup, code)
-    finally:
-        run.close()
+def ahci_boot(devices_boot) -> Boot:
+    """This module's part of the shared device boot (tests/e2e/conftest.py)."""
+    return devices_boot.part("ahci")
 
 
 def _blk(boot: Boot) -> dict[str, list[str]]:

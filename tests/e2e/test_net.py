@@ -1,5 +1,6 @@
-"""Networking end to end: one boot of the default Linux guest with three virtio-net cards,
-plus the native ``vnet`` guest as a second VM on a socket link.
+"""Networking end to end: the shared device boot of the default Linux guest
+(tests/e2e/conftest.py) with three virtio-net cards, plus the native ``vnet`` guest as a second
+VM on a socket link.
 
 - ``eth0`` (``backend = "user"``, passt, a ``forward``, a pcap ``capture``): the kernel's
   ``ip=dhcp`` takes its address from passt (the IP-Config line); the guest fetches a page
@@ -39,7 +40,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import GuestRun, require_guest_image, tiny_cmdline
+from tests.e2e.harness import GuestRun
 from vmrun.config import load_machine
 from vmrun.net.options import derive_mac, format_mac
 
@@ -81,25 +82,6 @@ def _tcpdump(pcap: Path, *filt: str) -> str:
     out = subprocess.run(["tcpdump", "-n", "-e", "-r", str(pcap), *filt], capture_output=True,
                          text=True)
     return out.stdout
-
-
-def _machine(d: Path, kernel: Path, initrd: Path, cmdline: str, devices: str) -> Path:
-    m = d / "net.toml"
-    m.write_text(f'''name = "e2e-net"
-cpus = 1
-memory = "256M"
-on_reboot = "exit"
-[cpu]
-profile = "compat"
-[boot]
-kernel = "{kernel}"
-initrd = "{initrd}"
-cmdline = "{cmdline}"
-[serial.com1]
-backend = "stdio"
-{devices}
-''')
-    return m
 
 
 def _echo_vm(d: Path) -> subprocess.Popen:
@@ -271,27 +253,9 @@ class NetBoot:
 
 
 @pytest.fixture(scope="module")
-def net_boot(tmp_path_factory) -> NetBoot:
-    kernel, initrd = require_guest_image()
-    d = tmp_path_factory.mktemp("net")
-    n = net_setup(d)
-    m = _machine(d, kernel, initrd, tiny_cmdline() + NET_CMDLINE + " panic=1 reboot=k",
-                 net_devices(n))
-    run = GuestRun(m)
-    boot = NetBoot(run, n, m)
-    try:
-        net_before_user_space(run, n)
-        up = run.wait_for(r"vmrun-init: user space is up|Kernel panic[^\n]*", 600)
-        boot.user_space = b"user space is up" in up.group(0)
-        if boot.user_space:
-            time.sleep(2)
-            net_drive(run, n)
-            run.send(b"poweroff\r")
-        boot.returncode = run.wait_exit(300)
-        return boot
-    finally:
-        run.close()
-        net_teardown(n)
+def net_boot(devices_boot) -> NetBoot:
+    """This module's part of the shared device boot (tests/e2e/conftest.py)."""
+    return devices_boot.part("net")
 
 
 # -- part 3: the checks ----------------------------------------------------------------------

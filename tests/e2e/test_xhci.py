@@ -12,19 +12,18 @@ and ``devices = ["tablet", "keyboard"]``. In three parts, so the checks can join
    absolute pointer (ABS X and Y) and its report descriptor is byte for byte ours; the
    controller interrupts through MSI-X.
 
-Input events injected host-side need the display issue's VNC server (an input source); until
-it is merged the unit tests (plugins/xhci/tests) carry the interrupt IN path from the input
-hub to guest memory.
+In the shared device boot the fbuf display's VNC server is there too: a real VNC client
+(vncdotool) moves the pointer and types, and the guest's evbug shows absolute events at the
+right coordinates from the USB tablet and key events from the USB keyboard.
 """
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import GuestRun, require_guest_image, tiny_cmdline
+from tests.e2e.harness import GuestRun
 
 pytestmark = pytest.mark.e2e
 
@@ -64,38 +63,10 @@ def drive_xhci(run: GuestRun) -> None:
     run.wait_for(r"XHCI-IRQ-END\s", TOKEN_TIMEOUT)
 
 
-def _machine(path: Path, kernel: Path, initrd: Path) -> Path:
-    path.write_text(f'''name = "e2e-xhci"
-cpus = 1
-memory = "256M"
-on_reboot = "exit"
-[cpu]
-profile = "compat"
-[boot]
-kernel = "{kernel}"
-initrd = "{initrd}"
-cmdline = "{tiny_cmdline()} panic=1 reboot=k"
-[serial.com1]
-backend = "stdio"
-{xhci_devices()}
-''')
-    return path
-
-
 @pytest.fixture(scope="module")
-def usb_boot(tmp_path_factory) -> GuestRun:
-    kernel, initrd = require_guest_image()
-    d = tmp_path_factory.mktemp("xhci")
-    run = GuestRun(_machine(d / "xhci.toml", kernel, initrd))
-    try:
-        m = run.wait_for(r"vmrun-init: user space is up|Kernel panic[^\n]*")
-        if b"user space is up" in m.group(0):
-            drive_xhci(run)
-            run.send(b"poweroff\r")
-        run.wait_exit()
-        return run
-    finally:
-        run.close()
+def usb_boot(devices_boot) -> GuestRun:
+    """This module's part of the shared device boot (tests/e2e/conftest.py)."""
+    return devices_boot.part("xhci")
 
 
 def _lines(run: GuestRun, tag: str) -> list[str]:
@@ -166,3 +137,22 @@ def test_controller_interrupts_through_msix(usb_boot: GuestRun) -> None:
     assert irqs and all(int(line.split()[1]) > 0 for line in irqs if "xhci_hcd" in line), irqs
     assert "msix" in _lines(usb_boot, "XHCIMSI"), usb_boot.text[-2000:]
     assert usb_boot.returncode == 1, usb_boot.log[-2000:]
+
+
+def test_a_vnc_clients_pointer_and_keys_arrive_through_usb(devices_boot) -> None:
+    """vncdotool moved to (200, 150) on the 640x480 display and typed a command: the tablet
+    reported that position (scaled to 0..0x7fff) and the USB keyboard its keys."""
+    from tests.e2e.test_fbuf import HEIGHT, WIDTH, input_devices
+
+    fb = devices_boot.part("fbuf")
+    if not fb.user_space:
+        pytest.skip("guest user space did not run on this host's KVM (see test_guest.py)")
+    devices = input_devices(fb.run.text)
+    tablet = next((v for k, v in devices.items() if "Tablet" in k), None)
+    keyboard = next((v for k, v in devices.items() if "USB_Keyboard" in k), None)
+    assert tablet is not None and keyboard is not None, devices
+    assert int(tablet[1]) > 0, devices                       # absolute events
+    x, y = int(tablet[2]), int(tablet[3])
+    assert abs(x - 200 * 0x7FFF // (WIDTH - 1)) <= 2, tablet
+    assert abs(y - 150 * 0x7FFF // (HEIGHT - 1)) <= 2, tablet
+    assert int(keyboard[0]) > 20, devices                    # the typed command's keys
