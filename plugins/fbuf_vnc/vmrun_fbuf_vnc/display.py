@@ -155,5 +155,23 @@ class BochsDisplay(PciDevice):
             return None
         return Mode(w, h, stride, offset, self.big_endian)
 
+    def screen_rgb(self) -> tuple[int, int, bytes]:
+        """The visible frame as 24-bit RGB rows (black 640x480 while the guest shows none)."""
+        mode = self.mode()
+        if mode is None:
+            return 640, 480, bytes(640 * 480 * 3)
+        vram = self.vram
+        rows = []
+        for r in range(mode.height):
+            start = mode.offset + r * mode.stride
+            px = bytes(vram[start:start + mode.width * 4])
+            if mode.big_endian:                        # X R G B bytes
+                rows.append(b"".join(px[i + 1:i + 4] for i in range(0, len(px), 4)))
+            else:                                      # B G R X bytes
+                out = bytearray(mode.width * 3)
+                out[0::3], out[1::3], out[2::3] = px[2::4], px[1::4], px[0::4]
+                rows.append(bytes(out))
+        return mode.width, mode.height, b"".join(rows)
+
     def reset(self) -> None:
         self._reset_regs()

@@ -8,7 +8,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from vmrun.api import DeviceContext, DeviceType, Option, VmrunError, hookimpl
+from vmrun.api import (
+    DeviceContext,
+    DeviceType,
+    Option,
+    QmpCommand,
+    QmpError,
+    VmrunError,
+    hookimpl,
+)
 from vmrun_fbuf_vnc.display import MAX_HEIGHT, MAX_WIDTH, BochsDisplay
 from vmrun_fbuf_vnc.rfb import Listen, VncServer
 
@@ -34,6 +42,45 @@ class FbufDevice(BochsDisplay):
 
     def close(self) -> None:
         self.server.detach(self)
+
+
+def write_ppm(path, width: int, height: int, rgb: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(b"P6\n%d %d\n255\n" % (width, height) + rgb)
+
+
+def _screendump(ctx, filename: str, device: str | None = None, head: int | None = None,
+                format: str = "ppm") -> None:  # noqa: A002  (QEMU's argument name)
+    """QEMU's ``screendump``: the display's current frame to ``filename`` (PPM or PNG)."""
+    from vmrun_fbuf_vnc.client import write_png
+
+    if format not in ("ppm", "png"):
+        raise QmpError(f"Parameter 'format' does not accept value '{format[:20]}'")
+    if head not in (None, 0):
+        raise QmpError("this display has one head (0)")
+    dev = ctx.device(device) if device is not None else next(
+        (d for d in getattr(ctx.machine, "devices", ()) if isinstance(d, BochsDisplay)), None)
+    if not isinstance(dev, BochsDisplay):
+        raise QmpError(f"{device or 'the machine'}: no fbuf display" if device is None
+                       else f"device '{device[:40]}' is not an fbuf display")
+    path = Path(filename)
+    if not path.is_absolute() or not path.parent.is_dir():
+        raise QmpError(f"'{filename[:200]}': give an absolute path in an existing directory")
+    w, h, rgb = dev.screen_rgb()
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        (write_png if format == "png" else write_ppm)(tmp, w, h, rgb)
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise QmpError(f"'{filename[:200]}': {e.strerror}") from None
+
+
+@hookimpl
+def vmrun_qmp_commands(register) -> None:
+    register(QmpCommand("screendump", _screendump,
+                        {"filename": "str", "*device": "str", "*head": "int", "*format": "str"},
+                        "the display's current frame to a PPM or PNG file"))
 
 
 def _listen(value: str) -> None:
@@ -103,6 +150,20 @@ OPTIONS = [
 @hookimpl
 def vmrun_register_commands(cli) -> None:
     import click
+
+    @cli.command("screenshot")
+    @click.argument("name")
+    @click.argument("output", type=click.Path(dir_okay=False))
+    def screenshot(name: str, output: str) -> None:
+        """Save the display of the running VM NAME as a PNG (QMP screendump)."""
+        from vmrun import instances
+        from vmrun.qmp.client import QmpClient
+
+        out = Path(output).absolute()
+        vm = instances.find(name)
+        with QmpClient(vm.qmp_path, timeout=30) as qmp:
+            qmp.execute("screendump", filename=str(out), format="png")
+        click.echo(f"{output}")
 
     @cli.command("vnc-capture")
     @click.argument("address")
