@@ -16,7 +16,13 @@ from pathlib import Path
 
 from vmrun.block.backend import BlockBackend, check_sector_sizes
 from vmrun.block.qcow2 import Qcow2Image, is_qcow2
-from vmrun.block.qcow2_check import DEFAULT_CLUSTER, check_qcow2, create_qcow2, image_info
+from vmrun.block.qcow2_check import (
+    DEFAULT_CLUSTER,
+    check_cluster_size,
+    check_qcow2,
+    create_qcow2,
+    image_info,
+)
 from vmrun.block.raw import RawFile
 from vmrun.block.sparse import (
     SparseSplitDisk,
@@ -265,6 +271,8 @@ def create_image(path: str | os.PathLike[str], size: int | None, fmt: str = "raw
     if fmt == "qcow2":
         if split is not None:
             raise VmrunError(f"{dst}: a qcow2 image cannot be split")
+        if cluster_size is not None:
+            check_cluster_size(dst, cluster_size)
         if backing is not None:
             name = os.fspath(backing)
             bpath = Path(name) if os.path.isabs(name) else dst.parent / name
@@ -334,6 +342,8 @@ def convert_image(src: str | os.PathLike[str], dst: str | os.PathLike[str], dst_
         raise VmrunError(f"{dst}: a qcow2 image cannot be split")
     if dst_format != "qcow2" and cluster_size is not None:
         raise VmrunError(f"{dst}: --cluster-size is for qcow2 images")
+    if cluster_size is not None:
+        check_cluster_size(dst, cluster_size)
     if os.path.abspath(src) == os.path.abspath(dst):
         raise VmrunError(f"{dst}: is the source image (refusing to overwrite)")
     _refuse_existing(dst)

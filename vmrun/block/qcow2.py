@@ -53,7 +53,7 @@ from vmrun.block.backend import (
     preadv_full,
     pwritev_full,
 )
-from vmrun.block.raw import buffer_address, lock_image, open_image_file
+from vmrun.block.raw import _host_block_size, buffer_address, lock_image, open_image_file
 from vmrun.core.dma import BufferCursor, Buffers, buffers_len, copy_out, zero_fill
 from vmrun.errors import VmrunError
 
@@ -256,7 +256,9 @@ class Qcow2Image(BlockBackend):
             self._parse_header(check_only)
             if nocache:
                 self._dfd = open_image_file(self.path, flags | os.O_DIRECT)
-                self._align = max(4096, self.logical_sector_size)
+                # What O_DIRECT needs here, as the raw backend finds it (a wrong guess comes
+                # back as EINVAL and the request is served through the buffered descriptor).
+                self._align = max(_host_block_size(self._dfd, st), self.logical_sector_size)
             else:
                 self._dfd = self._fd
                 self._align = 1

@@ -270,15 +270,19 @@ def repair_refcounts(img: Qcow2Image) -> None:
     img._sync_increments()
 
 
+def check_cluster_size(path: Path, cluster_size: int) -> None:
+    if cluster_size < 512 or cluster_size > 2 << 20 or cluster_size & (cluster_size - 1):
+        raise VmrunError(f"{path}: cluster size {cluster_size} must be a power of two from "
+                         "512 to 2M")
+
+
 def create_qcow2(path: str | os.PathLike[str], size: int, *, cluster_size: int = DEFAULT_CLUSTER,
                  backing: str | None = None, backing_format: str | None = None,
                  version: int = 3) -> None:
     """Write an empty qcow2 image at ``path`` (which must not exist), laid out as qemu-img
     lays one out: header, refcount table, refcount block(s), L1 table; fsynced."""
     path = Path(path)
-    if cluster_size < 512 or cluster_size > 2 << 20 or cluster_size & (cluster_size - 1):
-        raise VmrunError(f"{path}: cluster size {cluster_size} must be a power of two from "
-                         "512 to 2M")
+    check_cluster_size(path, cluster_size)
     if size <= 0 or size % 512:
         raise VmrunError(f"{path}: size {size} must be a positive multiple of 512")
     cb = cluster_size.bit_length() - 1
