@@ -489,10 +489,11 @@ def test_long_packets_need_lpe():
     try:
         big = to_us(4000)
         n.be.inject(big)
-        n.be.inject(to_us(1514))
+        n.be.inject(to_us(1519))                          # 1523 with the FCS: long
+        n.be.inject(to_us(1518))                          # 1522 with it: still short
         n.settle()
-        assert [len(g[0]) for g in n.drv.receive(0)] == [1514]
-        assert n.drv.rd(0x40AC) == 1                       # ROC
+        assert [len(g[0]) for g in n.drv.receive(0)] == [1518]
+        assert n.drv.rd(0x40AC) == 2                       # ROC
         n.drv.wr(RCTL, n.drv.rd(RCTL) | RCTL_LPE)
         n.be.inject(big)
         assert n.drv.receive(1)[0][0] == big

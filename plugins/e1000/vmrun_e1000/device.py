@@ -1144,7 +1144,9 @@ class E1000(PciDevice):
         length = len(frame)
         rctl = r[I_RCTL]
         tagged = length >= 18 and (frame[12] << 8 | frame[13]) == r[I_VET]
-        limit = 16384 if rctl & RCTL_LPE else (1522 if tagged else 1518)
+        # A long packet is one over 1522 bytes with its FCS, tagged or not (8254x SDM,
+        # RCTL.LPE): 1518 bytes here.
+        limit = 16384 if rctl & RCTL_LPE else 1522
         drop = 0
         dst = bytes(frame[:6])
         if length < 14:
