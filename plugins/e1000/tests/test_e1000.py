@@ -777,7 +777,9 @@ def test_bad_receive_rings_stop_the_nic(nic, case, caplog):
     d.reset()
     d.up()
     nic.be.inject(to_us(fill=b"k"))
-    got = d.receive(2)
+    got = d.receive(1)                   # the frame from before the fault may come first
+    if got[-1][0] != to_us(fill=b"k"):
+        got += d.receive(1)
     assert got[-1][0] == to_us(fill=b"k")
 
 
