@@ -227,10 +227,11 @@ def test_transmit_legacy_split_buffers(nic):
     assert nic.drv.rd(TDH) == nic.drv.rd(TDT) == 5
 
 
-def test_transmit_pads_short_frames(nic):
+def test_short_frames_go_out_unpadded(nic):
+    """TCTL.PSP pads on a wire; a virtual link carries the frame as it is (passt takes
+    padding for TCP data), and the receiving NIC pads it."""
     nic.drv.send(frame(size=42))
-    got = nic.sent(1)[0]
-    assert len(got) == 60 and got[:42] == frame(size=42) and got[42:] == bytes(18)
+    assert nic.sent(1) == [frame(size=42)]
 
 
 def test_transmit_interrupt_and_ring_wrap(nic):
