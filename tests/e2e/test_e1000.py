@@ -194,7 +194,9 @@ def test_linux_e1000_probes_and_sees_the_link(e1000_boot: Boot) -> None:
 
 
 def test_kernel_dhcp_gets_its_address_from_passt(e1000_boot: Boot) -> None:
-    assert re.search(rf"IP-Config: Complete:\s+device={IFACE}, hwaddr=[0-9a-f:]+, "
+    # The kernel prints a timestamp at the start of each line ("[  157.26]      device=").
+    assert re.search(rf"IP-Config: Complete:\s+(\[[\d. ]+\]\s+)?device={IFACE}, "
+                     r"hwaddr=[0-9a-f:]+, "
                      r"ipaddr=192\.0\.2\.2, mask=255\.255\.255\.0, gw=192\.0\.2\.1",
                      e1000_boot.run.text), e1000_boot.run.text[-3000:]
 

@@ -227,10 +227,11 @@ def test_transmit_legacy_split_buffers(nic):
     assert nic.drv.rd(TDH) == nic.drv.rd(TDT) == 5
 
 
-def test_transmit_pads_short_frames(nic):
+def test_short_frames_go_out_unpadded(nic):
+    """TCTL.PSP pads on a wire; a virtual link carries the frame as it is (passt takes
+    padding for TCP data), and the receiving NIC pads it."""
     nic.drv.send(frame(size=42))
-    got = nic.sent(1)[0]
-    assert len(got) == 60 and got[:42] == frame(size=42) and got[42:] == bytes(18)
+    assert nic.sent(1) == [frame(size=42)]
 
 
 def test_transmit_interrupt_and_ring_wrap(nic):
@@ -489,10 +490,11 @@ def test_long_packets_need_lpe():
     try:
         big = to_us(4000)
         n.be.inject(big)
-        n.be.inject(to_us(1514))
+        n.be.inject(to_us(1519))                          # 1523 with the FCS: long
+        n.be.inject(to_us(1518))                          # 1522 with it: still short
         n.settle()
-        assert [len(g[0]) for g in n.drv.receive(0)] == [1514]
-        assert n.drv.rd(0x40AC) == 1                       # ROC
+        assert [len(g[0]) for g in n.drv.receive(0)] == [1518]
+        assert n.drv.rd(0x40AC) == 2                       # ROC
         n.drv.wr(RCTL, n.drv.rd(RCTL) | RCTL_LPE)
         n.be.inject(big)
         assert n.drv.receive(1)[0][0] == big
@@ -776,7 +778,9 @@ def test_bad_receive_rings_stop_the_nic(nic, case, caplog):
     d.reset()
     d.up()
     nic.be.inject(to_us(fill=b"k"))
-    got = d.receive(2)
+    got = d.receive(1)                   # the frame from before the fault may come first
+    if got[-1][0] != to_us(fill=b"k"):
+        got += d.receive(1)
     assert got[-1][0] == to_us(fill=b"k")
 
 

@@ -153,7 +153,6 @@ from vmrun_e1000.regs import (
     TADV,
     TCTL,
     TCTL_EN,
-    TCTL_PSP,
     TDBAH,
     TDBAL,
     TDH,
@@ -784,7 +783,6 @@ class E1000(PciDevice):
         done_rs = False
         ok = True
         unpack = _DESC.unpack_from
-        psp = r[I_TCTL] & TCTL_PSP
         quick: list[tuple[int, int]] = []    # one-descriptor packets, checked together
         quick_done: list[tuple | None] = []
         while head != tail and budget:
@@ -809,7 +807,7 @@ class E1000(PciDevice):
                 length = lower & 0xFFFF
                 # The common case: a whole plain packet in one legacy descriptor.
                 if cmd & TXD_CMD_EOP and not cmd & (TXD_CMD_IC | TXD_CMD_VLE) and \
-                        self._pkt_first_cmd < 0 and length >= (MIN_FRAME if psp else 1):
+                        self._pkt_first_cmd < 0 and length:
                     if length > MAX_FRAME:
                         raise GuestError(f"transmit packet of {length} bytes (over "
                                          f"{MAX_FRAME}) at descriptor {index}")
@@ -913,7 +911,7 @@ class E1000(PciDevice):
                 buf = bytearray(b"".join(views))
                 insert_checksum(buf, upper >> 8 & 0xFF, lower >> 16 & 0xFF)
                 frames = [self._finish(buf, vlan)]
-            elif vlan is not None or sg.nbytes < MIN_FRAME and self.r[I_TCTL] & TCTL_PSP:
+            elif vlan is not None:
                 frames = [self._finish(bytearray(b"".join(views)), vlan)]
             elif self.vnet:
                 frames = [[VNET_NONE, *views]]
@@ -935,11 +933,11 @@ class E1000(PciDevice):
                 view[off + 12] |= TXD_STAT_DD
 
     def _finish(self, buf: bytearray, vlan: int | None, hdr: bytes = VNET_NONE) -> list:
-        """VLAN tag insertion and short-packet padding, then the pieces to send."""
+        """VLAN tag insertion, then the pieces to send. Short frames go out as they are
+        (TCTL.PSP pads on a wire, not on a virtual link): the receiving NIC pads them, and
+        passt takes Ethernet padding for TCP data (it resets the connection)."""
         if vlan is not None:
             buf[12:12] = struct.pack(">HH", self.r[I_VET] & 0xFFFF, vlan)
-        if len(buf) < MIN_FRAME and self.r[I_TCTL] & TCTL_PSP:
-            buf += bytes(MIN_FRAME - len(buf))
         return [hdr, buf] if self.vnet else [buf]
 
     def _csum(self, data: bytes, popts: int, vlan: int | None) -> list:
@@ -1144,7 +1142,9 @@ class E1000(PciDevice):
         length = len(frame)
         rctl = r[I_RCTL]
         tagged = length >= 18 and (frame[12] << 8 | frame[13]) == r[I_VET]
-        limit = 16384 if rctl & RCTL_LPE else (1522 if tagged else 1518)
+        # A long packet is one over 1522 bytes with its FCS, tagged or not (8254x SDM,
+        # RCTL.LPE): 1518 bytes here.
+        limit = 16384 if rctl & RCTL_LPE else 1522
         drop = 0
         dst = bytes(frame[:6])
         if length < 14:
