@@ -266,7 +266,7 @@ def _need_user_space(boot: NetBoot) -> None:
 
 
 def test_kernel_ip_dhcp_gets_its_address_from_passt(net_boot: NetBoot) -> None:
-    m = re.search(r"IP-Config: Complete:\s+device=eth0, hwaddr=([0-9a-f:]+), "
+    m = re.search(r"IP-Config: Complete:\s+(?:\[[\d. ]+\]\s+)?device=eth0, hwaddr=([0-9a-f:]+), "
                   r"ipaddr=192\.0\.2\.2, mask=255\.255\.255\.0, gw=192\.0\.2\.1",
                   net_boot.run.text)
     assert m, net_boot.run.text[-3000:]
