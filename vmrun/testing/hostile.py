@@ -233,7 +233,7 @@ class HostileDriver:
     """One hostile guest driver for the virtio function at ``slot`` of ``vm``."""
 
     def __init__(self, vm: FakeVm, transport: VirtioPciTransport, profile: Profile,
-                 slot: int = SLOT, max_access_s: float = 2.0, max_memory: int = 64 * MiB) -> None:
+                 slot: int = SLOT, max_access_s: float = 10.0, max_memory: int = 64 * MiB) -> None:
         self.vm = vm
         self.transport = transport
         self.profile = profile
