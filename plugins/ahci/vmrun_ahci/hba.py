@@ -194,10 +194,25 @@ class Port:
             if cmd & CMD_FRE:
                 cmd |= CMD_FR
             return cmd
-        return {P_CLB: self.clb & 0xFFFFFFFF, P_CLBU: self.clb >> 32,
-                P_FB: self.fb & 0xFFFFFFFF, P_FBU: self.fb >> 32, P_IE: self.ie,
-                P_SIG: self.sig, P_SSTS: self.ssts, P_SCTL: self.sctl,
-                P_SERR: self.serr}.get(off, 0)
+        if off == P_IE:
+            return self.ie
+        if off == P_SSTS:
+            return self.ssts
+        if off == P_SIG:
+            return self.sig
+        if off == P_SCTL:
+            return self.sctl
+        if off == P_SERR:
+            return self.serr
+        if off == P_CLB:
+            return self.clb & 0xFFFFFFFF
+        if off == P_CLBU:
+            return self.clb >> 32
+        if off == P_FB:
+            return self.fb & 0xFFFFFFFF
+        if off == P_FBU:
+            return self.fb >> 32
+        return 0
 
     def write(self, off: int, value: int) -> None:
         if off == P_CI:
@@ -547,7 +562,11 @@ class AhciHba(PciDevice):
                 return self.is_
             if off == GHC:
                 return self.ghc
-            return {CAP: self.cap, PI: self.pi, VS: VERSION}.get(off, 0)
+            if off == CAP:
+                return self.cap
+            if off == PI:
+                return self.pi
+            return VERSION if off == VS else 0
 
     def bar_write(self, index: int, offset: int, size: int, value: int) -> None:
         value &= (1 << 8 * size) - 1
