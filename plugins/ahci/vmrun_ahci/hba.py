@@ -167,6 +167,7 @@ class Port:
         self.halted = False        # an error stopped command processing until ST is cleared
         self.in_issue = False
         self.in_srst = False
+        self.writes_queued = False
 
     def comreset_done(self) -> None:
         """The device came out of reset: its signature FIS (no interrupt)."""
@@ -335,7 +336,19 @@ class Port:
                         self._control(slot, c.control)
             finally:
                 self.in_issue = False
-                io.submit()
+                loop = self.hba.loop
+                if self.writes_queued and loop is not None and not loop.on_loop_thread:
+                    loop.call_soon(self._submit, owner=self.hba)
+                else:
+                    io.submit()
+                self.writes_queued = False
+
+    def _submit(self) -> None:
+        """io_submit of a batch with writes, on the loop: the kernel's synchronous part of an
+        O_DIRECT write (timestamps, journal) would otherwise stall the vCPU that rang."""
+        with self.hba.lock:
+            if self.io is not None:
+                self.io.submit()
 
     def _control(self, slot: int, control: int) -> None:
         """A Device Control FIS: SRST set holds the device in reset, SRST cleared brings it
