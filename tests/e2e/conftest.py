@@ -90,7 +90,8 @@ backend = "stdio"
         if boot.user_space:
             time.sleep(2)
             step("net", net.net_drive, run, n)
-            step("ahci", ahci.drive_ahci_shell, run, False)
+            step("ahci-drive", lambda: boot.parts.__setitem__(
+                "ahci-missed", ahci.drive_ahci_shell(run, False)))
             step("xhci", xhci.drive_xhci, run)
         step("fbuf", fbuf.drive_fbuf, run, vnc_port, d, boot.user_space, False)
         if boot.user_space:
@@ -102,5 +103,8 @@ backend = "stdio"
         net.net_teardown(n)
         boot.parts.setdefault("net", net.NetBoot(run, n, machine, boot.user_space,
                                                  boot.returncode))
-        boot.parts.setdefault("ahci", ahci.Boot(run, ahci_setup, boot.returncode))
+        if "ahci-drive" in boot.failed:
+            boot.failed["ahci"] = boot.failed["ahci-drive"]
+        boot.parts.setdefault("ahci", ahci.Boot(run, ahci_setup, boot.returncode,
+                                                boot.parts.get("ahci-missed", [])))
         boot.parts.setdefault("xhci", run)

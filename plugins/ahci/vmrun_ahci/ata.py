@@ -186,7 +186,11 @@ class AtaDisk(Drive):
             else:
                 port.complete(cmd)
 
-        (io.write if write else io.read)(lba * self.lss, sg, done)
+        if write:
+            port.writes_queued = True
+            io.write(lba * self.lss, sg, done)
+        else:
+            io.read(lba * self.lss, sg, done)
 
     def _done(self, cmd: Command, write: bool):
         port = self.port

@@ -167,6 +167,7 @@ class Port:
         self.halted = False        # an error stopped command processing until ST is cleared
         self.in_issue = False
         self.in_srst = False
+        self.writes_queued = False
 
     def comreset_done(self) -> None:
         """The device came out of reset: its signature FIS (no interrupt)."""
@@ -194,10 +195,25 @@ class Port:
             if cmd & CMD_FRE:
                 cmd |= CMD_FR
             return cmd
-        return {P_CLB: self.clb & 0xFFFFFFFF, P_CLBU: self.clb >> 32,
-                P_FB: self.fb & 0xFFFFFFFF, P_FBU: self.fb >> 32, P_IE: self.ie,
-                P_SIG: self.sig, P_SSTS: self.ssts, P_SCTL: self.sctl,
-                P_SERR: self.serr}.get(off, 0)
+        if off == P_IE:
+            return self.ie
+        if off == P_SSTS:
+            return self.ssts
+        if off == P_SIG:
+            return self.sig
+        if off == P_SCTL:
+            return self.sctl
+        if off == P_SERR:
+            return self.serr
+        if off == P_CLB:
+            return self.clb & 0xFFFFFFFF
+        if off == P_CLBU:
+            return self.clb >> 32
+        if off == P_FB:
+            return self.fb & 0xFFFFFFFF
+        if off == P_FBU:
+            return self.fb >> 32
+        return 0
 
     def write(self, off: int, value: int) -> None:
         if off == P_CI:
@@ -320,7 +336,19 @@ class Port:
                         self._control(slot, c.control)
             finally:
                 self.in_issue = False
-                io.submit()
+                loop = self.hba.loop
+                if self.writes_queued and loop is not None and not loop.on_loop_thread:
+                    loop.call_soon(self._submit, owner=self.hba)
+                else:
+                    io.submit()
+                self.writes_queued = False
+
+    def _submit(self) -> None:
+        """io_submit of a batch with writes, on the loop: the kernel's synchronous part of an
+        O_DIRECT write (timestamps, journal) would otherwise stall the vCPU that rang."""
+        with self.hba.lock:
+            if self.io is not None:
+                self.io.submit()
 
     def _control(self, slot: int, control: int) -> None:
         """A Device Control FIS: SRST set holds the device in reset, SRST cleared brings it
@@ -547,7 +575,11 @@ class AhciHba(PciDevice):
                 return self.is_
             if off == GHC:
                 return self.ghc
-            return {CAP: self.cap, PI: self.pi, VS: VERSION}.get(off, 0)
+            if off == CAP:
+                return self.cap
+            if off == PI:
+                return self.pi
+            return VERSION if off == VS else 0
 
     def bar_write(self, index: int, offset: int, size: int, value: int) -> None:
         value &= (1 << 8 * size) - 1
