@@ -21,7 +21,7 @@ from vmrun.errors import VmrunError
 from vmrun.image import cache_dir
 
 SOURCE_DIR = Path(__file__).parent
-GUESTS = ("vblk",)
+GUESTS = ("vblk", "ucheck")
 CFLAGS = ["-O2", "-ffreestanding", "-fno-builtin", "-fno-tree-loop-distribute-patterns",
           "-fno-pic", "-no-pie", "-nostdlib", "-static", "-mgeneral-regs-only", "-mno-red-zone",
           "-fno-stack-protector", "-fcf-protection=none", "-Wall", "-Wextra",

@@ -1,0 +1,960 @@
+/*
+ * ucheck: does guest user mode keep its registers and memory while the kernel side works?
+ *
+ * Issue 8 saw the default Linux guest's user space compute wrong results now and then on
+ * kvm-pvm. This guest separates the host's part from vmrun's and Linux's: it runs no Linux and
+ * needs no syscall fix-up. Entered from entry.S, it sets up the LAPIC timer (periodic, `hz`
+ * per second, handled at CPL0 and returned from with iretq), FS/GS bases and SSE, then runs
+ * at CPL3 with interrupts on, in rounds, until `secs` seconds of timer ticks have passed:
+ *
+ *   regs     all 15 GPRs but RSP and XMM0-15 hold known values across a spin of `spin`
+ *            iterations (timer interrupts arrive in it); any change is counted
+ *   ucall    the same across one ucall (ud2 -> #UD handler at CPL0 -> iretq)
+ *   fpu      the same across a ucall whose handler does a context switch's fxsave64/fxrstor64
+ *            of another state and back (fx: that state read back wrong at CPL0)
+ *   pio      the same across a ucall whose handler reads a port (an exit to the VMM), every
+ *            `pio` rounds (such a round also reads the clock)
+ *   sum      FNV-1a over 64 KiB of known data equals the value computed at start
+ *   fsgs     %fs:0 and %gs:0 read the markers at the FS and GS bases the kernel set
+ *   mem      each round writes a generation number over every page of a 16 MiB region
+ *            (`huge=1`: one mapped with 2 MiB guest pages, else 4 KiB); every `kcheck`
+ *            ms the kernel (CPL0) reads word 0 of each page and writes word 1, and user
+ *            mode reads both back: what one side wrote the other must see
+ *
+ * Every second it prints `ucheck: t=S rounds=N regs=.. ucall=.. sum=.. fsgs=.. mem_k=..
+ * mem_u=.. irqs=..` (counts of mismatches) on the debug console, and at the end `ucheck: done
+ * ...` and exits through the debug-exit port (0 if nothing was wrong, 1 otherwise). The first
+ * mismatch of each kind is described on its own line. `cpus=2` also starts the second vCPU
+ * (INIT/SIPI), which runs the same rounds on its own region (mem uses region + 16 MiB).
+ *
+ * Options (PVH command line): secs=10 hz=250 spin=200000 huge=0 kcheck=500 cpus=1 ucalls=1 pio=8
+ * (hz=0: no timer). The clock is vmrun's ACPI PM timer (port 0x608), read through a ucall.
+ */
+#include <stdint.h>
+
+typedef uint8_t u8;
+typedef uint16_t u16;
+typedef uint32_t u32;
+typedef uint64_t u64;
+
+#define DEBUGCON 0xE9
+#define DEBUG_EXIT 0xF4
+#define MiB (1024 * 1024ull)
+#define LAPIC 0xFEE00000ull
+#define DATA_BASE 0x01800000ull       /* 64 KiB of known data, 4 KiB guest pages */
+#define DATA_SIZE (64 * 1024)
+#define REGION_SMALL 0x02000000ull    /* 2 x 16 MiB, 4 KiB guest pages (entry.S: below 64 MiB) */
+#define REGION_HUGE 0x04000000ull     /* 2 x 16 MiB, 2 MiB guest pages */
+#define REGION_SIZE (16 * MiB)
+#define PAGES (REGION_SIZE / 4096)
+#define MAXCPU 2
+#define PM_TMR 0x608                  /* vmrun's ACPI PM timer: 3.579545 MHz, 32 bits */
+#define PM_HZ 3579545ull
+#define HIGH 0xFFFF800000000000ull    /* entry.S maps the low 4 GiB here too */
+#define GS_PAGES 0x01600000ull        /* per CPU: the user GS base page, then a demand page */
+
+static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port)); }
+static inline void cpu_relax(void) { __asm__ volatile("pause" : : : "memory"); }
+static inline u32 inl(u16 port) { u32 v; __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+static inline u32 rd32(u64 a) { return *(volatile u32 *)a; }
+static inline void wr32(u64 a, u32 v) { *(volatile u32 *)a = v; }
+static inline u64 rdmsr(u32 msr)
+{
+	u32 lo, hi;
+	__asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr));
+	return (u64)hi << 32 | lo;
+}
+static inline void wrmsr(u32 msr, u64 v)
+{
+	__asm__ volatile("wrmsr" : : "c"(msr), "a"((u32)v), "d"((u32)(v >> 32)));
+}
+
+void *memset(void *d, int c, unsigned long n)
+{
+	for (unsigned long i = 0; i < n; i++)
+		((volatile u8 *)d)[i] = (u8)c;
+	return d;
+}
+
+void *memcpy(void *d, const void *s, unsigned long n)
+{
+	for (unsigned long i = 0; i < n; i++)
+		((volatile u8 *)d)[i] = ((const u8 *)s)[i];
+	return d;
+}
+
+/* -- output: one line buffer per CPU; from user mode through a ucall ------------------- */
+enum { UCALL_PRINT = 1, UCALL_EXIT = 2, UCALL_NOP = 3, UCALL_KCHECK = 4, UCALL_PIO = 5,
+       UCALL_PMTMR = 6, UCALL_FPUSWAP = 7, UCALL_UNMAP = 8 };
+/* reg_window modes that are not ucalls: a real `syscall`, and a user-mode page fault. */
+enum { MODE_SYSCALL = 100, MODE_PF = 101 };
+extern u64 ucall(u64 op, u64 arg);     /* entry.S; RAX comes back as the handler left it */
+
+struct cpu {
+	char line[200];
+	int line_len;
+	int in_user;
+	int id;
+	u64 ticks;                 /* timer interrupts taken (cpu 0's clock the run's clock) */
+	u64 irqs_user;             /* of them, arriving in user mode */
+	u64 rounds, regs_bad, xmm_bad, ucall_bad, pio_bad, fpu_bad, fx_bad, sum_bad, fsgs_bad;
+	u64 mem_k_bad, mem_u_bad, sys_bad, pf_bad;
+	u64 syscalls, pfs;         /* handled at CPL0 */
+	u64 kgs[2];                /* KERNEL_GS_BASE: syscall_entry's scratch and kernel stack */
+	u64 first_reported;        /* bit per kind: first mismatch already described */
+	u64 region;
+	u64 fs_marker[2];          /* FS base points here (fs_marker[0] is read as %fs:0) */
+	u64 gs_marker[2];
+	u64 kcheck_gen;            /* generation the kernel checked, and its count of misses */
+	u64 kcheck_bad;
+	u64 kcheck_first;          /* first page the kernel found wrong, + 1 */
+	u64 kcheck_word;
+} __attribute__((aligned(64)));
+
+static struct cpu cpus[MAXCPU];
+static volatile int cpus_up;
+static volatile int stop;
+static u64 end_ticks, spin, kcheck, ucalls, hz, pio;
+static volatile u64 pm_elapsed;        /* PM timer counts since the start (cpu 0 keeps it) */
+static u32 pm_last;
+static int ncpus;
+
+static void put(struct cpu *c, const char *s)
+{
+	while (*s && c->line_len < (int)sizeof(c->line) - 1)
+		c->line[c->line_len++] = *s++;
+}
+
+static void putu(struct cpu *c, u64 v)
+{
+	char buf[24];
+	int i = 23;
+	buf[i] = 0;
+	do { buf[--i] = (char)('0' + v % 10); v /= 10; } while (v);
+	put(c, buf + i);
+}
+
+static void puthex(struct cpu *c, u64 v)
+{
+	char buf[19] = "0x";
+	for (int i = 0; i < 16; i++)
+		buf[2 + i] = "0123456789abcdef"[(v >> (60 - 4 * i)) & 0xF];
+	buf[18] = 0;
+	put(c, buf);
+}
+
+static volatile int console_lock;
+
+static void console_write(const char *s)
+{
+	while (__atomic_exchange_n(&console_lock, 1, __ATOMIC_ACQUIRE))
+		cpu_relax();
+	while (*s)
+		outb(DEBUGCON, (u8)*s++);
+	__atomic_store_n(&console_lock, 0, __ATOMIC_RELEASE);
+}
+
+static void flush_line(struct cpu *c)
+{
+	put(c, "\n");
+	c->line[c->line_len] = 0;
+	if (c->in_user)
+		ucall(UCALL_PRINT, (u64)(uintptr_t)c->line);
+	else
+		console_write(c->line);
+	c->line_len = 0;
+}
+
+static void __attribute__((noreturn)) finish(struct cpu *c, u8 code)
+{
+	if (c->in_user)
+		ucall(UCALL_EXIT, code);
+	outb(DEBUG_EXIT, code);
+	for (;;)
+		cpu_relax();
+}
+
+static u32 lapic_id(void) { return rd32(LAPIC + 0x20) >> 24; }
+
+static struct cpu *this_cpu_kernel(void)
+{
+	u32 id = lapic_id();
+	return &cpus[id < MAXCPU ? id : 0];
+}
+
+/* Saved by ud_entry / irq_common in entry.S (pushed rax first, so r15 is lowest). */
+struct frame {
+	u64 r15, r14, r13, r12, r11, r10, r9, r8, rbp, rdi, rsi, rdx, rcx, rbx, rax;
+	u64 rip, cs, rflags, rsp, ss;
+};
+
+static void kcheck_region(struct cpu *c, u64 gen)
+{
+	/* At CPL0 (emulated on kvm-pvm): what user mode wrote, seen through the kernel side;
+	   then a word that user mode must see. */
+	u64 bad = 0, first = 0, word = 0;
+	for (u64 p = 0; p < PAGES; p++) {
+		volatile u64 *page = (volatile u64 *)(c->region + p * 4096);
+		u64 w = page[0];
+		if (w != gen) {
+			if (!bad) { first = p + 1; word = w; }
+			bad++;
+		}
+		page[1] = ~gen;
+	}
+	c->kcheck_gen = gen;
+	c->kcheck_bad += bad;
+	if (bad && !c->kcheck_first) {
+		c->kcheck_first = first;
+		c->kcheck_word = word;
+	}
+}
+
+/* What a kernel's context switch does with the FPU (fxsave64 of this task, fxrstor64 of
+   another's, and back), at CPL0: emulated on kvm-pvm. The other state must read back as
+   written (fx_bad), and the user's XMM registers must survive (checked in user mode). */
+static u8 fx_a[MAXCPU][512] __attribute__((aligned(16)));
+static u8 fx_b[MAXCPU][512] __attribute__((aligned(16)));
+static u8 fx_c[MAXCPU][512] __attribute__((aligned(16)));
+
+static void fpu_swap(struct cpu *c)
+{
+	u8 *a = fx_a[c->id], *b = fx_b[c->id], *x = fx_c[c->id];
+	__asm__ volatile("fxsave64 %0" : "=m"(*(u8 (*)[512])a));
+	for (int i = 0; i < 512; i++)
+		b[i] = a[i];
+	for (int i = 160; i < 416; i++)            /* XMM0-15: another task's values */
+		b[i] = (u8)(a[i] ^ 0x5A ^ i);
+	__asm__ volatile("fxrstor64 %0" : : "m"(*(u8 (*)[512])b));
+	__asm__ volatile("fxsave64 %0" : "=m"(*(u8 (*)[512])x));
+	for (int i = 160; i < 416; i++)
+		if (x[i] != b[i]) {
+			c->fx_bad++;
+			break;
+		}
+	__asm__ volatile("fxrstor64 %0" : : "m"(*(u8 (*)[512])a));
+}
+
+/* The 4 KiB PTE of this CPU's demand page (entry.S's identity map, walked from CR3). */
+static volatile u64 *demand_pte_ptr(struct cpu *c)
+{
+	u64 va = GS_PAGES + (u64)c->id * 0x2000 + 0x1000, cr3;
+	__asm__ volatile("mov %%cr3, %0" : "=r"(cr3));
+	u64 *t = (u64 *)(cr3 & ~0xFFFull);
+	t = (u64 *)(t[(va >> 39) & 511] & 0xFFFFFFFFF000ull);
+	t = (u64 *)(t[(va >> 30) & 511] & 0xFFFFFFFFF000ull);
+	t = (u64 *)(t[(va >> 21) & 511] & 0xFFFFFFFFF000ull);
+	return &t[(va >> 12) & 511];
+}
+
+static void demand_pte(struct cpu *c, int present)
+{
+	volatile u64 *pte = demand_pte_ptr(c);
+	u64 va = GS_PAGES + (u64)c->id * 0x2000 + 0x1000;
+	*pte = present ? *pte | 1 : *pte & ~1ull;
+	__asm__ volatile("invlpg (%0)" : : "r"(va) : "memory");
+}
+
+/* #PF (from pf_entry): the demand page is mapped back; anything else is a real fault. */
+void pf_handler(struct frame *f)
+{
+	struct cpu *c = this_cpu_kernel();
+	u64 cr2;
+	__asm__ volatile("mov %%cr2, %0" : "=r"(cr2));
+	if ((cr2 & ~0xFFFull) == GS_PAGES + (u64)c->id * 0x2000 + 0x1000) {
+		c->pfs++;
+		demand_pte(c, 1);
+		return;
+	}
+	fault_handler(14, &f->rip + 1);               /* past the error code */
+}
+
+/* SYSCALL (from syscall_entry, at CPL0 on its kernel stack): counted, nothing else. */
+void syscall_handler(void)
+{
+	this_cpu_kernel()->syscalls++;
+}
+
+void ucall_handler(struct frame *f)
+{
+	struct cpu *c = this_cpu_kernel();
+	if (f->rdi == UCALL_PRINT)
+		console_write((const char *)(uintptr_t)f->rsi);
+	else if (f->rdi == UCALL_EXIT) {
+		stop = 1;
+		outb(DEBUG_EXIT, (u8)f->rsi);
+	} else if (f->rdi == UCALL_NOP)
+		;
+	else if (f->rdi == UCALL_KCHECK)
+		kcheck_region(c, f->rsi);
+	else if (f->rdi == UCALL_PIO)
+		(void)inl(PM_TMR);                     /* an exit to the VMM inside the handler */
+	else if (f->rdi == UCALL_PMTMR)
+		f->rax = inl(PM_TMR);
+	else if (f->rdi == UCALL_FPUSWAP)
+		fpu_swap(c);
+	else if (f->rdi == UCALL_UNMAP)
+		demand_pte(c, 0);
+	else {
+		console_write("ucheck: unexpected #UD\n");
+		outb(DEBUG_EXIT, 1);
+	}
+	f->rip += 2;
+}
+
+void irq_handler(u64 vector, struct frame *f)
+{
+	struct cpu *c = this_cpu_kernel();
+	if (vector == 0x20) {
+		c->ticks++;
+		if ((f->cs & 3) == 3)
+			c->irqs_user++;
+	}
+	if (vector != 0xFF)
+		wr32(LAPIC + 0xB0, 0);                 /* EOI */
+}
+
+void __attribute__((noreturn)) fault_handler(u64 vector, u64 *stack)
+{
+	struct cpu *c = this_cpu_kernel();
+	c->in_user = 0;
+	c->line_len = 0;
+	put(c, "ucheck: cpu");
+	putu(c, (u64)c->id);
+	put(c, " exception ");
+	putu(c, vector);
+	put(c, " at ");
+	puthex(c, stack[0]);
+	put(c, " ");
+	puthex(c, stack[1]);
+	put(c, " ");
+	puthex(c, stack[2]);
+	flush_line(c);
+	finish(c, 1);
+}
+
+/* -- the checks, in user mode ----------------------------------------------------------- */
+#define NREGS 15
+static const u64 reg_pattern[NREGS] = {
+	0x0101010101010101ull, 0x1212121212121212ull, 0x2323232323232323ull, 0x3434343434343434ull,
+	0x4545454545454545ull, 0x5656565656565656ull, 0x6767676767676767ull, 0x7878787878787878ull,
+	0x8989898989898989ull, 0x9a9a9a9a9a9a9a9aull, 0xababababababababull, 0xbcbcbcbcbcbcbcbcull,
+	0xcdcdcdcdcdcdcdcdull, 0xdedededededededeull, 0xefefefefefefefefull,
+};
+static const char *const reg_name[NREGS] = {
+	"rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "r8", "r9", "r10", "r11", "r12", "r13",
+	"r14", "r15",
+};
+static const u64 xmm_pattern[32] __attribute__((aligned(16))) = {
+	0xa0a0a0a0a0a0a0a1ull, 0xb0b0b0b0b0b0b0b1ull, 0xa1a1a1a1a1a1a1a2ull, 0xb1b1b1b1b1b1b1b2ull,
+	0xa2a2a2a2a2a2a2a3ull, 0xb2b2b2b2b2b2b2b3ull, 0xa3a3a3a3a3a3a3a4ull, 0xb3b3b3b3b3b3b3b4ull,
+	0xa4a4a4a4a4a4a4a5ull, 0xb4b4b4b4b4b4b4b5ull, 0xa5a5a5a5a5a5a5a6ull, 0xb5b5b5b5b5b5b5b6ull,
+	0xa6a6a6a6a6a6a6a7ull, 0xb6b6b6b6b6b6b6b7ull, 0xa7a7a7a7a7a7a7a8ull, 0xb7b7b7b7b7b7b7b8ull,
+	0xa8a8a8a8a8a8a8a9ull, 0xb8b8b8b8b8b8b8b9ull, 0xa9a9a9a9a9a9a9aaull, 0xb9b9b9b9b9b9b9baull,
+	0xaaaaaaaaaaaaaaabull, 0xbabababababababbull, 0xabababababababacull, 0xbbbbbbbbbbbbbbbcull,
+	0xacacacacacacacadull, 0xbcbcbcbcbcbcbcbdull, 0xadadadadadadadaeull, 0xbdbdbdbdbdbdbdbeull,
+	0xaeaeaeaeaeaeaeafull, 0xbebebebebebebebfull, 0xafafafafafafafb0ull, 0xbfbfbfbfbfbfbfc0ull,
+};
+
+/*
+ * reg_window(iters, out, xmm_out, mode): every GPR but RSP and XMM0-15 get known values;
+ * then mode 0 spins `iters` times (counter in memory), any other mode is a ucall op done
+ * once (ud2; op in RDI, whose value is put back from memory);
+ * then all of them are stored to out[0..14] and xmm_out[0..31].
+ */
+extern void reg_window(u64 iters, u64 *out, u64 *xmm_out, u64 mode);
+__asm__(
+	".text\n"
+	".globl reg_window\n"
+	"reg_window:\n"
+	"	push %rbx\n push %rbp\n push %r12\n push %r13\n push %r14\n push %r15\n"
+	"	push %rdx\n"                          /* 24(%rsp): xmm_out */
+	"	push %rsi\n"                          /* 16(%rsp): out */
+	"	push %rcx\n"                          /*  8(%rsp): mode */
+	"	push %rdi\n"                          /*  0(%rsp): counter */
+	"	lea xmm_pattern(%rip), %rax\n"
+	"	movdqa 0(%rax), %xmm0\n movdqa 16(%rax), %xmm1\n movdqa 32(%rax), %xmm2\n"
+	"	movdqa 48(%rax), %xmm3\n movdqa 64(%rax), %xmm4\n movdqa 80(%rax), %xmm5\n"
+	"	movdqa 96(%rax), %xmm6\n movdqa 112(%rax), %xmm7\n movdqa 128(%rax), %xmm8\n"
+	"	movdqa 144(%rax), %xmm9\n movdqa 160(%rax), %xmm10\n movdqa 176(%rax), %xmm11\n"
+	"	movdqa 192(%rax), %xmm12\n movdqa 208(%rax), %xmm13\n movdqa 224(%rax), %xmm14\n"
+	"	movdqa 240(%rax), %xmm15\n"
+	"	movabs $0x0101010101010101, %rax\n movabs $0x1212121212121212, %rbx\n"
+	"	movabs $0x2323232323232323, %rcx\n movabs $0x3434343434343434, %rdx\n"
+	"	movabs $0x4545454545454545, %rsi\n movabs $0x5656565656565656, %rdi\n"
+	"	movabs $0x6767676767676767, %rbp\n movabs $0x7878787878787878, %r8\n"
+	"	movabs $0x8989898989898989, %r9\n movabs $0x9a9a9a9a9a9a9a9a, %r10\n"
+	"	movabs $0xabababababababab, %r11\n movabs $0xbcbcbcbcbcbcbcbc, %r12\n"
+	"	movabs $0xcdcdcdcdcdcdcdcd, %r13\n movabs $0xdededededededede, %r14\n"
+	"	movabs $0xefefefefefefefef, %r15\n"
+	"	cmpq $0, 8(%rsp)\n"
+	"	je 1f\n"
+	"	cmpq $100, 8(%rsp)\n"
+	"	jne 4f\n"
+	"	syscall\n"                          /* MODE_SYSCALL (RCX, R11: not compared) */
+	"	jmp 3f\n"
+	"4:	cmpq $101, 8(%rsp)\n"
+	"	jne 2f\n"
+	"	incq %gs:0x1000\n"                  /* MODE_PF: the demand page, unmapped */
+	"	jmp 3f\n"
+	"1:	decq (%rsp)\n"
+	"	jnz 1b\n"
+	"	jmp 3f\n"
+	"2:	mov %rdi, (%rsp)\n"                 /* a ucall: op = mode in rdi, its value kept */
+	"	mov 8(%rsp), %rdi\n"
+	"	ud2\n"
+	"	mov (%rsp), %rdi\n"
+	"3:	xchg %rax, 16(%rsp)\n"              /* rax = out; the loaded rax on the stack */
+	"	mov %rbx, 8(%rax)\n mov %rcx, 16(%rax)\n mov %rdx, 24(%rax)\n"
+	"	mov %rsi, 32(%rax)\n mov %rdi, 40(%rax)\n mov %rbp, 48(%rax)\n mov %r8, 56(%rax)\n"
+	"	mov %r9, 64(%rax)\n mov %r10, 72(%rax)\n mov %r11, 80(%rax)\n mov %r12, 88(%rax)\n"
+	"	mov %r13, 96(%rax)\n mov %r14, 104(%rax)\n mov %r15, 112(%rax)\n"
+	"	mov 16(%rsp), %rbx\n mov %rbx, 0(%rax)\n"
+	"	mov 24(%rsp), %rax\n"
+	"	movdqu %xmm0, 0(%rax)\n movdqu %xmm1, 16(%rax)\n movdqu %xmm2, 32(%rax)\n"
+	"	movdqu %xmm3, 48(%rax)\n movdqu %xmm4, 64(%rax)\n movdqu %xmm5, 80(%rax)\n"
+	"	movdqu %xmm6, 96(%rax)\n movdqu %xmm7, 112(%rax)\n movdqu %xmm8, 128(%rax)\n"
+	"	movdqu %xmm9, 144(%rax)\n movdqu %xmm10, 160(%rax)\n movdqu %xmm11, 176(%rax)\n"
+	"	movdqu %xmm12, 192(%rax)\n movdqu %xmm13, 208(%rax)\n movdqu %xmm14, 224(%rax)\n"
+	"	movdqu %xmm15, 240(%rax)\n"
+	"	add $32, %rsp\n"
+	"	pop %r15\n pop %r14\n pop %r13\n pop %r12\n pop %rbp\n pop %rbx\n"
+	"	ret\n");
+
+/*
+ * syscall_entry: LSTAR, in the upper half like a kernel's, so that vmrun's syscall fix-up
+ * (on kvm-pvm a SYSCALL stays at CPL3 and faults on this supervisor page; vmrun finishes it)
+ * applies as it does to Linux. Like Linux: swapgs, user RSP to %gs:0, kernel stack from
+ * %gs:8, every register saved, then back with sysretq (RCX, R11: the user's RIP and RFLAGS).
+ * pf_entry: #PF with its error code, for the demand page.
+ */
+extern void syscall_entry(void), pf_entry(void);
+__asm__(
+	".text\n"
+	".globl syscall_entry, pf_entry\n"
+	"syscall_entry:\n"
+	"	swapgs\n"
+	"	mov %rsp, %gs:0\n"
+	"	mov %gs:8, %rsp\n"
+	"	pushq %gs:0\n"
+	"	push %rcx\n push %r11\n"
+	"	push %rax\n push %rbx\n push %rdx\n push %rsi\n push %rdi\n push %rbp\n"
+	"	push %r8\n push %r9\n push %r10\n push %r12\n push %r13\n push %r14\n push %r15\n"
+	"	call syscall_handler\n"
+	"	pop %r15\n pop %r14\n pop %r13\n pop %r12\n pop %r10\n pop %r9\n pop %r8\n"
+	"	pop %rbp\n pop %rdi\n pop %rsi\n pop %rdx\n pop %rbx\n pop %rax\n"
+	"	pop %r11\n pop %rcx\n"
+	"	pop %rsp\n"
+	"	swapgs\n"
+	"	sysretq\n"
+	"pf_entry:\n"
+	"	push %rax\n push %rbx\n push %rcx\n push %rdx\n push %rsi\n push %rdi\n push %rbp\n"
+	"	push %r8\n push %r9\n push %r10\n push %r11\n push %r12\n push %r13\n push %r14\n"
+	"	push %r15\n"
+	"	mov %rsp, %rdi\n"
+	"	sub $8, %rsp\n"
+	"	call pf_handler\n"
+	"	add $8, %rsp\n"
+	"	pop %r15\n pop %r14\n pop %r13\n pop %r12\n pop %r11\n pop %r10\n pop %r9\n"
+	"	pop %r8\n pop %rbp\n pop %rdi\n pop %rsi\n pop %rdx\n pop %rcx\n pop %rbx\n"
+	"	pop %rax\n"
+	"	add $8, %rsp\n"
+	"	iretq\n");
+
+enum { K_REGS, K_XMM, K_UCALL, K_PIO, K_FPU, K_SUM, K_FSGS, K_MEMK, K_MEMU, K_SYS, K_PF };
+static const char *const kind_name[] = {"regs", "xmm", "ucall", "pio", "fpu", "sum", "fsgs",
+					"mem_k", "mem_u", "sys", "pf"};
+
+static int first(struct cpu *c, int kind)
+{
+	if (c->first_reported & (1ull << kind))
+		return 0;
+	c->first_reported |= 1ull << kind;
+	put(c, "ucheck: cpu");
+	putu(c, (u64)c->id);
+	put(c, " first ");
+	put(c, kind_name[kind]);
+	put(c, " mismatch (round ");
+	putu(c, c->rounds);
+	put(c, "): ");
+	return 1;
+}
+
+static void check_regs(struct cpu *c, u64 mode)
+{
+	u64 out[NREGS], xmm[32];
+	/* mode: 0 spin, else a ucall op */
+	int kind = mode == 0 ? K_REGS : mode == UCALL_PIO ? K_PIO : mode == UCALL_FPUSWAP ? K_FPU
+		: mode == MODE_SYSCALL ? K_SYS : mode == MODE_PF ? K_PF : K_UCALL;
+	reg_window(mode ? 1 : spin, out, xmm, mode);
+	int bad = 0, xbad = 0;
+	for (int i = 0; i < NREGS; i++) {
+		u64 want = reg_pattern[i];
+		if (kind == K_SYS && (i == 2 || i == 10))
+			continue;                         /* RCX, R11: SYSCALL's own */
+		if (out[i] != want) {
+			if (!bad && first(c, kind)) {
+				for (int j = 0; j < NREGS; j++)
+					if (out[j] != reg_pattern[j] &&
+					    !(kind == K_SYS && (j == 2 || j == 10))) {
+						put(c, reg_name[j]);
+						put(c, "=");
+						puthex(c, out[j]);
+						put(c, " ");
+					}
+				flush_line(c);
+			}
+			bad = 1;
+		}
+	}
+	for (int i = 0; i < 32; i++)
+		if (xmm[i] != xmm_pattern[i]) {
+			if (!xbad && first(c, kind == K_FPU ? K_FPU : K_XMM)) {
+				put(c, "xmm");
+				putu(c, (u64)i / 2);
+				put(c, i & 1 ? ".hi=" : ".lo=");
+				puthex(c, xmm[i]);
+				flush_line(c);
+			}
+			xbad = 1;
+		}
+	if (bad || xbad) {
+		u64 *n = kind == K_REGS ? &c->regs_bad : kind == K_PIO ? &c->pio_bad :
+			kind == K_FPU ? &c->fpu_bad : kind == K_SYS ? &c->sys_bad :
+			kind == K_PF ? &c->pf_bad : &c->ucall_bad;
+		*n += 1;
+	}
+	if (xbad && kind != K_FPU)
+		c->xmm_bad++;
+}
+
+static u64 fnv(const volatile u8 *p, u64 n)
+{
+	u64 h = 0xcbf29ce484222325ull;
+	for (u64 i = 0; i < n; i++)
+		h = (h ^ p[i]) * 0x100000001b3ull;
+	return h;
+}
+
+static u64 sum_expect;
+
+static void check_sum(struct cpu *c)
+{
+	u64 h = fnv((const volatile u8 *)DATA_BASE, DATA_SIZE);
+	if (h != sum_expect) {
+		if (first(c, K_SUM)) {
+			puthex(c, h);
+			put(c, " want ");
+			puthex(c, sum_expect);
+			flush_line(c);
+		}
+		c->sum_bad++;
+	}
+}
+
+static void check_fsgs(struct cpu *c)
+{
+	u64 f, g;
+	__asm__ volatile("mov %%fs:0, %0" : "=r"(f));
+	__asm__ volatile("mov %%gs:0, %0" : "=r"(g));
+	if (f != c->fs_marker[0] || g != c->gs_marker[0]) {
+		if (first(c, K_FSGS)) {
+			put(c, "%fs:0=");
+			puthex(c, f);
+			put(c, " %gs:0=");
+			puthex(c, g);
+			flush_line(c);
+		}
+		c->fsgs_bad++;
+	}
+}
+
+/* User mode writes gen over every page (word 0, and a pattern in the rest of the first
+   cache line); every kcheck ms the kernel checks word 0 and writes ~gen to word 1. */
+static void check_mem(struct cpu *c, u64 gen, int kc)
+{
+	u64 bad = 0;
+	for (u64 p = 0; p < PAGES; p++) {
+		volatile u64 *page = (volatile u64 *)(c->region + p * 4096);
+		u64 w = page[0], x = page[2];
+		if (gen > 1 && (w != gen - 1 || x != ((gen - 1) ^ p))) {
+			if (!bad && first(c, K_MEMU)) {
+				put(c, "page ");
+				putu(c, p);
+				put(c, " word0=");
+				puthex(c, w);
+				put(c, " word2=");
+				puthex(c, x);
+				put(c, " want ");
+				puthex(c, gen - 1);
+				flush_line(c);
+			}
+			bad++;
+		}
+		page[0] = gen;
+		page[2] = gen ^ p;
+	}
+	if (kc) {
+		u64 before = c->kcheck_bad;
+		ucall(UCALL_KCHECK, gen);
+		if (c->kcheck_bad != before && first(c, K_MEMK)) {
+			put(c, "kernel saw page ");
+			putu(c, c->kcheck_first - 1);
+			put(c, " word0=");
+			puthex(c, c->kcheck_word);
+			put(c, " want ");
+			puthex(c, gen);
+			flush_line(c);
+		}
+		c->mem_k_bad += c->kcheck_bad - before;
+		for (u64 p = 0; p < PAGES; p++) {
+			volatile u64 *page = (volatile u64 *)(c->region + p * 4096);
+			if (page[1] != ~gen) {
+				if (first(c, K_MEMU)) {
+					put(c, "page ");
+					putu(c, p);
+					put(c, " word1=");
+					puthex(c, page[1]);
+					put(c, " want ");
+					puthex(c, ~gen);
+					put(c, " (written by the kernel)");
+					flush_line(c);
+				}
+				bad++;
+			}
+		}
+	}
+	c->mem_u_bad += bad;
+}
+
+static void report(struct cpu *out, struct cpu *c, const char *tag)
+{
+	struct cpu *o = out;
+	put(o, tag);
+	put(o, " cpu");
+	putu(o, (u64)c->id);
+	put(o, " t=");
+	putu(o, pm_elapsed / PM_HZ);
+	put(o, " rounds=");
+	putu(o, c->rounds);
+	put(o, " regs=");
+	putu(o, c->regs_bad);
+	put(o, " xmm=");
+	putu(o, c->xmm_bad);
+	put(o, " ucall=");
+	putu(o, c->ucall_bad);
+	put(o, " pio=");
+	putu(o, c->pio_bad);
+	put(o, " fpu=");
+	putu(o, c->fpu_bad);
+	put(o, " fx=");
+	putu(o, c->fx_bad);
+	put(o, " sys=");
+	putu(o, c->sys_bad);
+	put(o, " pf=");
+	putu(o, c->pf_bad);
+	put(o, " sum=");
+	putu(o, c->sum_bad);
+	put(o, " fsgs=");
+	putu(o, c->fsgs_bad);
+	put(o, " mem_k=");
+	putu(o, c->mem_k_bad);
+	put(o, " mem_u=");
+	putu(o, c->mem_u_bad);
+	put(o, " syscalls=");
+	putu(o, c->syscalls);
+	put(o, " pfs=");
+	putu(o, c->pfs);
+	put(o, " irqs=");
+	putu(o, c->ticks);
+	put(o, " irqs_user=");
+	putu(o, c->irqs_user);
+	flush_line(o);
+}
+
+static u64 bad_total(struct cpu *c)
+{
+	return c->regs_bad + c->xmm_bad + c->ucall_bad + c->pio_bad + c->sys_bad + c->pf_bad + c->fpu_bad + c->fx_bad + c->sum_bad + c->fsgs_bad +
+		c->mem_k_bad + c->mem_u_bad;
+}
+
+static void user_rounds(struct cpu *c)
+{
+	u64 next_report = PM_HZ, next_kcheck = 0;
+	c->in_user = 1;
+	while (!stop && pm_elapsed < end_ticks) {
+		c->rounds++;
+		int slow = c->rounds % pio == 0;     /* the rounds with a VMM exit in a ucall */
+		if (c->id == 0 && slow) {
+			u32 now = (u32)ucall(UCALL_PMTMR, 0);
+			pm_elapsed += (u32)(now - pm_last);
+			pm_last = now;
+		}
+		check_regs(c, 0);
+		if (ucalls) {
+			check_regs(c, UCALL_NOP);
+			check_regs(c, UCALL_FPUSWAP);
+			if (slow)
+				check_regs(c, UCALL_PIO);
+			/* vmrun arms its syscall fix-up on its once-a-second vCPU kick: from 2 s on */
+			if (pm_elapsed >= 2 * PM_HZ) {
+				check_regs(c, MODE_SYSCALL);
+				ucall(UCALL_UNMAP, 0);
+				check_regs(c, MODE_PF);
+			}
+		}
+		check_sum(c);
+		check_fsgs(c);
+		int kc = kcheck && pm_elapsed >= next_kcheck;
+		if (kc)
+			next_kcheck = pm_elapsed + kcheck * PM_HZ / 1000;
+		check_mem(c, c->rounds, kc);
+		if (c->id == 0 && pm_elapsed >= next_report) {
+			next_report += PM_HZ;
+			for (int i = 0; i < ncpus; i++)
+				report(c, &cpus[i], "ucheck:");
+		}
+	}
+}
+
+static u8 user_stack[MAXCPU][65536] __attribute__((aligned(16)));
+extern void enter_user_flags(void (*fn)(void), u64 stack_top, u64 rflags);
+
+static void bsp_user(void)
+{
+	struct cpu *c = &cpus[0];
+	user_rounds(c);
+	stop = 1;
+	/* the AP's last round */
+	for (volatile u64 i = 0; i < 10000000; i++)
+		;
+	u64 bad = 0;
+	for (int i = 0; i < ncpus; i++) {
+		report(c, &cpus[i], "ucheck: done");
+		bad += bad_total(&cpus[i]);
+	}
+	finish(c, bad ? 1 : 0);
+}
+
+static void ap_user(void)
+{
+	struct cpu *c = &cpus[1];
+	user_rounds(c);
+	for (;;)
+		cpu_relax();
+}
+
+/* -- command line and CPU set-up (CPL0) -------------------------------------------------- */
+extern u32 start_info_paddr;
+static const char *cmdline;
+
+static u64 option(const char *key, u64 dflt)
+{
+	for (const char *p = cmdline; p && *p; p++) {
+		const char *k = key, *q = p;
+		while (*k && *q == *k) { k++; q++; }
+		if (*k == 0 && *q == '=' && (p == cmdline || p[-1] == ' ')) {
+			u64 v = 0;
+			for (q++; *q >= '0' && *q <= '9'; q++)
+				v = v * 10 + (u64)(*q - '0');
+			return v;
+		}
+	}
+	return dflt;
+}
+
+static u8 sys_stack[MAXCPU][16384] __attribute__((aligned(16)));
+
+static void cpu_setup(struct cpu *c, int id)
+{
+	u64 cr4;
+	c->id = id;
+	__asm__ volatile("mov %%cr4, %0" : "=r"(cr4));
+	cr4 |= (1 << 9) | (1 << 10);                 /* OSFXSR, OSXMMEXCPT: SSE in user mode */
+	__asm__ volatile("mov %0, %%cr4" : : "r"(cr4));
+	c->fs_marker[0] = 0xf5f5f5f500000000ull | (u64)id;
+	c->gs_marker[0] = 0x6565656500000000ull | (u64)id;
+	u64 gs = GS_PAGES + (u64)id * 0x2000;
+	*(volatile u64 *)gs = c->gs_marker[0];
+	wrmsr(0xC0000100, (u64)(uintptr_t)c->fs_marker);   /* FS_BASE */
+	wrmsr(0xC0000101, gs);                               /* GS_BASE: the user's */
+	c->kgs[1] = (u64)(uintptr_t)(sys_stack[id] + sizeof(sys_stack[id]));
+	wrmsr(0xC0000102, (u64)(uintptr_t)c->kgs);          /* KERNEL_GS_BASE: swapgs's */
+	wrmsr(0xC0000080, rdmsr(0xC0000080) | 1);           /* EFER.SCE */
+	wrmsr(0xC0000081, (0x40ull << 48) | (0x08ull << 32)); /* STAR: sysret CS 0x50, SS 0x48 */
+	wrmsr(0xC0000082, HIGH + (u64)(uintptr_t)syscall_entry);   /* LSTAR, in the upper half */
+	wrmsr(0xC0000084, 0x47700);                          /* SFMASK: TF DF IF IOPL AC NT, as Linux */
+	c->region = (option("huge", 0) ? REGION_HUGE : REGION_SMALL) + (u64)id * REGION_SIZE;
+	wr32(LAPIC + 0xF0, 0x1FF);                   /* software enable, spurious vector 0xFF */
+	if (hz) {
+		wr32(LAPIC + 0x3E0, 0xB);                /* divide by 1 */
+		wr32(LAPIC + 0x320, 0x20 | (1 << 17));   /* periodic, vector 0x20 */
+		wr32(LAPIC + 0x380, (u32)(1000000000ull / hz));  /* KVM's APIC bus: 1 GHz */
+	}
+}
+
+/*
+ * The second vCPU: INIT/SIPI start it in real mode at 0x8000, where start_ap copied
+ * ap_entry16; it loads ap_gdt (flat code/data as entry.S's, a 32-bit code segment at 0x38,
+ * its own TSS at 0x28), enters long mode on the BSP's page tables (ap_cr3) and calls
+ * ap_main on ap_kstack with the BSP's IDT.
+ */
+extern void ap_entry16(void), ap_entry16_end(void);
+static void gdt_setup(void);
+u64 ap_cr3;
+u64 ap_gdt[11] __attribute__((aligned(16)));
+struct __attribute__((packed)) { u16 limit; u64 base; } ap_idt_ptr;
+static u8 ap_kstack[16384] __attribute__((aligned(16)));
+u64 ap_kstack_top;
+static u32 ap_tss[26] __attribute__((aligned(16)));
+__asm__(
+	".text\n"
+	".code16\n"
+	".globl ap_entry16, ap_entry16_end\n"
+	"ap_entry16:\n"
+	"	cli\n"
+	"	mov %cs, %ax\n"
+	"	mov %ax, %ds\n"
+	"	lgdtl ap_gdt_ptr16 - ap_entry16\n"
+	"	mov %cr0, %eax\n"
+	"	or $1, %eax\n"
+	"	mov %eax, %cr0\n"
+	"	ljmpl $0x38, $ap_entry32\n"
+	"	.p2align 2\n"
+	"ap_gdt_ptr16:\n"
+	"	.word 11 * 8 - 1\n"
+	"	.long ap_gdt\n"
+	"ap_entry16_end:\n"
+	".code32\n"
+	"ap_entry32:\n"
+	"	mov $0x10, %ax\n"
+	"	mov %ax, %ds\n"
+	"	mov %ax, %es\n"
+	"	mov %ax, %ss\n"
+	"	mov %cr4, %eax\n"
+	"	or $0x20, %eax\n"
+	"	mov %eax, %cr4\n"
+	"	mov ap_cr3, %eax\n"
+	"	mov %eax, %cr3\n"
+	"	mov $0xC0000080, %ecx\n"
+	"	rdmsr\n"
+	"	or $0x100, %eax\n"
+	"	wrmsr\n"
+	"	mov %cr0, %eax\n"
+	"	or $0x80000001, %eax\n"
+	"	mov %eax, %cr0\n"
+	"	ljmp $0x08, $ap_entry64\n"
+	".code64\n"
+	"ap_entry64:\n"
+	"	mov $0x10, %ax\n"
+	"	mov %ax, %ds\n"
+	"	mov %ax, %es\n"
+	"	mov %ax, %ss\n"
+	"	mov ap_kstack_top, %rsp\n"
+	"	mov $0x28, %ax\n"
+	"	ltr %ax\n"
+	"	lidt ap_idt_ptr\n"
+	"	call ap_main\n"
+	"1:	hlt\n"
+	"	jmp 1b\n");
+
+void ap_main(void)
+{
+	struct cpu *c = &cpus[1];
+	cpu_setup(c, 1);
+	__atomic_store_n(&cpus_up, 2, __ATOMIC_RELEASE);
+	enter_user_flags(ap_user, (u64)(uintptr_t)(user_stack[1] + sizeof(user_stack[1])), 0x202);
+}
+
+/* One GDT for both CPUs (entry.S's selectors, a 32-bit code segment for the AP's way up,
+   the AP's TSS, and the pair SYSRET wants), loaded on the BSP. */
+static void gdt_setup(void)
+{
+	u64 tss = (u64)(uintptr_t)ap_tss;
+	ap_kstack_top = (u64)(uintptr_t)(ap_kstack + sizeof(ap_kstack));
+	ap_tss[1] = (u32)ap_kstack_top;                      /* RSP0 */
+	ap_tss[2] = (u32)(ap_kstack_top >> 32);
+	ap_tss[25] = 104u << 16;                             /* no I/O permission bitmap */
+	ap_gdt[0] = 0;
+	ap_gdt[1] = 0x00AF9A000000FFFFull;                   /* 0x08: kernel code, 64-bit */
+	ap_gdt[2] = 0x00CF92000000FFFFull;                   /* 0x10: kernel data */
+	ap_gdt[3] = 0x00AFFA000000FFFFull;                   /* 0x18: user code */
+	ap_gdt[4] = 0x00CFF2000000FFFFull;                   /* 0x20: user data */
+	ap_gdt[5] = 0x0000890000000067ull | (tss & 0xFFFFFF) << 16 | ((tss >> 24) & 0xFF) << 56;
+	ap_gdt[6] = tss >> 32;                               /* 0x28: the AP's TSS */
+	ap_gdt[7] = 0x00CF9A000000FFFFull;                   /* 0x38: 32-bit code, for the way up */
+	ap_gdt[8] = 0;
+	ap_gdt[9] = 0x00CFF2000000FFFFull;                   /* 0x48: user data (sysret SS) */
+	ap_gdt[10] = 0x00AFFA000000FFFFull;                  /* 0x50: user code (sysret CS) */
+	struct __attribute__((packed)) { u16 limit; u64 base; } gp = {
+		sizeof(ap_gdt) - 1, (u64)(uintptr_t)ap_gdt};
+	__asm__ volatile("lgdt %0" : : "m"(gp));            /* TR keeps the BSP's TSS */}
+
+/* #UD and #PF to their upper-half aliases (where vmrun's syscall fix-up looks). */
+static void idt_setup(void)
+{
+	struct __attribute__((packed)) { u16 limit; u64 base; } ip;
+	__asm__ volatile("sidt %0" : "=m"(ip));
+	for (int v = 6; v <= 14; v += 8) {
+		volatile u32 *g = (volatile u32 *)(ip.base + 16 * (u64)v);
+		u64 off = (u64)(g[0] & 0xFFFF) | (u64)(g[1] & 0xFFFF0000) | (u64)g[2] << 32;
+		if (v == 14)
+			off = (u64)(uintptr_t)pf_entry;
+		off |= HIGH;
+		g[0] = (g[0] & 0xFFFF0000) | (u32)(off & 0xFFFF);
+		g[1] = (g[1] & 0x0000FFFF) | (u32)(off & 0xFFFF0000);
+		g[2] = (u32)(off >> 32);
+	}
+}
+
+static void start_ap(void)
+{
+	__asm__ volatile("mov %%cr3, %0" : "=r"(ap_cr3));
+	__asm__ volatile("sidt %0" : "=m"(ap_idt_ptr));
+	/* The trampoline goes to 0x8000 (SIPI vector 8); INIT, then two SIPIs. */
+	memcpy((void *)0x8000, (const void *)ap_entry16,
+	       (unsigned long)((uintptr_t)ap_entry16_end - (uintptr_t)ap_entry16));
+	wr32(LAPIC + 0x310, 1u << 24);
+	wr32(LAPIC + 0x300, 0x4500);                 /* INIT */
+	for (int i = 0; i < 2; i++) {
+		wr32(LAPIC + 0x310, 1u << 24);
+		wr32(LAPIC + 0x300, 0x4608);             /* SIPI, vector 8 */
+		for (volatile int d = 0; d < 200 && cpus_up < 2; d++)
+			;
+	}
+	for (u64 d = 0; cpus_up < 2; d++)
+		if (d > 50000000) {
+			console_write("ucheck: the second vCPU did not start\n");
+			outb(DEBUG_EXIT, 1);
+		}
+}
+
+void kernel_main(void)
+{
+	if (start_info_paddr && rd32(start_info_paddr) == 0x336ec578)
+		cmdline = (const char *)(uintptr_t)*(volatile u64 *)(u64)(start_info_paddr + 24);
+	u64 secs = option("secs", 10);
+	hz = option("hz", 250);
+	spin = option("spin", 200000);
+	kcheck = option("kcheck", 500);
+	ucalls = option("ucalls", 1);
+	pio = option("pio", 8);
+	if (!pio)
+		pio = 1;
+	ncpus = (int)option("cpus", 1);
+	if (ncpus < 1 || ncpus > MAXCPU)
+		ncpus = 1;
+	end_ticks = secs * PM_HZ;              /* the clock: vmrun's ACPI PM timer */
+	pm_last = inl(PM_TMR);
+	for (u64 i = 0; i < DATA_SIZE / 8; i++)
+		((volatile u64 *)DATA_BASE)[i] = i * 0x9E3779B97F4A7C15ull;
+	sum_expect = fnv((const volatile u8 *)DATA_BASE, DATA_SIZE);     /* at CPL0 */
+	gdt_setup();
+	idt_setup();
+	cpu_setup(&cpus[0], 0);
+	cpus_up = 1;
+	if (ncpus > 1)
+		start_ap();
+	console_write("ucheck: start\n");
+	enter_user_flags(bsp_user, (u64)(uintptr_t)(user_stack[0] + sizeof(user_stack[0])), 0x202);
+}
