@@ -16,6 +16,11 @@
  *            `pio` rounds (such a round also reads the clock)
  *   sum      FNV-1a over 64 KiB of known data equals the value computed at start
  *   fsgs     %fs:0 and %gs:0 read the markers at the FS and GS bases the kernel set
+ *   remap    the kernel points a user page at the other of two frames (invlpg, or a CR3
+ *            reload): user mode must read and write the new frame
+ *   sys      the GPRs across a real `syscall` (vmrun's fix-up on kvm-pvm; sysretq back)
+ *   pf       the GPRs across a user-mode #PF on a page the kernel unmapped (the fix-up's
+ *            single-step path on kvm-pvm)
  *   mem      each round writes a generation number over every page of a 16 MiB region
  *            (`huge=1`: one mapped with 2 MiB guest pages, else 4 KiB); every `kcheck`
  *            ms the kernel (CPL0) reads word 0 of each page and writes word 1, and user
@@ -52,6 +57,9 @@ typedef uint64_t u64;
 #define PM_HZ 3579545ull
 #define HIGH 0xFFFF800000000000ull    /* entry.S maps the low 4 GiB here too */
 #define GS_PAGES 0x01600000ull        /* per CPU: the user GS base page, then a demand page */
+#define NREMAP 64                     /* per CPU: pages the kernel points at one of two frames */
+#define REMAP_VA 0x01500000ull        /* + (cpu * NREMAP + i) * 4 KiB */
+#define FRAMES 0x01400000ull          /* + ((cpu * 2 + f) * NREMAP + i) * 4 KiB */
 
 static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port)); }
 static inline void cpu_relax(void) { __asm__ volatile("pause" : : : "memory"); }
@@ -85,7 +93,7 @@ void *memcpy(void *d, const void *s, unsigned long n)
 
 /* -- output: one line buffer per CPU; from user mode through a ucall ------------------- */
 enum { UCALL_PRINT = 1, UCALL_EXIT = 2, UCALL_NOP = 3, UCALL_KCHECK = 4, UCALL_PIO = 5,
-       UCALL_PMTMR = 6, UCALL_FPUSWAP = 7, UCALL_UNMAP = 8 };
+       UCALL_PMTMR = 6, UCALL_FPUSWAP = 7, UCALL_UNMAP = 8, UCALL_REMAP = 9, UCALL_RCHECK = 10 };
 /* reg_window modes that are not ucalls: a real `syscall`, and a user-mode page fault. */
 enum { MODE_SYSCALL = 100, MODE_PF = 101 };
 extern u64 ucall(u64 op, u64 arg);     /* entry.S; RAX comes back as the handler left it */
@@ -98,7 +106,10 @@ struct cpu {
 	u64 ticks;                 /* timer interrupts taken (cpu 0's clock the run's clock) */
 	u64 irqs_user;             /* of them, arriving in user mode */
 	u64 rounds, regs_bad, xmm_bad, ucall_bad, pio_bad, fpu_bad, fx_bad, sum_bad, fsgs_bad;
-	u64 mem_k_bad, mem_u_bad, sys_bad, pf_bad;
+	u64 mem_k_bad, mem_u_bad, sys_bad, pf_bad, remap_bad;
+	u64 remap_frame;           /* 0 or 1: which frame REMAP_VA maps now */
+	u64 frame_token[2];        /* what user mode last wrote through REMAP_VA to each frame */
+	u64 remap_pending;         /* remapped this round, checked at its end */
 	u64 syscalls, pfs;         /* handled at CPL0 */
 	u64 kgs[2];                /* KERNEL_GS_BASE: syscall_entry's scratch and kernel stack */
 	u64 first_reported;        /* bit per kind: first mismatch already described */
@@ -235,16 +246,61 @@ static void fpu_swap(struct cpu *c)
 	__asm__ volatile("fxrstor64 %0" : : "m"(*(u8 (*)[512])a));
 }
 
-/* The 4 KiB PTE of this CPU's demand page (entry.S's identity map, walked from CR3). */
-static volatile u64 *demand_pte_ptr(struct cpu *c)
+/* The 4 KiB PTE of a page (entry.S's identity map, walked from CR3). */
+static volatile u64 *pte_of(u64 va)
 {
-	u64 va = GS_PAGES + (u64)c->id * 0x2000 + 0x1000, cr3;
+	u64 cr3;
 	__asm__ volatile("mov %%cr3, %0" : "=r"(cr3));
 	u64 *t = (u64 *)(cr3 & ~0xFFFull);
 	t = (u64 *)(t[(va >> 39) & 511] & 0xFFFFFFFFF000ull);
 	t = (u64 *)(t[(va >> 30) & 511] & 0xFFFFFFFFF000ull);
 	t = (u64 *)(t[(va >> 21) & 511] & 0xFFFFFFFFF000ull);
 	return &t[(va >> 12) & 511];
+}
+
+static volatile u64 *demand_pte_ptr(struct cpu *c)
+{
+	return pte_of(GS_PAGES + (u64)c->id * 0x2000 + 0x1000);
+}
+
+/* What a kernel does to a process's page (COW, reclaim, migration): point the virtual page
+   at another frame, then flush it (mode 0: invlpg; 1: reload CR3, as a context switch). */
+static u64 remap_va(struct cpu *c, u64 i) { return REMAP_VA + ((u64)c->id * NREMAP + i) * 4096; }
+static u64 frame_pa(struct cpu *c, u64 f, u64 i)
+{
+	return FRAMES + (((u64)c->id * 2 + f) * NREMAP + i) * 4096;
+}
+
+static void remap(struct cpu *c, u64 mode)
+{
+	c->remap_frame ^= 1;
+	for (u64 i = 0; i < NREMAP; i++) {
+		u64 va = remap_va(c, i);
+		*pte_of(va) = frame_pa(c, c->remap_frame, i) | 0x7;
+		if (mode == 0)
+			__asm__ volatile("invlpg (%0)" : : "r"(va) : "memory");
+	}
+	if (mode != 0) {
+		u64 cr3;
+		__asm__ volatile("mov %%cr3, %0; mov %0, %%cr3" : "=r"(cr3) : : "memory");
+	}
+}
+
+/* At CPL0, through the frames' own (identity) addresses: each holds what user mode last
+   wrote to it through REMAP_VA. */
+static void remap_check(struct cpu *c)
+{
+	for (u64 f = 0; f < 2; f++)
+		for (u64 i = 0; i < NREMAP && c->frame_token[f]; i++) {   /* 0: not written yet */
+			u64 w = *(volatile u64 *)frame_pa(c, f, i);
+			if (w != (c->frame_token[f] | i)) {
+				c->remap_bad++;
+				if (!c->kcheck_first) {
+					c->kcheck_first = 0x1000000 + f;
+					c->kcheck_word = w;
+				}
+			}
+		}
 }
 
 static void demand_pte(struct cpu *c, int present)
@@ -295,6 +351,10 @@ void ucall_handler(struct frame *f)
 		fpu_swap(c);
 	else if (f->rdi == UCALL_UNMAP)
 		demand_pte(c, 0);
+	else if (f->rdi == UCALL_REMAP)
+		remap(c, f->rsi);
+	else if (f->rdi == UCALL_RCHECK)
+		remap_check(c);
 	else {
 		console_write("ucheck: unexpected #UD\n");
 		outb(DEBUG_EXIT, 1);
@@ -461,9 +521,10 @@ __asm__(
 	"	add $8, %rsp\n"
 	"	iretq\n");
 
-enum { K_REGS, K_XMM, K_UCALL, K_PIO, K_FPU, K_SUM, K_FSGS, K_MEMK, K_MEMU, K_SYS, K_PF };
+enum { K_REGS, K_XMM, K_UCALL, K_PIO, K_FPU, K_SUM, K_FSGS, K_MEMK, K_MEMU, K_SYS, K_PF,
+       K_REMAP };
 static const char *const kind_name[] = {"regs", "xmm", "ucall", "pio", "fpu", "sum", "fsgs",
-					"mem_k", "mem_u", "sys", "pf"};
+					"mem_k", "mem_u", "sys", "pf", "remap"};
 
 static int first(struct cpu *c, int kind)
 {
@@ -627,6 +688,49 @@ static void check_mem(struct cpu *c, u64 gen, int kc)
 	c->mem_u_bad += bad;
 }
 
+/* User side of the remap check: REMAP_VA must show the frame the kernel put there (the
+   token written to that frame two rounds ago), and a write must land in that frame. */
+static void remap_start(struct cpu *c)
+{
+	ucall(UCALL_REMAP, c->rounds & 1);
+	c->remap_pending = 1;
+}
+
+/* At the end of the round (after spins, ucalls, VMM exits: time for the host to move the
+   vCPU thread to another CPU), so a stale translation anywhere would be used. */
+static void check_remap(struct cpu *c)
+{
+	if (!c->remap_pending)
+		return;
+	c->remap_pending = 0;
+	u64 before = c->remap_bad, f = c->remap_frame, token = (u64)c->id << 56 | c->rounds << 8;
+	for (u64 i = 0; i < NREMAP; i++) {
+		volatile u64 *p = (volatile u64 *)remap_va(c, i);
+		u64 w = p[0];
+		if (w != (c->frame_token[f] | i) && (c->frame_token[f] || w)) {
+			if (first(c, K_REMAP)) {
+				put(c, "user mode read ");
+				puthex(c, w);
+				put(c, " want ");
+				puthex(c, c->frame_token[f] | i);
+				put(c, c->rounds & 1 ? " (after a CR3 reload)" : " (after invlpg)");
+				flush_line(c);
+			}
+			c->remap_bad++;
+		}
+		p[0] = token | i;
+	}
+	c->frame_token[f] = token;
+	ucall(UCALL_RCHECK, 0);
+	if (c->remap_bad != before && first(c, K_REMAP)) {
+		put(c, "remap: kernel saw frame ");
+		putu(c, c->kcheck_first & 1);
+		put(c, " hold ");
+		puthex(c, c->kcheck_word);
+		flush_line(c);
+	}
+}
+
 static void report(struct cpu *out, struct cpu *c, const char *tag)
 {
 	struct cpu *o = out;
@@ -653,6 +757,8 @@ static void report(struct cpu *out, struct cpu *c, const char *tag)
 	putu(o, c->sys_bad);
 	put(o, " pf=");
 	putu(o, c->pf_bad);
+	put(o, " remap=");
+	putu(o, c->remap_bad);
 	put(o, " sum=");
 	putu(o, c->sum_bad);
 	put(o, " fsgs=");
@@ -674,7 +780,7 @@ static void report(struct cpu *out, struct cpu *c, const char *tag)
 
 static u64 bad_total(struct cpu *c)
 {
-	return c->regs_bad + c->xmm_bad + c->ucall_bad + c->pio_bad + c->sys_bad + c->pf_bad + c->fpu_bad + c->fx_bad + c->sum_bad + c->fsgs_bad +
+	return c->regs_bad + c->xmm_bad + c->ucall_bad + c->pio_bad + c->remap_bad + c->sys_bad + c->pf_bad + c->fpu_bad + c->fx_bad + c->sum_bad + c->fsgs_bad +
 		c->mem_k_bad + c->mem_u_bad;
 }
 
@@ -690,6 +796,7 @@ static void user_rounds(struct cpu *c)
 			pm_elapsed += (u32)(now - pm_last);
 			pm_last = now;
 		}
+		remap_start(c);
 		check_regs(c, 0);
 		if (ucalls) {
 			check_regs(c, UCALL_NOP);
@@ -709,6 +816,7 @@ static void user_rounds(struct cpu *c)
 		if (kc)
 			next_kcheck = pm_elapsed + kcheck * PM_HZ / 1000;
 		check_mem(c, c->rounds, kc);
+		check_remap(c);
 		if (c->id == 0 && pm_elapsed >= next_report) {
 			next_report += PM_HZ;
 			for (int i = 0; i < ncpus; i++)
