@@ -16,6 +16,8 @@
  *            `pio` rounds (such a round also reads the clock)
  *   sum      FNV-1a over 64 KiB of known data equals the value computed at start
  *   fsgs     %fs:0 and %gs:0 read the markers at the FS and GS bases the kernel set
+ *   shoot    2 vCPUs: a TLB shootdown (IPI, or KVM's PV TLB flush for a preempted vCPU, as
+ *            Linux does) of a page cpu 1's user mode keeps reading (see shoot())
  *   remap    the kernel points a user page at the other of two frames (invlpg, or a CR3
  *            reload): user mode must read and write the new frame
  *   sys      the GPRs across a real `syscall` (vmrun's fix-up on kvm-pvm; sysretq back)
@@ -33,6 +35,7 @@
  * (INIT/SIPI), which runs the same rounds on its own region (mem uses region + 16 MiB).
  *
  * Options (PVH command line): secs=10 hz=250 spin=200000 huge=0 kcheck=500 cpus=1 ucalls=1 pio=8
+ * pvflush=1
  * (hz=0: no timer). The clock is vmrun's ACPI PM timer (port 0x608), read through a ucall.
  */
 #include <stdint.h>
@@ -60,6 +63,10 @@ typedef uint64_t u64;
 #define NREMAP 64                     /* per CPU: pages the kernel points at one of two frames */
 #define REMAP_VA 0x01500000ull        /* + (cpu * NREMAP + i) * 4 KiB */
 #define FRAMES 0x01400000ull          /* + ((cpu * 2 + f) * NREMAP + i) * 4 KiB */
+#define SHARED_VA 0x01300000ull       /* shoot: a page both CPUs map; cpu 0 flips its frame */
+#define SHARED_FRAMES 0x01200000ull   /* two frames */
+#define STEAL_TIME 0x01310000ull      /* per CPU (64 bytes each): KVM's steal-time record */
+#define IPI_VECTOR 0xF0
 
 static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port)); }
 static inline void cpu_relax(void) { __asm__ volatile("pause" : : : "memory"); }
@@ -93,13 +100,14 @@ void *memcpy(void *d, const void *s, unsigned long n)
 
 /* -- output: one line buffer per CPU; from user mode through a ucall ------------------- */
 enum { UCALL_PRINT = 1, UCALL_EXIT = 2, UCALL_NOP = 3, UCALL_KCHECK = 4, UCALL_PIO = 5,
-       UCALL_PMTMR = 6, UCALL_FPUSWAP = 7, UCALL_UNMAP = 8, UCALL_REMAP = 9, UCALL_RCHECK = 10 };
+       UCALL_PMTMR = 6, UCALL_FPUSWAP = 7, UCALL_UNMAP = 8, UCALL_REMAP = 9, UCALL_RCHECK = 10,
+       UCALL_SHOOT = 11 };
 /* reg_window modes that are not ucalls: a real `syscall`, and a user-mode page fault. */
 enum { MODE_SYSCALL = 100, MODE_PF = 101 };
 extern u64 ucall(u64 op, u64 arg);     /* entry.S; RAX comes back as the handler left it */
 
 struct cpu {
-	char line[200];
+	char line[512];
 	int line_len;
 	int in_user;
 	int id;
@@ -110,6 +118,8 @@ struct cpu {
 	u64 remap_frame;           /* 0 or 1: which frame REMAP_VA maps now */
 	u64 frame_token[2];        /* what user mode last wrote through REMAP_VA to each frame */
 	u64 remap_pending;         /* remapped this round, checked at its end */
+	u64 shoot_bad_ipi, shoot_bad_pv;   /* cpu 1: stale reads of SHARED_VA, by flush path */
+	u64 shoot_reads, shoots_ipi, shoots_pv;
 	u64 syscalls, pfs;         /* handled at CPL0 */
 	u64 kgs[2];                /* KERNEL_GS_BASE: syscall_entry's scratch and kernel stack */
 	u64 first_reported;        /* bit per kind: first mismatch already described */
@@ -246,6 +256,9 @@ static void fpu_swap(struct cpu *c)
 	__asm__ volatile("fxrstor64 %0" : : "m"(*(u8 (*)[512])a));
 }
 
+void __attribute__((noreturn)) fault_handler(u64 vector, u64 *stack);
+static void shoot(struct cpu *c);
+
 /* The 4 KiB PTE of a page (entry.S's identity map, walked from CR3). */
 static volatile u64 *pte_of(u64 va)
 {
@@ -355,6 +368,8 @@ void ucall_handler(struct frame *f)
 		remap(c, f->rsi);
 	else if (f->rdi == UCALL_RCHECK)
 		remap_check(c);
+	else if (f->rdi == UCALL_SHOOT)
+		shoot(c);
 	else {
 		console_write("ucheck: unexpected #UD\n");
 		outb(DEBUG_EXIT, 1);
@@ -362,9 +377,51 @@ void ucall_handler(struct frame *f)
 	f->rip += 2;
 }
 
+/*
+ * shoot (2 vCPUs): what a kernel's TLB shootdown does. Cpu 0 points SHARED_VA at the other
+ * frame (which holds the new generation number), flushes locally, and has cpu 1 flush: with
+ * an IPI, or, when KVM's steal-time record says cpu 1 is preempted and the host offers
+ * KVM_FEATURE_PV_TLB_FLUSH, by setting KVM_VCPU_FLUSH_TLB there as Linux does (the host must
+ * flush before cpu 1 runs again). Then it publishes the generation; cpu 1's user mode reads
+ * SHARED_VA all the time and must never see an older one than published.
+ */
+static volatile u64 shoot_gen, shoot_done, ipi_ack;
+static volatile u8 shoot_path[1024];         /* 1: IPI, 2: PV flush, by generation */
+static int pv_tlb_flush;
+
+static void shoot(struct cpu *c)
+{
+	u64 gen = shoot_gen + 1, f = gen & 1;
+	*(volatile u64 *)(SHARED_FRAMES + f * 4096) = gen;
+	*pte_of(SHARED_VA) = (SHARED_FRAMES + f * 4096) | 0x7;
+	__asm__ volatile("invlpg (%0)" : : "r"(SHARED_VA) : "memory");
+	shoot_gen = gen;
+	volatile u8 *preempted = (volatile u8 *)(STEAL_TIME + 64 + 16);
+	u8 st = *preempted;
+	if (pv_tlb_flush && (st & 1) &&
+	    __atomic_compare_exchange_n(preempted, &st, (u8)(st | 2), 0, __ATOMIC_SEQ_CST,
+					__ATOMIC_SEQ_CST)) {
+		shoot_path[gen & 1023] = 2;
+		c->shoots_pv++;
+	} else {
+		shoot_path[gen & 1023] = 1;
+		c->shoots_ipi++;
+		wr32(LAPIC + 0x310, 1u << 24);
+		wr32(LAPIC + 0x300, IPI_VECTOR);          /* fixed, to APIC 1 */
+		for (u64 d = 0; ipi_ack != gen && d < 20000000; d++)
+			cpu_relax();
+	}
+	shoot_done = gen;
+}
+
 void irq_handler(u64 vector, struct frame *f)
 {
 	struct cpu *c = this_cpu_kernel();
+	if (vector == IPI_VECTOR) {
+		u64 gen = shoot_gen;
+		__asm__ volatile("invlpg (%0)" : : "r"(SHARED_VA) : "memory");
+		ipi_ack = gen;
+	}
 	if (vector == 0x20) {
 		c->ticks++;
 		if ((f->cs & 3) == 3)
@@ -522,9 +579,9 @@ __asm__(
 	"	iretq\n");
 
 enum { K_REGS, K_XMM, K_UCALL, K_PIO, K_FPU, K_SUM, K_FSGS, K_MEMK, K_MEMU, K_SYS, K_PF,
-       K_REMAP };
+       K_REMAP, K_SHOOT };
 static const char *const kind_name[] = {"regs", "xmm", "ucall", "pio", "fpu", "sum", "fsgs",
-					"mem_k", "mem_u", "sys", "pf", "remap"};
+					"mem_k", "mem_u", "sys", "pf", "remap", "shoot"};
 
 static int first(struct cpu *c, int kind)
 {
@@ -731,6 +788,30 @@ static void check_remap(struct cpu *c)
 	}
 }
 
+/* Cpu 1, user mode: SHARED_VA never shows a generation older than the one published. */
+static void check_shared(struct cpu *c)
+{
+	for (int i = 0; i < 2000; i++) {
+		u64 done = shoot_done;
+		__asm__ volatile("" : : : "memory");
+		u64 v = *(volatile u64 *)SHARED_VA;
+		c->shoot_reads++;
+		if (done && v < done) {
+			int pv = shoot_path[done & 1023] == 2;
+			if (first(c, K_SHOOT)) {
+				put(c, "read generation ");
+				putu(c, v);
+				put(c, " after ");
+				putu(c, done);
+				put(c, pv ? " was flushed (PV TLB flush)" : " was flushed (IPI)");
+				flush_line(c);
+			}
+			*(pv ? &c->shoot_bad_pv : &c->shoot_bad_ipi) += 1;
+			return;
+		}
+	}
+}
+
 static void report(struct cpu *out, struct cpu *c, const char *tag)
 {
 	struct cpu *o = out;
@@ -757,6 +838,10 @@ static void report(struct cpu *out, struct cpu *c, const char *tag)
 	putu(o, c->sys_bad);
 	put(o, " pf=");
 	putu(o, c->pf_bad);
+	put(o, " shoot_ipi=");
+	putu(o, c->shoot_bad_ipi);
+	put(o, " shoot_pv=");
+	putu(o, c->shoot_bad_pv);
 	put(o, " remap=");
 	putu(o, c->remap_bad);
 	put(o, " sum=");
@@ -771,6 +856,10 @@ static void report(struct cpu *out, struct cpu *c, const char *tag)
 	putu(o, c->syscalls);
 	put(o, " pfs=");
 	putu(o, c->pfs);
+	put(o, " shoots_ipi=");
+	putu(o, c->shoots_ipi);
+	put(o, " shoots_pv=");
+	putu(o, c->shoots_pv);
 	put(o, " irqs=");
 	putu(o, c->ticks);
 	put(o, " irqs_user=");
@@ -780,7 +869,7 @@ static void report(struct cpu *out, struct cpu *c, const char *tag)
 
 static u64 bad_total(struct cpu *c)
 {
-	return c->regs_bad + c->xmm_bad + c->ucall_bad + c->pio_bad + c->remap_bad + c->sys_bad + c->pf_bad + c->fpu_bad + c->fx_bad + c->sum_bad + c->fsgs_bad +
+	return c->regs_bad + c->xmm_bad + c->ucall_bad + c->pio_bad + c->remap_bad + c->shoot_bad_ipi + c->shoot_bad_pv + c->sys_bad + c->pf_bad + c->fpu_bad + c->fx_bad + c->sum_bad + c->fsgs_bad +
 		c->mem_k_bad + c->mem_u_bad;
 }
 
@@ -817,6 +906,10 @@ static void user_rounds(struct cpu *c)
 			next_kcheck = pm_elapsed + kcheck * PM_HZ / 1000;
 		check_mem(c, c->rounds, kc);
 		check_remap(c);
+		if (ncpus > 1 && c->id == 0)
+			ucall(UCALL_SHOOT, 0);
+		if (ncpus > 1 && c->id == 1)
+			check_shared(c);
 		if (c->id == 0 && pm_elapsed >= next_report) {
 			next_report += PM_HZ;
 			for (int i = 0; i < ncpus; i++)
@@ -893,6 +986,8 @@ static void cpu_setup(struct cpu *c, int id)
 	wrmsr(0xC0000082, HIGH + (u64)(uintptr_t)syscall_entry);   /* LSTAR, in the upper half */
 	wrmsr(0xC0000084, 0x47700);                          /* SFMASK: TF DF IF IOPL AC NT, as Linux */
 	c->region = (option("huge", 0) ? REGION_HUGE : REGION_SMALL) + (u64)id * REGION_SIZE;
+	if (pv_tlb_flush)
+		wrmsr(0x4b564d03, (STEAL_TIME + 64 * (u64)id) | 1);   /* MSR_KVM_STEAL_TIME */
 	wr32(LAPIC + 0xF0, 0x1FF);                   /* software enable, spurious vector 0xFF */
 	if (hz) {
 		wr32(LAPIC + 0x3E0, 0xB);                /* divide by 1 */
@@ -1057,6 +1152,10 @@ void kernel_main(void)
 	for (u64 i = 0; i < DATA_SIZE / 8; i++)
 		((volatile u64 *)DATA_BASE)[i] = i * 0x9E3779B97F4A7C15ull;
 	sum_expect = fnv((const volatile u8 *)DATA_BASE, DATA_SIZE);     /* at CPL0 */
+	u32 a, b, cc, dd;
+	__asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(cc), "=d"(dd) : "a"(0x40000001), "c"(0));
+	/* KVM_FEATURE_STEAL_TIME and PV_TLB_FLUSH, unless pvflush=0 */
+	pv_tlb_flush = option("pvflush", 1) && (a & (1 << 5)) && (a & (1 << 9));
 	gdt_setup();
 	idt_setup();
 	cpu_setup(&cpus[0], 0);
