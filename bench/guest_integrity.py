@@ -42,8 +42,8 @@ LOCK_PATH = os.environ.get("VMRUN_E2E_LOCK", "/tmp/vmrun-e2e.lock")
 DATA_SIZE = 64 * 1024
 ARITH = 3000          # the shell loop's count
 # ucheck's mismatch counters (its other numbers count work done)
-NATIVE_KINDS = ("regs", "xmm", "ucall", "pio", "fpu", "fx", "sys", "pf", "remap", "shoot_ipi",
-                "shoot_pv", "sum", "fsgs", "mem_k", "mem_u")
+NATIVE_KINDS = ("regs", "xmm", "ucall", "pio", "fpu", "fx", "sys", "pf", "fsswitch", "remap",
+                "shoot_ipi", "shoot_pv", "sum", "fsgs", "mem_k", "mem_u")
 
 
 @contextlib.contextmanager
@@ -104,13 +104,18 @@ path = "{log}"
     return samples, wrong, text
 
 
+# Each round: md5sum in a new process, through a pipe, a shell loop in a subshell, then one
+# md5sum process over the same file SAME times (many digests, no process creation between).
+SAME = 10
 SCRIPT = """\
 dd if=/dev/vda of=/tmp/d bs=4096 skip=1 count={blocks} 2>/dev/null
-t=$(cut -d. -f1 /proc/uptime); end=$((t + {secs})); n=0
+t=$(cut -d. -f1 /proc/uptime); end=$((t + {secs})); n=0; F=$(for i in $(seq {same}); do \
+echo /tmp/d; done)
 while [ $(cut -d. -f1 /proc/uptime) -lt $end ]; do
 n=$((n+1)); a=$(md5sum /tmp/d); b=$(cat /tmp/d | md5sum)
 c=$(i=0; while [ $i -lt {arith} ]; do i=$((i+1)); done; echo $i)
 echo "R $n ${{a%% *}} ${{b%% *}} $c"
+md5sum $F | sed "s/^/S $n /"
 done
 echo "DONE $n"
 poweroff -f
@@ -121,7 +126,8 @@ exit
 def run_linux(args: argparse.Namespace, d: Path) -> tuple[int, int, str]:
     data = hashlib.shake_256(b"vmrun guest integrity").digest(DATA_SIZE)
     digest = hashlib.md5(data).hexdigest()
-    script = SCRIPT.format(secs=args.secs, blocks=DATA_SIZE // 4096, arith=ARITH).encode()
+    script = SCRIPT.format(secs=args.secs, blocks=DATA_SIZE // 4096, arith=ARITH,
+                           same=SAME).encode()
     assert len(script) < 4096
     (d / "scratch.img").write_bytes(script.ljust(4096, b"\n") + data)
     tiny = (REPO / "machines" / "tiny.toml").read_text()
@@ -163,7 +169,17 @@ def run_linux(args: argparse.Namespace, d: Path) -> tuple[int, int, str]:
         print(f"boot + run: {time.monotonic() - t0:.0f} s", file=sys.stderr)
     text = console.read_text(errors="replace") if console.exists() else ""
     samples = wrong = 0
+    kinds = {k: [0, 0] for k in ("file", "pipe", "arith", "same")}   # samples, wrong
     for line in text.splitlines():
+        if line.startswith("S "):               # one md5sum process, many digests
+            samples += 1
+            kinds["same"][0] += 1
+            m = re.match(r"S (\d+) (\S+)  /tmp/d\s*$", line)
+            if not m or m.group(2) != digest:
+                wrong += 1
+                kinds["same"][1] += 1
+                print("wrong (same process):", repr(line), file=sys.stderr)
+            continue
         m = re.match(r"R (\d+) (\S*) (\S*) (\S*)\s*$", line)
         if not m:
             if line.startswith("R "):          # a garbled line: every answer in it counts
@@ -171,12 +187,17 @@ def run_linux(args: argparse.Namespace, d: Path) -> tuple[int, int, str]:
                 wrong += 3
                 print("garbled:", line, file=sys.stderr)
             continue
-        answers = [(m.group(2), digest), (m.group(3), digest), (m.group(4), str(ARITH))]
+        answers = [("file", m.group(2), digest), ("pipe", m.group(3), digest),
+                   ("arith", m.group(4), str(ARITH))]
         samples += 3
-        for got, want in answers:
+        for kind, got, want in answers:
+            kinds[kind][0] += 1
             if got != want:
                 wrong += 1
+                kinds[kind][1] += 1
                 print(f"wrong (line {m.group(1)}): {got!r} != {want!r}", file=sys.stderr)
+    print("by kind (wrong/samples): " + " ".join(f"{k}={w}/{n}" for k, (n, w) in kinds.items()),
+          file=sys.stderr)
     if "DONE " not in text:
         print("the guest did not finish its loop; console tail:\n" + text[-1500:],
               file=sys.stderr)

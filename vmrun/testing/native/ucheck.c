@@ -18,6 +18,9 @@
  *   fsgs     %fs:0 and %gs:0 read the markers at the FS and GS bases the kernel set
  *   shoot    2 vCPUs: a TLB shootdown (IPI, or KVM's PV TLB flush for a preempted vCPU, as
  *            Linux does) of a page cpu 1's user mode keeps reading (see shoot())
+ *   fsswitch the timer IRQ switches "tasks" (a new FS base by wrmsr, as Linux's context
+ *            switch does) and user mode's %fs:0 must follow (fsswitch=0: fixed bases, and
+ *            the fsgs check instead)
  *   remap    the kernel points a user page at the other of two frames (invlpg, or a CR3
  *            reload): user mode must read and write the new frame
  *   sys      the GPRs across a real `syscall` (vmrun's fix-up on kvm-pvm; sysretq back)
@@ -35,7 +38,7 @@
  * (INIT/SIPI), which runs the same rounds on its own region (mem uses region + 16 MiB).
  *
  * Options (PVH command line): secs=10 hz=250 spin=200000 huge=0 kcheck=500 cpus=1 ucalls=1 pio=8
- * pvflush=1
+ * pvflush=1 fsswitch=1
  * (hz=0: no timer). The clock is vmrun's ACPI PM timer (port 0x608), read through a ucall.
  */
 #include <stdint.h>
@@ -119,13 +122,16 @@ struct cpu {
 	u64 frame_token[2];        /* what user mode last wrote through REMAP_VA to each frame */
 	u64 remap_pending;         /* remapped this round, checked at its end */
 	u64 shoot_bad_ipi, shoot_bad_pv;   /* cpu 1: stale reads of SHARED_VA, by flush path */
-	u64 shoot_reads, shoots_ipi, shoots_pv;
+	u64 shoot_reads, shoots_ipi, shoots_pv, seen_preempted;
 	u64 syscalls, pfs;         /* handled at CPL0 */
 	u64 kgs[2];                /* KERNEL_GS_BASE: syscall_entry's scratch and kernel stack */
 	u64 first_reported;        /* bit per kind: first mismatch already described */
 	u64 region;
 	u64 fs_marker[2];          /* FS base points here (fs_marker[0] is read as %fs:0) */
 	u64 gs_marker[2];
+	u64 task_fs[2][8];         /* fsswitch: the two "tasks'" FS areas ([t][0] is read) */
+	volatile u64 task;         /* the current one; the timer IRQ switches */
+	u64 fsswitch_bad, fsswitch_reads, switches;
 	u64 kcheck_gen;            /* generation the kernel checked, and its count of misses */
 	u64 kcheck_bad;
 	u64 kcheck_first;          /* first page the kernel found wrong, + 1 */
@@ -388,6 +394,7 @@ void ucall_handler(struct frame *f)
 static volatile u64 shoot_gen, shoot_done, ipi_ack;
 static volatile u8 shoot_path[1024];         /* 1: IPI, 2: PV flush, by generation */
 static int pv_tlb_flush;
+static u64 fsswitch;
 
 static void shoot(struct cpu *c)
 {
@@ -398,6 +405,8 @@ static void shoot(struct cpu *c)
 	shoot_gen = gen;
 	volatile u8 *preempted = (volatile u8 *)(STEAL_TIME + 64 + 16);
 	u8 st = *preempted;
+	if (st & 1)
+		c->seen_preempted++;
 	if (pv_tlb_flush && (st & 1) &&
 	    __atomic_compare_exchange_n(preempted, &st, (u8)(st | 2), 0, __ATOMIC_SEQ_CST,
 					__ATOMIC_SEQ_CST)) {
@@ -417,6 +426,14 @@ static void shoot(struct cpu *c)
 void irq_handler(u64 vector, struct frame *f)
 {
 	struct cpu *c = this_cpu_kernel();
+	if (vector == 0x20 && (f->cs & 3) == 3 && fsswitch) {
+		/* a scheduler tick that switches tasks: the next task's FS base, as Linux's
+		   __switch_to writes it (wrmsr; fsgsbase is off in the guest), then iretq */
+		u64 t = c->task ^ 1;
+		wrmsr(0xC0000100, (u64)(uintptr_t)c->task_fs[t]);
+		c->task = t;
+		c->switches++;
+	}
 	if (vector == IPI_VECTOR) {
 		u64 gen = shoot_gen;
 		__asm__ volatile("invlpg (%0)" : : "r"(SHARED_VA) : "memory");
@@ -579,9 +596,10 @@ __asm__(
 	"	iretq\n");
 
 enum { K_REGS, K_XMM, K_UCALL, K_PIO, K_FPU, K_SUM, K_FSGS, K_MEMK, K_MEMU, K_SYS, K_PF,
-       K_REMAP, K_SHOOT };
+       K_REMAP, K_SHOOT, K_FSSWITCH };
 static const char *const kind_name[] = {"regs", "xmm", "ucall", "pio", "fpu", "sum", "fsgs",
-					"mem_k", "mem_u", "sys", "pf", "remap", "shoot"};
+					"mem_k", "mem_u", "sys", "pf", "remap", "shoot",
+					"fsswitch"};
 
 static int first(struct cpu *c, int kind)
 {
@@ -812,6 +830,33 @@ static void check_shared(struct cpu *c)
 	}
 }
 
+/* User mode: %fs:0 reads the current task's marker while the timer IRQ switches tasks. */
+static void check_fsswitch(struct cpu *c)
+{
+	if (!fsswitch)
+		return;
+	for (int i = 0; i < 200000; i++) {
+		u64 t1 = c->task, v, t2;
+		__asm__ volatile("mov %%fs:0, %0" : "=r"(v) : : "memory");
+		t2 = c->task;
+		c->fsswitch_reads++;
+		if (t1 == t2 && v != c->task_fs[t1][0]) {
+			if (first(c, K_FSSWITCH)) {
+				put(c, "%fs:0=");
+				puthex(c, v);
+				put(c, " want ");
+				puthex(c, c->task_fs[t1][0]);
+				put(c, " after ");
+				putu(c, c->switches);
+				put(c, " switches");
+				flush_line(c);
+			}
+			c->fsswitch_bad++;
+			return;
+		}
+	}
+}
+
 static void report(struct cpu *out, struct cpu *c, const char *tag)
 {
 	struct cpu *o = out;
@@ -842,6 +887,8 @@ static void report(struct cpu *out, struct cpu *c, const char *tag)
 	putu(o, c->shoot_bad_ipi);
 	put(o, " shoot_pv=");
 	putu(o, c->shoot_bad_pv);
+	put(o, " fsswitch=");
+	putu(o, c->fsswitch_bad);
 	put(o, " remap=");
 	putu(o, c->remap_bad);
 	put(o, " sum=");
@@ -860,6 +907,12 @@ static void report(struct cpu *out, struct cpu *c, const char *tag)
 	putu(o, c->shoots_ipi);
 	put(o, " shoots_pv=");
 	putu(o, c->shoots_pv);
+	put(o, " seen_preempted=");
+	putu(o, c->seen_preempted);
+	put(o, " steal_ns=");
+	putu(o, pv_tlb_flush ? *(volatile u64 *)(STEAL_TIME + 64 * (u64)c->id) : 0);
+	put(o, " switches=");
+	putu(o, c->switches);
 	put(o, " irqs=");
 	putu(o, c->ticks);
 	put(o, " irqs_user=");
@@ -869,7 +922,7 @@ static void report(struct cpu *out, struct cpu *c, const char *tag)
 
 static u64 bad_total(struct cpu *c)
 {
-	return c->regs_bad + c->xmm_bad + c->ucall_bad + c->pio_bad + c->remap_bad + c->shoot_bad_ipi + c->shoot_bad_pv + c->sys_bad + c->pf_bad + c->fpu_bad + c->fx_bad + c->sum_bad + c->fsgs_bad +
+	return c->regs_bad + c->xmm_bad + c->ucall_bad + c->pio_bad + c->fsswitch_bad + c->remap_bad + c->shoot_bad_ipi + c->shoot_bad_pv + c->sys_bad + c->pf_bad + c->fpu_bad + c->fx_bad + c->sum_bad + c->fsgs_bad +
 		c->mem_k_bad + c->mem_u_bad;
 }
 
@@ -900,7 +953,10 @@ static void user_rounds(struct cpu *c)
 			}
 		}
 		check_sum(c);
-		check_fsgs(c);
+		if (fsswitch)
+			check_fsswitch(c);
+		else
+			check_fsgs(c);
 		int kc = kcheck && pm_elapsed >= next_kcheck;
 		if (kc)
 			next_kcheck = pm_elapsed + kcheck * PM_HZ / 1000;
@@ -977,7 +1033,10 @@ static void cpu_setup(struct cpu *c, int id)
 	c->gs_marker[0] = 0x6565656500000000ull | (u64)id;
 	u64 gs = GS_PAGES + (u64)id * 0x2000;
 	*(volatile u64 *)gs = c->gs_marker[0];
-	wrmsr(0xC0000100, (u64)(uintptr_t)c->fs_marker);   /* FS_BASE */
+	c->task_fs[0][0] = 0xf0f0000000000000ull | (u64)id << 8;
+	c->task_fs[1][0] = 0xf1f1000000000000ull | (u64)id << 8 | 1;
+	c->task = 0;
+	wrmsr(0xC0000100, fsswitch ? (u64)(uintptr_t)c->task_fs[0] : (u64)(uintptr_t)c->fs_marker);
 	wrmsr(0xC0000101, gs);                               /* GS_BASE: the user's */
 	c->kgs[1] = (u64)(uintptr_t)(sys_stack[id] + sizeof(sys_stack[id]));
 	wrmsr(0xC0000102, (u64)(uintptr_t)c->kgs);          /* KERNEL_GS_BASE: swapgs's */
@@ -1155,6 +1214,7 @@ void kernel_main(void)
 	u32 a, b, cc, dd;
 	__asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(cc), "=d"(dd) : "a"(0x40000001), "c"(0));
 	/* KVM_FEATURE_STEAL_TIME and PV_TLB_FLUSH, unless pvflush=0 */
+	fsswitch = option("fsswitch", 1);
 	pv_tlb_flush = option("pvflush", 1) && (a & (1 << 5)) && (a & (1 << 9));
 	gdt_setup();
 	idt_setup();
