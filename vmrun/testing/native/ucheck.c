@@ -344,10 +344,21 @@ void pf_handler(struct frame *f)
 	fault_handler(14, &f->rip + 1);               /* past the error code */
 }
 
-/* SYSCALL (from syscall_entry, at CPL0 on its kernel stack): counted, nothing else. */
+/* SYSCALL (from syscall_entry, at CPL0 on its kernel stack): counted; with fsswitch it also
+   switches "tasks" (a blocking system call's context switch), so the FS base the fix-up's
+   KVM_SET_SREGS saw at entry is not the one user mode must get back. */
+static u64 fsswitch;
+
 void syscall_handler(void)
 {
-	this_cpu_kernel()->syscalls++;
+	struct cpu *c = this_cpu_kernel();
+	c->syscalls++;
+	if (fsswitch) {
+		u64 t = c->task ^ 1;
+		wrmsr(0xC0000100, (u64)(uintptr_t)c->task_fs[t]);
+		c->task = t;
+		c->switches++;
+	}
 }
 
 void ucall_handler(struct frame *f)
@@ -394,7 +405,6 @@ void ucall_handler(struct frame *f)
 static volatile u64 shoot_gen, shoot_done, ipi_ack;
 static volatile u8 shoot_path[1024];         /* 1: IPI, 2: PV flush, by generation */
 static int pv_tlb_flush;
-static u64 fsswitch;
 
 static void shoot(struct cpu *c)
 {
@@ -835,7 +845,7 @@ static void check_fsswitch(struct cpu *c)
 {
 	if (!fsswitch)
 		return;
-	for (int i = 0; i < 200000; i++) {
+	for (int i = 0; i < 20000; i++) {
 		u64 t1 = c->task, v, t2;
 		__asm__ volatile("mov %%fs:0, %0" : "=r"(v) : : "memory");
 		t2 = c->task;
@@ -948,6 +958,7 @@ static void user_rounds(struct cpu *c)
 			/* vmrun arms its syscall fix-up on its once-a-second vCPU kick: from 2 s on */
 			if (pm_elapsed >= 2 * PM_HZ) {
 				check_regs(c, MODE_SYSCALL);
+				check_fsswitch(c);
 				ucall(UCALL_UNMAP, 0);
 				check_regs(c, MODE_PF);
 			}
