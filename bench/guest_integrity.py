@@ -109,6 +109,8 @@ path = "{log}"
 SAME = 10
 SCRIPT = """\
 dd if=/dev/vda of=/tmp/d bs=4096 skip=1 count={blocks} 2>/dev/null
+dd if=/dev/vda of=/tmp/lc bs=4096 skip={lskip} count={lblocks} 2>/dev/null; chmod +x /tmp/lc
+/tmp/lc {secs} > /tmp/l1 & /tmp/lc {secs} > /tmp/l2 &
 t=$(cut -d. -f1 /proc/uptime); end=$((t + {secs})); n=0; F=$(for i in $(seq {same}); do \
 echo /tmp/d; done)
 while [ $(cut -d. -f1 /proc/uptime) -lt $end ]; do
@@ -117,19 +119,36 @@ c=$(i=0; while [ $i -lt {arith} ]; do i=$((i+1)); done; echo $i)
 echo "R $n ${{a%% *}} ${{b%% *}} $c"
 md5sum $F | sed "s/^/S $n /"
 done
+wait; cat /tmp/l1 /tmp/l2
 echo "DONE $n"
 poweroff -f
 exit
 """
 
 
+def build_lcheck(d: Path) -> bytes:
+    """``vmrun/testing/native/lcheck.c`` as a static Linux program (no libc)."""
+    out = d / "lcheck"
+    subprocess.run(["gcc", "-O2", "-static", "-nostdlib", "-ffreestanding", "-fno-builtin",
+                    "-fno-stack-protector", "-fcf-protection=none", "-mgeneral-regs-only",
+                    "-fno-pic", "-no-pie", "-Wl,--build-id=none", "-o", str(out),
+                    str(REPO / "vmrun" / "testing" / "native" / "lcheck.c")], check=True)
+    return out.read_bytes()
+
+
+LCHECK_KINDS = ("regs", "sys", "fs", "mem", "cow")
+
+
 def run_linux(args: argparse.Namespace, d: Path) -> tuple[int, int, str]:
     data = hashlib.shake_256(b"vmrun guest integrity").digest(DATA_SIZE)
     digest = hashlib.md5(data).hexdigest()
-    script = SCRIPT.format(secs=args.secs, blocks=DATA_SIZE // 4096, arith=ARITH,
-                           same=SAME).encode()
+    lcheck = build_lcheck(d)
+    lblocks = -(-len(lcheck) // 4096)
+    script = SCRIPT.format(secs=args.secs, blocks=DATA_SIZE // 4096, arith=ARITH, same=SAME,
+                           lskip=1 + DATA_SIZE // 4096, lblocks=lblocks).encode()
     assert len(script) < 4096
-    (d / "scratch.img").write_bytes(script.ljust(4096, b"\n") + data)
+    (d / "scratch.img").write_bytes(script.ljust(4096, b"\n") + data +
+                                    lcheck.ljust(lblocks * 4096, b"\0"))
     tiny = (REPO / "machines" / "tiny.toml").read_text()
     tiny = re.sub(r"(?m)^cpus = \d+", f"cpus = {args.cpus}", tiny)
     tiny = re.sub(r'(?m)^(cmdline = ".*)"$', r'\1 run=\"sh /dev/vda\""', tiny)
@@ -170,7 +189,13 @@ def run_linux(args: argparse.Namespace, d: Path) -> tuple[int, int, str]:
     text = console.read_text(errors="replace") if console.exists() else ""
     samples = wrong = 0
     kinds = {k: [0, 0] for k in ("file", "pipe", "arith", "same")}   # samples, wrong
+    kinds["lcheck"] = [0, 0]
     for line in text.splitlines():
+        if line.startswith("L pid="):           # an lcheck process's tally (rounds, mismatches)
+            counts = dict(re.findall(r"(\w+)=(\d+)", line))
+            kinds["lcheck"][0] += int(counts["rounds"])
+            kinds["lcheck"][1] += sum(int(counts[k]) for k in LCHECK_KINDS)
+            continue
         if line.startswith("S "):               # one md5sum process, many digests
             samples += 1
             kinds["same"][0] += 1
@@ -196,6 +221,12 @@ def run_linux(args: argparse.Namespace, d: Path) -> tuple[int, int, str]:
                 wrong += 1
                 kinds[kind][1] += 1
                 print(f"wrong (line {m.group(1)}): {got!r} != {want!r}", file=sys.stderr)
+    reporting = text.count("\nL pid=") + text.startswith("L pid=")
+    print(f"lcheck processes that reported: {reporting}/2", file=sys.stderr)
+    if reporting < 2 and "DONE " in text:   # one died (a crash is the worst wrong answer)
+        kinds["lcheck"][1] += 2 - reporting
+    samples += kinds["lcheck"][0]
+    wrong += kinds["lcheck"][1]
     print("by kind (wrong/samples): " + " ".join(f"{k}={w}/{n}" for k, (n, w) in kinds.items()),
           file=sys.stderr)
     if "DONE " not in text:
