@@ -42,8 +42,8 @@ LOCK_PATH = os.environ.get("VMRUN_E2E_LOCK", "/tmp/vmrun-e2e.lock")
 DATA_SIZE = 64 * 1024
 ARITH = 3000          # the shell loop's count
 # ucheck's mismatch counters (its other numbers count work done)
-NATIVE_KINDS = ("regs", "xmm", "ucall", "pio", "fpu", "fx", "sys", "pf", "fsswitch", "remap",
-                "shoot_ipi", "shoot_pv", "sum", "fsgs", "mem_k", "mem_u")
+NATIVE_KINDS = ("regs", "xmm", "ucall", "pio", "fpu", "fx", "sys", "pf", "fsswitch", "roots",
+                "remap", "shoot_ipi", "shoot_pv", "sum", "fsgs", "mem_k", "mem_u")
 
 
 @contextlib.contextmanager

@@ -27,9 +27,8 @@ pytestmark = [
     pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="no /dev/kvm"),
     pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not installed"),
 ]
-KINDS = ("regs", "xmm", "ucall", "pio", "fpu", "fx", "sys", "pf", "fsswitch", "remap",
-         "shoot_ipi", "shoot_pv", "sum", "fsgs",
-         "mem_k", "mem_u")
+KINDS = ("regs", "xmm", "ucall", "pio", "fpu", "fx", "sys", "pf", "fsswitch", "roots", "remap",
+         "shoot_ipi", "shoot_pv", "sum", "fsgs", "mem_k", "mem_u")
 
 
 def run_ucheck(tmp_path: Path, cpus: int, secs: int) -> tuple[int, str]:

@@ -21,6 +21,8 @@
  *   fsswitch the timer IRQ switches "tasks" (a new FS base by wrmsr, as Linux's context
  *            switch does) and user mode's %fs:0 must follow (fsswitch=0: fixed bases, and
  *            the fsgs check instead)
+ *   roots    16 page-table roots per CPU that map one address to 16 frames; user mode
+ *            switches root (CR3 write) and must see its root's frame (see roots_setup())
  *   remap    the kernel points a user page at the other of two frames (invlpg, or a CR3
  *            reload): user mode must read and write the new frame
  *   sys      the GPRs across a real `syscall` (vmrun's fix-up on kvm-pvm; sysretq back)
@@ -70,6 +72,10 @@ typedef uint64_t u64;
 #define SHARED_FRAMES 0x01200000ull   /* two frames */
 #define STEAL_TIME 0x01310000ull      /* per CPU (64 bytes each): KVM's steal-time record */
 #define IPI_VECTOR 0xF0
+#define NROOTS 16                     /* roots: per CPU, page-table roots ("processes") */
+#define ROOT_TABLES 0x01A00000ull     /* + (cpu * NROOTS + r) * 16 KiB: PML4, PDPT, PD, PT */
+#define ROOT_FRAMES 0x01B00000ull     /* + (cpu * NROOTS + r) * 4 KiB: what ROOT_VA shows */
+#define ROOT_VA 0x01C00000ull         /* + cpu * 4 KiB: one address, a frame per root */
 
 static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port)); }
 static inline void cpu_relax(void) { __asm__ volatile("pause" : : : "memory"); }
@@ -104,7 +110,7 @@ void *memcpy(void *d, const void *s, unsigned long n)
 /* -- output: one line buffer per CPU; from user mode through a ucall ------------------- */
 enum { UCALL_PRINT = 1, UCALL_EXIT = 2, UCALL_NOP = 3, UCALL_KCHECK = 4, UCALL_PIO = 5,
        UCALL_PMTMR = 6, UCALL_FPUSWAP = 7, UCALL_UNMAP = 8, UCALL_REMAP = 9, UCALL_RCHECK = 10,
-       UCALL_SHOOT = 11 };
+       UCALL_SHOOT = 11, UCALL_SWITCH = 12 };
 /* reg_window modes that are not ucalls: a real `syscall`, and a user-mode page fault. */
 enum { MODE_SYSCALL = 100, MODE_PF = 101 };
 extern u64 ucall(u64 op, u64 arg);     /* entry.S; RAX comes back as the handler left it */
@@ -132,6 +138,7 @@ struct cpu {
 	u64 task_fs[2][8];         /* fsswitch: the two "tasks'" FS areas ([t][0] is read) */
 	volatile u64 task;         /* the current one; the timer IRQ switches */
 	u64 fsswitch_bad, fsswitch_reads, switches;
+	u64 roots_bad, root_switches, home_cr3;
 	u64 kcheck_gen;            /* generation the kernel checked, and its count of misses */
 	u64 kcheck_bad;
 	u64 kcheck_first;          /* first page the kernel found wrong, + 1 */
@@ -282,6 +289,48 @@ static volatile u64 *demand_pte_ptr(struct cpu *c)
 	return pte_of(GS_PAGES + (u64)c->id * 0x2000 + 0x1000);
 }
 
+/*
+ * roots: what a kernel's process switch does to the MMU. Each CPU gets NROOTS page-table
+ * roots, copies of entry.S's tables except for the 2 MiB around ROOT_VA, where root r maps
+ * ROOT_VA to its own frame (holding the token r's). User mode switches root by a ucall (a CR3
+ * write, no PCID, so a full flush as for Linux here) and must read its root's token: more roots
+ * than a host keeps address-space tags for, in a changing order.
+ */
+static void roots_setup(struct cpu *c)
+{
+	u64 cr3;
+	__asm__ volatile("mov %%cr3, %0" : "=r"(cr3));
+	c->home_cr3 = cr3;
+	u64 *pml4 = (u64 *)(cr3 & ~0xFFFull);
+	u64 *pdpt = (u64 *)(pml4[0] & 0xFFFFFFFFF000ull);
+	u64 *pd = (u64 *)(pdpt[0] & 0xFFFFFFFFF000ull);
+	u64 *pt = (u64 *)(pd[(ROOT_VA >> 21) & 511] & 0xFFFFFFFFF000ull);
+	for (u64 r = 0; r < NROOTS; r++) {
+		u64 t = ROOT_TABLES + ((u64)c->id * NROOTS + r) * 0x4000;
+		u64 *n4 = (u64 *)t, *n3 = (u64 *)(t + 0x1000), *n2 = (u64 *)(t + 0x2000);
+		u64 *n1 = (u64 *)(t + 0x3000);
+		for (int i = 0; i < 512; i++) {
+			n4[i] = pml4[i];
+			n3[i] = pdpt[i];
+			n2[i] = pd[i];
+			n1[i] = pt[i];
+		}
+		u64 frame = ROOT_FRAMES + ((u64)c->id * NROOTS + r) * 0x1000;
+		*(volatile u64 *)frame = 0x700700000000ull | (u64)c->id << 16 | r;
+		n1[((ROOT_VA >> 12) & 511) + (u64)c->id] = frame | 0x7;
+		n2[(ROOT_VA >> 21) & 511] = (u64)(uintptr_t)n1 | 0x7;
+		n3[0] = (u64)(uintptr_t)n2 | 0x7;
+		n4[0] = (u64)(uintptr_t)n3 | 0x7;
+	}
+}
+
+static void root_switch(struct cpu *c, u64 r)
+{
+	u64 cr3 = r < NROOTS ? ROOT_TABLES + ((u64)c->id * NROOTS + r) * 0x4000 : c->home_cr3;
+	__asm__ volatile("mov %0, %%cr3" : : "r"(cr3) : "memory");
+	c->root_switches++;
+}
+
 /* What a kernel does to a process's page (COW, reclaim, migration): point the virtual page
    at another frame, then flush it (mode 0: invlpg; 1: reload CR3, as a context switch). */
 static u64 remap_va(struct cpu *c, u64 i) { return REMAP_VA + ((u64)c->id * NREMAP + i) * 4096; }
@@ -387,6 +436,8 @@ void ucall_handler(struct frame *f)
 		remap_check(c);
 	else if (f->rdi == UCALL_SHOOT)
 		shoot(c);
+	else if (f->rdi == UCALL_SWITCH)
+		root_switch(c, f->rsi);
 	else {
 		console_write("ucheck: unexpected #UD\n");
 		outb(DEBUG_EXIT, 1);
@@ -606,10 +657,10 @@ __asm__(
 	"	iretq\n");
 
 enum { K_REGS, K_XMM, K_UCALL, K_PIO, K_FPU, K_SUM, K_FSGS, K_MEMK, K_MEMU, K_SYS, K_PF,
-       K_REMAP, K_SHOOT, K_FSSWITCH };
+       K_REMAP, K_SHOOT, K_FSSWITCH, K_ROOTS };
 static const char *const kind_name[] = {"regs", "xmm", "ucall", "pio", "fpu", "sum", "fsgs",
 					"mem_k", "mem_u", "sys", "pf", "remap", "shoot",
-					"fsswitch"};
+					"fsswitch", "roots"};
 
 static int first(struct cpu *c, int kind)
 {
@@ -867,6 +918,30 @@ static void check_fsswitch(struct cpu *c)
 	}
 }
 
+/* User mode: after each switch, ROOT_VA shows the current root's frame. */
+static void check_roots(struct cpu *c)
+{
+	for (u64 k = 0; k < 24; k++) {
+		u64 r = (c->rounds * 5 + k * 7) % NROOTS;
+		ucall(UCALL_SWITCH, r);
+		u64 v = *(volatile u64 *)(ROOT_VA + (u64)c->id * 0x1000);
+		u64 want = 0x700700000000ull | (u64)c->id << 16 | r;
+		if (v != want) {
+			if (first(c, K_ROOTS)) {
+				put(c, "root ");
+				putu(c, r);
+				put(c, " showed ");
+				puthex(c, v);
+				put(c, " want ");
+				puthex(c, want);
+				flush_line(c);
+			}
+			c->roots_bad++;
+		}
+	}
+	ucall(UCALL_SWITCH, NROOTS);                 /* back to entry.S's tables */
+}
+
 static void report(struct cpu *out, struct cpu *c, const char *tag)
 {
 	struct cpu *o = out;
@@ -899,6 +974,8 @@ static void report(struct cpu *out, struct cpu *c, const char *tag)
 	putu(o, c->shoot_bad_pv);
 	put(o, " fsswitch=");
 	putu(o, c->fsswitch_bad);
+	put(o, " roots=");
+	putu(o, c->roots_bad);
 	put(o, " remap=");
 	putu(o, c->remap_bad);
 	put(o, " sum=");
@@ -923,6 +1000,8 @@ static void report(struct cpu *out, struct cpu *c, const char *tag)
 	putu(o, pv_tlb_flush ? *(volatile u64 *)(STEAL_TIME + 64 * (u64)c->id) : 0);
 	put(o, " switches=");
 	putu(o, c->switches);
+	put(o, " root_switches=");
+	putu(o, c->root_switches);
 	put(o, " irqs=");
 	putu(o, c->ticks);
 	put(o, " irqs_user=");
@@ -932,7 +1011,7 @@ static void report(struct cpu *out, struct cpu *c, const char *tag)
 
 static u64 bad_total(struct cpu *c)
 {
-	return c->regs_bad + c->xmm_bad + c->ucall_bad + c->pio_bad + c->fsswitch_bad + c->remap_bad + c->shoot_bad_ipi + c->shoot_bad_pv + c->sys_bad + c->pf_bad + c->fpu_bad + c->fx_bad + c->sum_bad + c->fsgs_bad +
+	return c->regs_bad + c->xmm_bad + c->ucall_bad + c->pio_bad + c->roots_bad + c->fsswitch_bad + c->remap_bad + c->shoot_bad_ipi + c->shoot_bad_pv + c->sys_bad + c->pf_bad + c->fpu_bad + c->fx_bad + c->sum_bad + c->fsgs_bad +
 		c->mem_k_bad + c->mem_u_bad;
 }
 
@@ -973,6 +1052,7 @@ static void user_rounds(struct cpu *c)
 			next_kcheck = pm_elapsed + kcheck * PM_HZ / 1000;
 		check_mem(c, c->rounds, kc);
 		check_remap(c);
+		check_roots(c);
 		if (ncpus > 1 && c->id == 0)
 			ucall(UCALL_SHOOT, 0);
 		if (ncpus > 1 && c->id == 1)
@@ -1056,6 +1136,7 @@ static void cpu_setup(struct cpu *c, int id)
 	wrmsr(0xC0000082, HIGH + (u64)(uintptr_t)syscall_entry);   /* LSTAR, in the upper half */
 	wrmsr(0xC0000084, 0x47700);                          /* SFMASK: TF DF IF IOPL AC NT, as Linux */
 	c->region = (option("huge", 0) ? REGION_HUGE : REGION_SMALL) + (u64)id * REGION_SIZE;
+	roots_setup(c);
 	if (pv_tlb_flush)
 		wrmsr(0x4b564d03, (STEAL_TIME + 64 * (u64)id) | 1);   /* MSR_KVM_STEAL_TIME */
 	wr32(LAPIC + 0xF0, 0x1FF);                   /* software enable, spurious vector 0xFF */
