@@ -83,7 +83,8 @@ static u64 now_s(void)
 }
 
 /* window(iters, gpr_out, xmm_out, base, mode, xmm_in): XMM0-15 from xmm_in, GPRs but RSP
-   base + 1000 + i; mode 0 spins iters times, 1 does one getppid; then all are stored. */
+   base + 1000 + i; then iters times every GPR +1 and XMM0-14 += XMM15 (a state restored from
+   an older snapshot shows); mode 1 then does one getppid; then all are stored. */
 extern void window(u64 iters, u64 *gpr, u64 *xmm, u64 base, u64 mode, const u64 *xmm_in);
 __asm__(
 	".text\n"
@@ -106,11 +107,18 @@ __asm__(
 	"	lea 1007(%rcx), %r8\n lea 1008(%rcx), %r9\n lea 1009(%rcx), %r10\n"
 	"	lea 1010(%rcx), %r11\n lea 1011(%rcx), %r12\n lea 1012(%rcx), %r13\n"
 	"	lea 1013(%rcx), %r14\n lea 1014(%rcx), %r15\n lea 1002(%rcx), %rcx\n"
-	"	cmpq $0, 8(%rsp)\n"
-	"	jne 2f\n"
-	"1:	decq (%rsp)\n"
+	"1:	add $1, %rax\n add $1, %rbx\n add $1, %rcx\n add $1, %rdx\n add $1, %rsi\n"
+	"	add $1, %rdi\n add $1, %rbp\n add $1, %r8\n add $1, %r9\n add $1, %r10\n"
+	"	add $1, %r11\n add $1, %r12\n add $1, %r13\n add $1, %r14\n add $1, %r15\n"
+	"	paddq %xmm15, %xmm0\n paddq %xmm15, %xmm1\n paddq %xmm15, %xmm2\n"
+	"	paddq %xmm15, %xmm3\n paddq %xmm15, %xmm4\n paddq %xmm15, %xmm5\n"
+	"	paddq %xmm15, %xmm6\n paddq %xmm15, %xmm7\n paddq %xmm15, %xmm8\n"
+	"	paddq %xmm15, %xmm9\n paddq %xmm15, %xmm10\n paddq %xmm15, %xmm11\n"
+	"	paddq %xmm15, %xmm12\n paddq %xmm15, %xmm13\n paddq %xmm15, %xmm14\n"
+	"	decq (%rsp)\n"
 	"	jnz 1b\n"
-	"	jmp 3f\n"
+	"	cmpq $0, 8(%rsp)\n"
+	"	je 3f\n"
 	"2:	mov %rax, (%rsp)\n"
 	"	mov $110, %eax\n"                 /* getppid (RCX, R11: the syscall's) */
 	"	syscall\n"
@@ -158,32 +166,36 @@ static int first(int kind, const char *what)
 static void check_window(u64 mode)
 {
 	u64 g[15], x[32];
-	window(mode ? 1 : 300000, g, x, base, mode, xmm_in);
+	static u64 calls;
+	u64 k = ++calls % 1024, n = mode ? 1 + k : 100000 + k, xwant[32];   /* never the same */
+	for (int i = 0; i < 32; i++)
+		xwant[i] = xmm_in[i] + (i < 30 ? n * xmm_in[30 + (i & 1)] : 0);
+	window(n, g, x, base, mode, xmm_in);
 	int bad = 0;
 	for (int i = 0; i < 15; i++) {
 		if (mode && (i == 0 || i == 2 || i == 10))
 			continue;                 /* RAX (restored by hand), RCX, R11: the syscall's */
-		if (g[i] != base + 1000 + (u64)i) {
+		if (g[i] != base + 1000 + (u64)i + n) {
 			if (!bad && first(mode ? 1 : 0, mode ? "sys" : "regs")) {
 				put(gpr_name[i]);
 				put("=");
 				puthex(g[i]);
 				put(" want ");
-				puthex(base + 1000 + (u64)i);
+				puthex(base + 1000 + (u64)i + n);
 				flush();
 			}
 			bad = 1;
 		}
 	}
 	for (int i = 0; i < 32; i++)
-		if (x[i] != xmm_in[i]) {
+		if (x[i] != xwant[i]) {
 			if (!bad && first(mode ? 1 : 0, mode ? "sys xmm" : "xmm")) {
 				put("xmm");
 				putu((u64)i / 2);
 				put(i & 1 ? ".hi=" : ".lo=");
 				puthex(x[i]);
 				put(" want ");
-				puthex(xmm_in[i]);
+				puthex(xwant[i]);
 				flush();
 			}
 			bad = 1;

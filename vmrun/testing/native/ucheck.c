@@ -553,8 +553,10 @@ static const u64 xmm_pattern[32] __attribute__((aligned(16))) = {
 
 /*
  * reg_window(iters, out, xmm_out, mode): every GPR but RSP and XMM0-15 get known values;
- * then mode 0 spins `iters` times (counter in memory), any other mode is a ucall op done
- * once (ud2; op in RDI, whose value is put back from memory);
+ * then `iters` times (counter in memory) each GPR gets +1 and XMM0-14 += XMM15, so that a
+ * state restored from an older snapshot shows too, not only one zeroed or swapped; then a
+ * mode other than 0 does its op once (a ucall: ud2 with the op in RDI, whose value is put back
+ * from memory; a syscall; a page fault);
  * then all of them are stored to out[0..14] and xmm_out[0..31].
  */
 extern void reg_window(u64 iters, u64 *out, u64 *xmm_out, u64 mode);
@@ -582,8 +584,18 @@ __asm__(
 	"	movabs $0xabababababababab, %r11\n movabs $0xbcbcbcbcbcbcbcbc, %r12\n"
 	"	movabs $0xcdcdcdcdcdcdcdcd, %r13\n movabs $0xdededededededede, %r14\n"
 	"	movabs $0xefefefefefefefef, %r15\n"
+	"1:	add $1, %rax\n add $1, %rbx\n add $1, %rcx\n add $1, %rdx\n add $1, %rsi\n"
+	"	add $1, %rdi\n add $1, %rbp\n add $1, %r8\n add $1, %r9\n add $1, %r10\n"
+	"	add $1, %r11\n add $1, %r12\n add $1, %r13\n add $1, %r14\n add $1, %r15\n"
+	"	paddq %xmm15, %xmm0\n paddq %xmm15, %xmm1\n paddq %xmm15, %xmm2\n"
+	"	paddq %xmm15, %xmm3\n paddq %xmm15, %xmm4\n paddq %xmm15, %xmm5\n"
+	"	paddq %xmm15, %xmm6\n paddq %xmm15, %xmm7\n paddq %xmm15, %xmm8\n"
+	"	paddq %xmm15, %xmm9\n paddq %xmm15, %xmm10\n paddq %xmm15, %xmm11\n"
+	"	paddq %xmm15, %xmm12\n paddq %xmm15, %xmm13\n paddq %xmm15, %xmm14\n"
+	"	decq (%rsp)\n"
+	"	jnz 1b\n"
 	"	cmpq $0, 8(%rsp)\n"
-	"	je 1f\n"
+	"	je 3f\n"
 	"	cmpq $100, 8(%rsp)\n"
 	"	jne 4f\n"
 	"	syscall\n"                          /* MODE_SYSCALL (RCX, R11: not compared) */
@@ -591,9 +603,6 @@ __asm__(
 	"4:	cmpq $101, 8(%rsp)\n"
 	"	jne 2f\n"
 	"	incq %gs:0x1000\n"                  /* MODE_PF: the demand page, unmapped */
-	"	jmp 3f\n"
-	"1:	decq (%rsp)\n"
-	"	jnz 1b\n"
 	"	jmp 3f\n"
 	"2:	mov %rdi, (%rsp)\n"                 /* a ucall: op = mode in rdi, its value kept */
 	"	mov 8(%rsp), %rdi\n"
@@ -683,16 +692,21 @@ static void check_regs(struct cpu *c, u64 mode)
 	/* mode: 0 spin, else a ucall op */
 	int kind = mode == 0 ? K_REGS : mode == UCALL_PIO ? K_PIO : mode == UCALL_FPUSWAP ? K_FPU
 		: mode == MODE_SYSCALL ? K_SYS : mode == MODE_PF ? K_PF : K_UCALL;
-	reg_window(mode ? 1 : spin, out, xmm, mode);
+	/* a different count every call, so that no two windows end with the same values */
+	static u64 calls[MAXCPU];
+	u64 k = ++calls[c->id] % 1024, n = mode ? 1 + k : spin + k, xwant[32];
+	for (int i = 0; i < 32; i++)
+		xwant[i] = xmm_pattern[i] + (i < 30 ? n * xmm_pattern[30 + (i & 1)] : 0);
+	reg_window(n, out, xmm, mode);
 	int bad = 0, xbad = 0;
 	for (int i = 0; i < NREGS; i++) {
-		u64 want = reg_pattern[i];
+		u64 want = reg_pattern[i] + n;
 		if (kind == K_SYS && (i == 2 || i == 10))
 			continue;                         /* RCX, R11: SYSCALL's own */
 		if (out[i] != want) {
 			if (!bad && first(c, kind)) {
 				for (int j = 0; j < NREGS; j++)
-					if (out[j] != reg_pattern[j] &&
+					if (out[j] != reg_pattern[j] + n &&
 					    !(kind == K_SYS && (j == 2 || j == 10))) {
 						put(c, reg_name[j]);
 						put(c, "=");
@@ -705,7 +719,7 @@ static void check_regs(struct cpu *c, u64 mode)
 		}
 	}
 	for (int i = 0; i < 32; i++)
-		if (xmm[i] != xmm_pattern[i]) {
+		if (xmm[i] != xwant[i]) {
 			if (!xbad && first(c, kind == K_FPU ? K_FPU : K_XMM)) {
 				put(c, "xmm");
 				putu(c, (u64)i / 2);
