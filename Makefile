@@ -7,8 +7,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEB_PACKAGES := linux-source-6.1 busybox-static acpica-tools dmidecode e2fsprogs flex bison bc \
                 libelf-dev libssl-dev gcc libc6-dev make xz-utils
-# The peers the benchmarks measure against (bench/blk.py runs QEMU side by side).
-BENCH_PACKAGES := qemu-system-x86 qemu-utils
+# The peers the benchmarks measure against (bench/blk.py runs QEMU side by side), and the
+# host load bench/guest_integrity.py --load puts beside the guest.
+BENCH_PACKAGES := qemu-system-x86 qemu-utils stress-ng
 MACHINE ?= machines/tiny.toml
 
 .PHONY: run test deps venv image lint bench fuzz clean

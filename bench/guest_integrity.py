@@ -53,7 +53,7 @@ def host_load(on: bool) -> Iterator[None]:
         yield
         return
     if shutil.which("stress-ng") is None:
-        raise SystemExit("stress-ng is missing: apt-get install stress-ng (make deps does)")
+        raise SystemExit("stress-ng is missing: apt-get install stress-ng (make bench does)")
     proc = subprocess.Popen(["stress-ng", "--cpu", str(os.cpu_count() or 1), "--quiet"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     stop = threading.Event()
