@@ -9,8 +9,9 @@ DEB_PACKAGES := linux-source-6.1 busybox-static acpica-tools dmidecode e2fsprogs
                 libelf-dev libssl-dev gcc libc6-dev make xz-utils qemu-utils xorriso socat \
                 passt tcpdump iproute2 cloud-init genisoimage openssh-client \
                 tigervnc-viewer xvfb
-# The peers the benchmarks measure against (bench/blk.py runs QEMU side by side).
-BENCH_PACKAGES := qemu-system-x86 qemu-utils
+# The peers the benchmarks measure against (bench/blk.py runs QEMU side by side), and the
+# host load bench/guest_integrity.py --load puts beside the guest.
+BENCH_PACKAGES := qemu-system-x86 qemu-utils stress-ng
 MACHINE ?= machines/tiny.toml
 
 .PHONY: run test deps venv image lint bench fuzz clean

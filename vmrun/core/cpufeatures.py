@@ -68,6 +68,13 @@ FEATURES: dict[str, tuple[int, int, str, int]] = {
     "kvm_pv_unhalt": (0x40000001, 0, "eax", 7),
     "kvm_pv_send_ipi": (0x40000001, 0, "eax", 11),
     "kvm_pv_sched_yield": (0x40000001, 0, "eax", 13),
+    # ... and the ones that share memory with the host (KVM_FEATURE_* without the prefix)
+    "kvm_async_pf": (0x40000001, 0, "eax", 4),
+    "kvm_steal_time": (0x40000001, 0, "eax", 5),
+    "kvm_pv_eoi": (0x40000001, 0, "eax", 6),
+    "kvm_pv_tlb_flush": (0x40000001, 0, "eax", 9),
+    "kvm_async_pf_vmexit": (0x40000001, 0, "eax", 10),
+    "kvm_async_pf_int": (0x40000001, 0, "eax", 14),
 }
 
 # Names that share a bit with another name on purpose; everything else has a bit of its own.

@@ -9,7 +9,13 @@ and benchmark. Built with the host's gcc and cached outside the repository.
 - ``vblk``: a polling virtio-blk driver and benchmark (see ``vblk.c``);
 - ``vahci``: the same for an AHCI controller with NCQ (see ``vahci.c``).
 - ``vfb``: draws frames into a bochs-display framebuffer (see ``vfb.c``).
-- ``vxhci``: an xHCI doorbell and command benchmark (see ``vxhci.c``).
+- ``vxhci``: an xHCI doorbell and command benchmark (see ``vxhci.c``);
+- ``ucheck``: does user mode keep its registers, FPU state, FS/GS bases and memory while
+  interrupts, ucalls, system calls (vmrun's syscall fix-up on kvm-pvm), page faults, remaps,
+  CR3 switches and TLB shootdowns happen (1 or 2 vCPUs; see ``ucheck.c``, issue 8).
+
+``lcheck.c`` is not one of them: it is ucheck's user-mode checks as a static Linux program for
+the default guest (``bench/guest_integrity.py linux`` builds and runs it).
 """
 
 from __future__ import annotations

@@ -89,6 +89,11 @@ _start:
 	lea pdpt, %eax
 	or $0x7, %eax
 	mov %eax, (%edi)
+	/* PML4[256] -> the same PDPT, supervisor-only: the low 4 GiB again at
+	 * 0xFFFF800000000000, so a program can put handlers in the upper half, where a kernel's
+	 * are (ucheck does, for vmrun's syscall fix-up, which only follows handlers there). */
+	and $~4, %eax
+	mov %eax, 256 * 8(%edi)
 
 	mov %cr4, %eax
 	or $0x20, %eax              /* PAE */
@@ -125,12 +130,18 @@ long_mode:
 	movw $104, tss + 102                 /* no I/O permission bitmap */
 	mov $0x28, %ax
 	ltr %ax
-	/* IDT: vector 6 (#UD) -> ud_entry, the other 31 exceptions -> fault_entries[v]. */
+	/* IDT: vector 6 (#UD) -> ud_entry, the other 31 exceptions -> fault_entries[v],
+	 * vectors 32..255 (interrupts) -> irq_entries[v - 32]. */
 	xor %ecx, %ecx
 3:	mov $fault_entries, %rax
 	imul $16, %rcx, %rdx
 	add %rdx, %rax
-	cmp $6, %ecx
+	cmp $32, %ecx
+	jb 6f
+	mov $irq_entries - 32 * 16, %rax
+	add %rdx, %rax
+	jmp 4f
+6:	cmp $6, %ecx
 	jne 4f
 	mov $ud_entry, %rax
 4:	imul $16, %rcx, %rdx
@@ -144,7 +155,7 @@ long_mode:
 	mov %eax, 8(%rdx)                    /* offset 63:32 */
 	movl $0, 12(%rdx)
 	inc %ecx
-	cmp $32, %ecx
+	cmp $256, %ecx
 	jne 3b
 	lidt idt_ptr
 	call kernel_main
@@ -157,6 +168,17 @@ enter_user:
 	pushq $0x23
 	pushq %rsi
 	pushq $0x2
+	pushq $0x1b
+	pushq %rdi
+	iretq
+
+/* enter_user_flags(fn, stack_top, rflags): the same with the caller's RFLAGS (IF=1: the
+   program takes interrupts in user mode). */
+	.globl enter_user_flags
+enter_user_flags:
+	pushq $0x23
+	pushq %rsi
+	pushq %rdx
 	pushq $0x1b
 	pushq %rdi
 	iretq
@@ -216,6 +238,59 @@ ud_entry:
 	pop %rax
 	iretq
 
+/* Interrupts (vectors 32..255): irq_handler(vector, frame) with the frame laid out as
+   ud_entry's, then iretq. A program that enables none gets the weak default below. */
+	.p2align 4
+irq_entries:
+	.set v, 32
+	.rept 224
+	.p2align 4
+	push %rax
+	mov $v, %eax
+	jmp irq_common
+	.set v, v + 1
+	.endr
+irq_common:
+	push %rbx
+	push %rcx
+	push %rdx
+	push %rsi
+	push %rdi
+	push %rbp
+	push %r8
+	push %r9
+	push %r10
+	push %r11
+	push %r12
+	push %r13
+	push %r14
+	push %r15
+	mov %eax, %edi
+	mov %rsp, %rsi
+	call irq_handler
+	pop %r15
+	pop %r14
+	pop %r13
+	pop %r12
+	pop %r11
+	pop %r10
+	pop %r9
+	pop %r8
+	pop %rbp
+	pop %rdi
+	pop %rsi
+	pop %rdx
+	pop %rcx
+	pop %rbx
+	pop %rax
+	iretq
+
+/* The default irq_handler: an interrupt nobody asked for is reported like an exception. */
+	.weak irq_handler
+irq_handler:
+	add $15 * 8, %rsi
+	jmp fault_handler
+
 /* Every other exception: fault_handler(vector, stack) never returns. */
 	.p2align 4
 fault_entries:
@@ -248,7 +323,7 @@ gdt_ptr:
 	.long gdt
 	.p2align 3
 idt_ptr:
-	.word 32 * 16 - 1
+	.word 256 * 16 - 1
 	.quad idt
 
 	.section .bss
@@ -258,7 +333,7 @@ pdpt:	.skip 4096
 pd:	.skip 4096 * 4
 pt_low:	.skip 4096 * 32
 pt_mmio: .skip 4096 * 8
-idt:	.skip 32 * 16
+idt:	.skip 256 * 16
 	.p2align 4
 tss:	.skip 104
 	.p2align 4
