@@ -403,3 +403,19 @@ def test_garbage_from_a_client_never_takes_the_server_down(server: QmpServer,
         pass
     s.close()
     alive(server)
+
+
+def test_context_finds_devices_by_id() -> None:
+    from vmrun.qmp import QmpContext
+
+    dev = object()
+    control = SimpleNamespace(machine=SimpleNamespace(
+        placed=[SimpleNamespace(id="disk0")], devices=[dev]))
+    ctx = QmpContext(control, lambda name, data=None: None)
+    assert ctx.device("disk0") is dev
+    with pytest.raises(QmpError) as e:
+        ctx.device("nope")
+    assert e.value.error_class == "DeviceNotFound" and "'nope' not found" in e.value.desc
+    control.machine = None
+    with pytest.raises(QmpError):
+        ctx.device("disk0")
