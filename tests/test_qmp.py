@@ -379,9 +379,10 @@ def test_splitter_on_garbage_errors_or_raises_fatal_never_anything_else(data: by
     try:
         for i in range(0, len(data), chunk):
             for p in sp.feed(data[i:i + chunk]):
-                assert (p.error is None) != (p.value is None and p.error is not None) or True
                 if p.error is None:
-                    json.dumps(p.value)
+                    json.dumps(p.value)                 # a real JSON value
+                else:
+                    assert p.value is None and p.error.startswith("JSON parse error")
         assert len(sp.buf) <= 256 + chunk
     except FatalInput:
         pass
@@ -402,3 +403,19 @@ def test_garbage_from_a_client_never_takes_the_server_down(server: QmpServer,
         pass
     s.close()
     alive(server)
+
+
+def test_context_finds_devices_by_id() -> None:
+    from vmrun.qmp import QmpContext
+
+    dev = object()
+    control = SimpleNamespace(machine=SimpleNamespace(
+        placed=[SimpleNamespace(id="disk0")], devices=[dev]))
+    ctx = QmpContext(control, lambda name, data=None: None)
+    assert ctx.device("disk0") is dev
+    with pytest.raises(QmpError) as e:
+        ctx.device("nope")
+    assert e.value.error_class == "DeviceNotFound" and "'nope' not found" in e.value.desc
+    control.machine = None
+    with pytest.raises(QmpError):
+        ctx.device("disk0")

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import GuestRun, require_guest_image, tiny_cmdline
+from tests.e2e.harness import BOOT_TIMEOUT, GuestRun, require_guest_image, tiny_cmdline
 
 pytestmark = pytest.mark.e2e
 
@@ -101,7 +101,7 @@ def drive_control(run: GuestRun, snapshot: Path, name: str = NAME) -> ControlRes
                 await c.execute("cont")
                 res.events.append(await next_event(events))
                 await asyncio.get_running_loop().run_in_executor(
-                    None, lambda: run.wait_for(r"tok42", 120))
+                    None, lambda: run.wait_for(r"tok42", BOOT_TIMEOUT))
                 res.answered_after_cont = True
                 t0 = time.monotonic()
                 res.snapshot_cli = await asyncio.get_running_loop().run_in_executor(
@@ -115,16 +115,16 @@ def drive_control(run: GuestRun, snapshot: Path, name: str = NAME) -> ControlRes
                         res.snapshot_events.append(await next_event(events))
                 t0 = time.monotonic()
                 stop_cli = subprocess.Popen(
-                    [sys.executable, "-m", "vmrun", "stop", "--timeout", "240", name],
+                    [sys.executable, "-m", "vmrun", "stop", "--timeout", str(BOOT_TIMEOUT), name],
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 await c.execute("system_powerdown")
                 res.events.append(await next_event(events))
                 while len(res.events) < 4:
-                    ev = await next_event(events, 300)
+                    ev = await next_event(events, BOOT_TIMEOUT)
                     if ev["event"] != "POWERDOWN":        # vmrun stop pressed it too
                         res.events.append(ev)
                 res.seconds["powerdown"] = time.monotonic() - t0
-                out, err = stop_cli.communicate(timeout=300)
+                out, err = stop_cli.communicate(timeout=BOOT_TIMEOUT + 60)
                 res.stop_cli = subprocess.CompletedProcess(stop_cli.args, stop_cli.returncode,
                                                            out, err)
         finally:
@@ -133,8 +133,8 @@ def drive_control(run: GuestRun, snapshot: Path, name: str = NAME) -> ControlRes
             except EOFError:
                 pass
 
-    asyncio.run(asyncio.wait_for(session(), 900))
-    res.returncode = run.wait_exit(120)
+    asyncio.run(asyncio.wait_for(session(), 4 * BOOT_TIMEOUT))
+    res.returncode = run.wait_exit(300)
     res.powered_off_console = b"vmrun-e2e: power button pressed" in run.console
     return res
 
@@ -168,7 +168,7 @@ def restore_and_ask(machine: Path, snapshot: Path, name: str = NAME) -> RestoreR
         fd = os.open(vm.console[4:], os.O_RDWR | os.O_NOCTTY)
         try:
             os.write(fd, b"echo tok$((50+5))\r")
-            end = time.monotonic() + 300
+            end = time.monotonic() + BOOT_TIMEOUT
             while time.monotonic() < end and b"tok55" not in res.console:
                 r, _, _ = select.select([fd], [], [], 0.5)
                 if r:
@@ -212,9 +212,9 @@ def control_boot(tmp_path_factory) -> tuple[GuestRun, ControlResult, RestoreResu
         m = run.wait_for(r"vmrun-init: user space is up|Kernel panic[^\n]*")
         if b"user space is up" not in m.group(0):
             pytest.fail(f"the guest did not reach user space: {m.group(0)!r}")
-        run.wait_for(r"vmrun-e2e: watcher armed", 300)
+        run.wait_for(r"vmrun-e2e: watcher armed", BOOT_TIMEOUT)
         run.send(b"\r")
-        run.wait_for(r"[#$] $", 300)
+        run.wait_for(r"[#$] $", BOOT_TIMEOUT)
         res = drive_control(run, d / "shell.snap")
         restored = RestoreResult()
         if res.snapshot_cli is not None and res.snapshot_cli.returncode == 0:
