@@ -7,8 +7,8 @@ same ELF boots under vmrun and QEMU (``-kernel``), which makes it a like-for-lik
 and benchmark. Built with the host's gcc and cached outside the repository.
 
 - ``vblk``: a polling virtio-blk driver and benchmark (see ``vblk.c``);
-- ``vahci``: the same for an AHCI controller with NCQ (see ``vahci.c``).
-- ``vfb``: draws frames into a bochs-display framebuffer (see ``vfb.c``).
+- ``vahci``: the same for an AHCI controller with NCQ (see ``vahci.c``);
+- ``vfb``: draws frames into a bochs-display framebuffer (see ``vfb.c``);
 - ``vxhci``: an xHCI doorbell and command benchmark (see ``vxhci.c``);
 - ``ucheck``: does user mode keep its registers, FPU state, FS/GS bases and memory while
   interrupts, ucalls, system calls (vmrun's syscall fix-up on kvm-pvm), page faults, remaps,
@@ -31,7 +31,9 @@ from vmrun.image import cache_dir
 
 SOURCE_DIR = Path(__file__).parent
 # Every ``NAME.c`` here is a guest (built with entry.S): adding one needs no edit here.
-GUESTS = tuple(sorted(p.stem for p in SOURCE_DIR.glob("*.c")))
+#: (``lcheck.c`` is a Linux program, not a native guest.)
+LINUX_PROGRAMS = ("lcheck",)
+GUESTS = tuple(sorted(p.stem for p in SOURCE_DIR.glob("*.c") if p.stem not in LINUX_PROGRAMS))
 CFLAGS = ["-O2", "-ffreestanding", "-fno-builtin", "-fno-tree-loop-distribute-patterns",
           "-fno-pic", "-no-pie", "-nostdlib", "-static", "-mgeneral-regs-only", "-mno-red-zone",
           "-fno-stack-protector", "-fcf-protection=none", "-Wall", "-Wextra",
