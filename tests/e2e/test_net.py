@@ -197,13 +197,19 @@ capture = "{d / "link.pcap"}"
 '''
 
 
-def net_teardown(n: NetSetup) -> None:
-    n.server.shutdown()
+def _stop_echo(n: NetSetup) -> None:
+    """End the echo VM (a polling guest: it keeps a host CPU busy while it runs)."""
     if n.echo is not None:
         n.echo.kill()
         n.echo.wait()
+        n.echo = None
         log = n.dir / "echo.log"
         n.echo_log = log.read_text(errors="replace") if log.exists() else ""
+
+
+def net_teardown(n: NetSetup) -> None:
+    n.server.shutdown()
+    _stop_echo(n)
     subprocess.run(["ip", "netns", "del", n.ns])
 
 
@@ -241,6 +247,7 @@ def net_drive(run: GuestRun, n: NetSetup) -> None:
     # the connector retries every second; then the guest hears "link up"
     n.results["link"] = _shell(run, "ip addr add 10.0.3.1/24 dev eth2; ip link set eth2 up; "
                                "sleep 3; ping -c 3 -W 3 10.0.3.2", 40, 5, 240)
+    _stop_echo(n)
 
 
 @dataclass
