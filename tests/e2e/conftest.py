@@ -93,9 +93,11 @@ backend = "stdio"
             step("net", net.net_drive, run, n)
             missed = step("ahci", ahci.drive_ahci_shell, run, False)
             step("xhci", xhci.drive_xhci, run)
-        fb = step("fbuf", fbuf.drive_fbuf, run, vnc_port, d, boot.user_space, False)
-        if fb is not None:
-            boot.parts["fbuf"] = fb
+        boot.parts["fbuf"] = fbuf.FbufRun(run, d, boot.user_space)
+        step("fbuf-drive", fbuf.drive_fbuf, run, vnc_port, d, boot.user_space, False,
+             boot.parts["fbuf"])
+        if "fbuf-drive" in boot.failed:       # the checks whose step did not run say why
+            boot.parts["fbuf"].vnc_log.append(boot.failed["fbuf-drive"])
         if boot.user_space:
             run.send(b"poweroff\r")
         boot.returncode = run.wait_exit(300)

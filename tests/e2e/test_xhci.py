@@ -85,8 +85,8 @@ def test_xhci_hcd_binds_and_registers_both_root_hubs(usb_boot: GuestRun) -> None
     assert re.search(r"xhci_hcd " + PCI_RE + r": hcc params 0x[0-9a-f]+ hci version 0x110", text)
     assert re.search(r"xhci_hcd " + PCI_RE + r": new USB bus registered, assigned bus number 1",
                      text)
-    assert re.search(r"usb usb1: New USB device found, idVendor=1d6b, idProduct=0002", text)
-    assert re.search(r"usb usb2: New USB device found, idVendor=1d6b, idProduct=0003", text)
+    # (The guest kernel has no CONFIG_USB_ANNOUNCE_NEW_DEVICES: the root hubs' ids are
+    # checked in sysfs, test_sysfs_has_the_usb_descriptors.)
     assert re.search(r"hub 1-0:1\.0: 4 ports detected", text)
     assert re.search(r"hub 2-0:1\.0: 4 ports detected", text)
     assert "Host System Error" not in text and "xHCI host controller not responding" not in text
@@ -96,9 +96,6 @@ def test_tablet_and_keyboard_enumerate_at_high_speed(usb_boot: GuestRun) -> None
     text = usb_boot.text
     assert re.search(r"usb 1-1: new high-speed USB device number \d+ using xhci_hcd", text)
     assert re.search(r"usb 1-2: new high-speed USB device number \d+ using xhci_hcd", text)
-    assert re.search(r"usb 1-1: New USB device found, idVendor=0627, idProduct=0001", text)
-    assert re.search(r"usb 1-1: Product: USB Tablet", text)
-    assert re.search(r"usb 1-2: Product: USB Keyboard", text)
     assert re.search(r"input: vmrun USB Tablet as /devices/pci0000:00/" + PCI_RE + r"/usb1/1-1/",
                      text)
     assert re.search(r"input: vmrun USB Keyboard as /devices/pci0000:00/" + PCI_RE + r"/usb1/1-2/",
@@ -134,7 +131,9 @@ def test_tablet_is_an_absolute_pointer_with_our_report_descriptor(usb_boot: Gues
 def test_controller_interrupts_through_msix(usb_boot: GuestRun) -> None:
     _need_shell(usb_boot)
     irqs = _lines(usb_boot, "XHCIIRQ")
-    assert irqs and all(int(line.split()[1]) > 0 for line in irqs if "xhci_hcd" in line), irqs
+    # Linux's xhci_hcd takes an MSI-X vector per interrupter it sets up and uses the first.
+    assert irqs and all("PCI-MSI" in line for line in irqs), irqs
+    assert int(irqs[0].split()[1]) > 0, irqs
     assert "msix" in _lines(usb_boot, "XHCIMSI"), usb_boot.text[-2000:]
     assert usb_boot.returncode == 1, usb_boot.log[-2000:]
 
