@@ -548,7 +548,7 @@ def test_huge_pages_auto_true_false(tmp_path) -> None:
 
 
 # -- hostile machine files and inputs, through the command line (issue 10) ------------------
-def vmrun_cli(*args: str, timeout: float = 10) -> subprocess.CompletedProcess[str]:
+def vmrun_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "vmrun", *args], capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, "COLUMNS": "500"})
 

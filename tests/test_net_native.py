@@ -84,7 +84,7 @@ def test_vnet_sends_and_receives_through_vmrun(tmp_path: Path) -> None:
                    and f[12:14] == b"\x88\xb5" for f in frames)
         f = b"\xff" * 6 + HOST_MAC + b"\x88\xb5" + bytes(186)
         conn.sendall((struct.pack(">I", 200) + f) * 300)
-        out, _ = proc.communicate(timeout=60)
+        out, _ = proc.communicate(timeout=300)
     finally:
         proc.kill()
         proc.wait()
@@ -167,7 +167,7 @@ def test_vmrun_and_qemu_share_a_socket_link(tmp_path: Path) -> None:
              "-netdev", f"stream,id=n0,server=off,addr.type=unix,addr.path={sock}",
              "-device", "virtio-net-pci,netdev=n0,disable-legacy=on,mac=02:00:00:00:04:01"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        out, _ = vm.communicate(timeout=60)
+        out, _ = vm.communicate(timeout=300)
     finally:
         vm.kill()
         vm.wait()
