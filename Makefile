@@ -14,13 +14,17 @@ DEB_PACKAGES := linux-source-6.1 busybox-static acpica-tools dmidecode e2fsprogs
 BENCH_PACKAGES := qemu-system-x86 qemu-utils stress-ng
 MACHINE ?= machines/tiny.toml
 
-.PHONY: run test deps venv image lint bench fuzz clean
+.PHONY: run test test-pending deps venv image lint bench fuzz clean
 
 run: venv image
 	$(BIN)/vmrun up $(MACHINE)
 
 test: venv image
 	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
+
+# End-to-end checks written but not yet seen passing on this project's host (see the notes).
+test-pending: venv image
+	$(BIN)/python -m pytest -ra -m e2e_pending $(PYTEST_ARGS)
 
 deps:
 	@missing=""; for p in $(DEB_PACKAGES); do \

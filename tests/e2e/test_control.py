@@ -31,7 +31,8 @@ import pytest
 
 from tests.e2e.harness import BOOT_TIMEOUT, GuestRun, require_guest_image, tiny_cmdline
 
-pytestmark = pytest.mark.e2e
+# Written, never yet seen passing on this host (the boot lock queue): make test-pending.
+pytestmark = [pytest.mark.e2e, pytest.mark.e2e_pending]
 
 NAME = "e2e-control"
 WATCHER = ("for e in /sys/class/input/event*; do grep -q 'Power Button' $e/device/name && "

@@ -138,6 +138,7 @@ def test_controller_interrupts_through_msix(usb_boot: GuestRun) -> None:
     assert usb_boot.returncode == 1, usb_boot.log[-2000:]
 
 
+@pytest.mark.e2e_pending  # not yet seen passing (the USB keyboard path, see test_fbuf)
 def test_a_vnc_clients_pointer_and_keys_arrive_through_usb(devices_boot) -> None:
     """vncdotool moved to (200, 150) on the 640x480 display and typed a command: the tablet
     reported that position (scaled to 0..0x7fff) and the USB keyboard its keys."""
