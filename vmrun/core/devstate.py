@@ -71,10 +71,15 @@ def decode(value: Any) -> Any:
     return value
 
 
+def plain_fields(obj: Any, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Every plain-data attribute of ``obj`` not in ``exclude``, as it is (not encoded:
+    for a part of a device's state, e.g. one of its drives, inside :func:`versioned`)."""
+    return {k: v for k, v in vars(obj).items() if k not in exclude and _plain(v)}
+
+
 def save_fields(obj: Any, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
     """Every plain-data attribute of ``obj`` not in ``exclude``, encoded."""
-    return {k: encode(v) for k, v in vars(obj).items()
-            if k not in exclude and _plain(v)}
+    return {k: encode(v) for k, v in plain_fields(obj, exclude).items()}
 
 
 def load_fields(obj: Any, fields: dict[str, Any]) -> None:

@@ -39,7 +39,7 @@ from vmrun.api import (
     PciDevice,
     check_version,
     load_fields,
-    save_fields,
+    plain_fields,
     versioned,
 )
 from vmrun_e1000 import eeprom
@@ -452,7 +452,7 @@ class E1000(PciDevice):
                 "pkt_rs": self._pkt_rs, "tx_pending": pending, "rx_held": self._rx_held,
                 "phy": [self.phy.regs, self.phy.carrier, self.phy.autoneg_done,
                         self.phy.latched_down],
-                "eeprom": list(save_fields(self.eeprom, ("words",)).items())})
+                "eeprom": list(plain_fields(self.eeprom, ("words",)).items())})
 
     def load_device_state(self, state: dict) -> None:
         """Into a fresh (realized) device: the link is the new backend's (a change from the
