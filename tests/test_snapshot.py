@@ -237,6 +237,41 @@ def test_a_machine_with_virtio_devices_snapshots_and_restores(tmp_path: Path) ->
     assert "another machine: pci is" in bad.stderr, bad.stderr
 
 
+@kvm_only
+def test_a_machine_with_every_device_plugin_snapshots_and_restores(tmp_path: Path) -> None:
+    """virtio-net and e1000 (socket backends), AHCI disk and CD, the fbuf display and the
+    xHCI controller with a tablet and a keyboard: saved (the RAM file also holds the 16 MiB
+    framebuffer after guest RAM) and restored; the guest answers on its console."""
+    disk = tmp_path / "d.img"
+    disk.write_bytes(bytes(1 << 20))
+    iso = tmp_path / "c.iso"
+    iso.write_bytes(bytes(2048 * 16))
+    extra = (f'[devices.net]\nmodel = "virtio-net"\nbackend = "socket"\n'
+             f'listen = "{tmp_path}/n1.sock"\n'
+             f'[devices.nic]\nmodel = "e1000"\nbackend = "socket"\nlisten = "{tmp_path}/n2.sock"\n'
+             f'[devices.hd]\nmodel = "ahci-hd"\npath = "{disk}"\n'
+             f'[devices.cd]\nmodel = "ahci-cd"\npath = "{iso}"\n'
+             f'[devices.fb]\nmodel = "fbuf"\nlisten = "127.0.0.1:0"\n'
+             f'[devices.usb]\nmodel = "xhci"\ndevices = ["tablet", "keyboard"]\n')
+    f = machine(tmp_path, "snap3", extra=extra)
+    out = vmrun("up", "-d", str(f))
+    assert out.returncode == 0, out.stderr
+    snap = tmp_path / "s.snap"
+    try:
+        out = vmrun("snapshot", "snap3", str(snap))
+        assert out.returncode == 0 and out.stderr.count("\n") == 1, out.stderr
+    finally:
+        vmrun("kill", "snap3")
+    assert Path(f"{snap}.ram").stat().st_size == (64 << 20) + (16 << 20)
+    out = vmrun("up", "-d", "--console", "pty", "--restore", str(snap), str(f))
+    assert out.returncode == 0, out.stderr
+    try:
+        vm = instances.find("snap3")
+        assert pty_exchange(vm.console[4:], b"ok", b"OK") == b"OK"
+    finally:
+        vmrun("kill", "snap3")
+
+
 def test_virtio_rnd_state_moves_to_a_fresh_transport() -> None:
     """A driven virtio-rnd (MSI-X on, a request served) saved, then loaded into a fresh
     function on a fresh machine with the same RAM: the MSI-X table and its KVM routes are
