@@ -442,6 +442,31 @@ def test_state_moves_to_a_fresh_device_mid_frame() -> None:
         b.close()
 
 
+def test_a_link_that_went_down_across_the_restore_is_signalled() -> None:
+    """The driver saw the link up; the restored run's backend has it down: the status
+    reads down and the configuration generation moves (a config change the driver sees)."""
+    import json
+
+    a, b = FakeVm(), FakeVm()
+    try:
+        nic = Nic(a, LoopbackBackend(a.loop))
+        gen = nic.drv.drv.common_read(0x15, 1)
+        state = json.loads(json.dumps(a.pci.save_state()))
+        b.memory.write(0, a.memory.read(0, a.memory.size))
+        be2 = LoopbackBackend(b.loop)
+        be2.link_up = False
+        b.pci.add(VirtioPciTransport(VirtioNet(be2, MAC)), SLOT)
+        b.pci.assign_bars()
+        b.pci.load_state(state)
+        b.sync()
+        moved_driver(nic, b)
+        assert nic.drv.config(6, 2) == 0
+        assert nic.drv.drv.common_read(0x15, 1) != gen
+    finally:
+        a.close()
+        b.close()
+
+
 def test_a_state_of_another_version_is_refused(vm: FakeVm) -> None:
     nic = Nic(vm, LoopbackBackend(vm.loop))
     state = nic.dev.save_state()
