@@ -237,6 +237,41 @@ def test_a_machine_with_virtio_devices_snapshots_and_restores(tmp_path: Path) ->
     assert "another machine: pci is" in bad.stderr, bad.stderr
 
 
+@kvm_only
+def test_a_machine_with_every_device_plugin_snapshots_and_restores(tmp_path: Path) -> None:
+    """virtio-net and e1000 (socket backends), AHCI disk and CD, the fbuf display and the
+    xHCI controller with a tablet and a keyboard: saved (the RAM file also holds the 16 MiB
+    framebuffer after guest RAM) and restored; the guest answers on its console."""
+    disk = tmp_path / "d.img"
+    disk.write_bytes(bytes(1 << 20))
+    iso = tmp_path / "c.iso"
+    iso.write_bytes(bytes(2048 * 16))
+    extra = (f'[devices.net]\nmodel = "virtio-net"\nbackend = "socket"\n'
+             f'listen = "{tmp_path}/n1.sock"\n'
+             f'[devices.nic]\nmodel = "e1000"\nbackend = "socket"\nlisten = "{tmp_path}/n2.sock"\n'
+             f'[devices.hd]\nmodel = "ahci-hd"\npath = "{disk}"\n'
+             f'[devices.cd]\nmodel = "ahci-cd"\npath = "{iso}"\n'
+             f'[devices.fb]\nmodel = "fbuf"\nlisten = "127.0.0.1:0"\n'
+             f'[devices.usb]\nmodel = "xhci"\ndevices = ["tablet", "keyboard"]\n')
+    f = machine(tmp_path, "snap3", extra=extra)
+    out = vmrun("up", "-d", str(f))
+    assert out.returncode == 0, out.stderr
+    snap = tmp_path / "s.snap"
+    try:
+        out = vmrun("snapshot", "snap3", str(snap))
+        assert out.returncode == 0 and out.stderr.count("\n") == 1, out.stderr
+    finally:
+        vmrun("kill", "snap3")
+    assert Path(f"{snap}.ram").stat().st_size == (64 << 20) + (16 << 20)
+    out = vmrun("up", "-d", "--console", "pty", "--restore", str(snap), str(f))
+    assert out.returncode == 0, out.stderr
+    try:
+        vm = instances.find("snap3")
+        assert pty_exchange(vm.console[4:], b"ok", b"OK") == b"OK"
+    finally:
+        vmrun("kill", "snap3")
+
+
 def test_virtio_rnd_state_moves_to_a_fresh_transport() -> None:
     """A driven virtio-rnd (MSI-X on, a request served) saved, then loaded into a fresh
     function on a fresh machine with the same RAM: the MSI-X table and its KVM routes are
@@ -274,6 +309,74 @@ def test_virtio_rnd_state_moves_to_a_fresh_transport() -> None:
         assert q.get_used() == [(head2, 16)]
         assert tb.msix.entry(1) == ta.msix.entry(1) and tb.msix.enabled
         assert b.msi_routes[tb.msix.gsis[1]] == a.msi_routes[ta.msix.gsis[1]]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_held_loop_runs_nothing_but_what_the_holder_syncs() -> None:
+    """While a snapshot holds the devices' loop no callback of its own runs (the state and
+    RAM read meanwhile agree); the holder's sync() runs the calls queued meanwhile (a
+    disk's completions); the rest runs once the loop is let go."""
+    import threading
+
+    from vmrun.core.eventloop import EventLoop
+
+    loop = EventLoop("held-test")
+    loop.start()
+    try:
+        ran: list[str] = []
+        timer = loop.timer(lambda: ran.append("timer"))
+        with loop.held():
+            timer.arm(0.01)
+            time.sleep(0.1)
+            assert ran == []                          # the timer's fd is not served
+            threading.Thread(target=lambda: loop.call_soon(ran.append, "done")).start()
+            time.sleep(0.05)
+            assert loop.sync() and ran == ["done"]    # run by the holder itself
+        assert loop.sync()
+        time.sleep(0.05)
+        assert ran == ["done", "timer"]
+        timer.close()
+    finally:
+        loop.close()
+
+
+def test_ram_bars_go_into_the_ram_file_after_guest_ram(tmp_path: Path) -> None:
+    """Every RAM BAR of the machine's PCI functions is saved after the RAM slots (sparse)
+    and read back into a fresh machine's BARs; a RAM file of another size is refused."""
+    from types import SimpleNamespace
+
+    from vmrun import snapshot
+    from vmrun.core.pci import BarSpec, PciDevice
+    from vmrun.errors import VmrunError
+    from vmrun.testing import FakeVm
+
+    class Fb(PciDevice):
+        name = "fb"
+        bars = [BarSpec(0, 1 << 16, ram=True), BarSpec(2, 4096)]
+
+    def build() -> tuple[FakeVm, PciDevice]:
+        vm = FakeVm(memory=1 << 20)
+        dev = Fb()
+        vm.pci.add(dev, 3)
+        vm.pci.assign_bars()
+        return vm, dev
+
+    a, fa = build()
+    b, fb = build()
+    try:
+        a.memory.write(0x1000, b"guest ram")
+        fa.ram_bars[0].view[0x8000:0x8005] = b"pixel"
+        f = tmp_path / "s.ram"
+        written = snapshot._write_ram(SimpleNamespace(vm=a, pci=a.pci), f)
+        assert f.stat().st_size == (1 << 20) + (1 << 16) and written == snapshot.CHUNK + (1 << 16)
+        snapshot._read_ram(SimpleNamespace(vm=b, pci=b.pci), f)
+        assert b.memory.read(0x1000, 9) == b"guest ram"
+        assert bytes(fb.ram_bars[0].view[0x8000:0x8005]) == b"pixel"
+        os.truncate(f, 1 << 20)
+        with pytest.raises(VmrunError, match="the machine has .* \\(RAM and RAM BARs\\)"):
+            snapshot._read_ram(SimpleNamespace(vm=b, pci=b.pci), f)
     finally:
         a.close()
         b.close()

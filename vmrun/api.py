@@ -28,7 +28,8 @@ device plugin" for a complete example.
   ``vmrun_qmp_commands`` hook (commands such as ``screendump`` or ``eject``);
 - snapshots: a device's ``device_state()``/``load_device_state()`` (a PciDevice) or
   ``save_state()``/``load_state()`` (a VirtioDevice), with :func:`save_fields`,
-  :func:`load_fields`, :class:`PlainState` and :class:`SnapshotUnsupported`;
+  :func:`load_fields`, :func:`plain_fields`, :func:`versioned`, :func:`check_version`,
+  :class:`PlainState` and :class:`SnapshotUnsupported`;
 - network: :class:`NetBackend` and :class:`LinkCallbacks` (the host side of a link), the
   offload caps, ``NET_OPTIONS`` with :func:`check_net_options` (every NIC's backend keys),
   :func:`open_net_backend` and :func:`nic_mac`;
@@ -41,7 +42,15 @@ from vmrun.block.backend import BlockBackend, parse_sectorsize
 from vmrun.block.image_tools import open_disk
 from vmrun.block.options import check_disk, disk_options, open_disk_from
 from vmrun.block.queue import BlockQueue
-from vmrun.core.devstate import PlainState, SnapshotUnsupported, load_fields, save_fields
+from vmrun.core.devstate import (
+    PlainState,
+    SnapshotUnsupported,
+    check_version,
+    load_fields,
+    plain_fields,
+    save_fields,
+    versioned,
+)
 from vmrun.core.dirty_log import dirty_log_works
 from vmrun.core.dma import DmaDisabled, GuestDma, SgList, SgReader, SgWriter
 from vmrun.core.eventloop import EventLoop, Source, Timer
@@ -103,5 +112,6 @@ __all__ = [
     "STATUS_DEVICE_NEEDS_RESET", "SgList", "SgReader", "SgWriter", "Source", "Timer",
     "VIRTIO_F_VERSION_1", "VirtioDevice", "VirtioPciTransport", "Virtqueue", "VirtqueueError",
     "VmrunError", "dirty_log_works", "hookimpl", "load_fields", "open_disk", "parse_sectorsize",
-    "save_fields", "check_disk", "disk_options", "open_disk_from", "OptionError",
+    "save_fields", "plain_fields", "versioned", "check_version", "check_disk", "disk_options",
+    "open_disk_from", "OptionError",
 ]

@@ -4,8 +4,15 @@ A snapshot is two files: ``FILE``, JSON (format ``vmrun-snapshot``, version 1): 
 machine is (name, uuid, vCPUs, memory, serial ports, PCI functions by slot and model: a
 restore refuses another machine, one line), every device's state (the
 :mod:`vmrun.core.devstate` contract), the KVM state (:mod:`vmrun.core.kvmstate`), and
-``FILE.ram``: guest RAM, slot after slot at its offset in the file, written sparse (runs of
-zero pages are holes), so its size on disk is what the guest used.
+``FILE.ram``: guest RAM, slot after slot at its offset in the file, then the memory of every
+RAM-backed BAR (:class:`vmrun.core.pci.RamBar`: a framebuffer) of the PCI functions in
+(slot, function, BAR) order, written sparse (runs of zero pages are holes), so its size on
+disk is what the guest used. RAM BARs are guest-visible memory that is not in the guest's
+RAM slots: saving them here, for every device, keeps them out of the devices' JSON state.
+
+While the state and RAM are read the devices' event loop is held
+(:meth:`vmrun.core.eventloop.EventLoop.held`): no frame is received, no timer fires, so the
+device state and the RAM agree.
 
 Disk images are not copied: a disk device flushes and its image must be the same file, unchanged, at
 restore (a device that cannot promise that refuses to be snapshotted). Taking one pauses the
@@ -43,23 +50,31 @@ def ram_path(path: Path) -> Path:
     return path.with_name(path.name + ".ram")
 
 
-def _write_ram(machine: Machine, path: Path) -> int:
-    """Guest RAM into ``path``, sparse: returns the bytes written (not holes)."""
+def _regions(machine: Machine) -> list[memoryview]:
+    """What ``FILE.ram`` holds, in order: the RAM slots, then every RAM BAR."""
     mem = machine.vm.memory
     assert mem is not None
+    views = [slot.view[:slot.size] for slot in mem.slots]
+    for _key, dev in sorted(machine.pci.devices.items()):
+        views += [dev.ram_bars[i].view for i in sorted(dev.ram_bars)]
+    return views
+
+
+def _write_ram(machine: Machine, path: Path) -> int:
+    """Guest RAM and RAM BARs into ``path``, sparse: returns the bytes written (not
+    holes)."""
     written = 0
     zero = bytes(CHUNK)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         offset = 0
-        for slot in mem.slots:
-            view = slot.view
-            for at in range(0, slot.size, CHUNK):
+        for view in _regions(machine):
+            for at in range(0, len(view), CHUNK):
                 piece = view[at:at + CHUNK]
                 if piece != zero[:len(piece)]:
                     os.pwrite(fd, piece, offset + at)
                     written += len(piece)
-            offset += slot.size
+            offset += len(view)
         os.ftruncate(fd, offset)
         os.fsync(fd)
     finally:
@@ -68,9 +83,8 @@ def _write_ram(machine: Machine, path: Path) -> int:
 
 
 def _read_ram(machine: Machine, path: Path) -> None:
-    mem = machine.vm.memory
-    assert mem is not None
-    total = sum(s.size for s in mem.slots)
+    regions = _regions(machine)
+    total = sum(len(v) for v in regions)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
@@ -78,17 +92,16 @@ def _read_ram(machine: Machine, path: Path) -> None:
     try:
         if os.fstat(fd).st_size != total:
             raise VmrunError(f"{path}: {os.fstat(fd).st_size} bytes of RAM, the machine has "
-                             f"{total}")
+                             f"{total} (RAM and RAM BARs)")
         offset = 0
-        for slot in mem.slots:
-            view = slot.view
+        for view in regions:
             at = 0
-            while at < slot.size:
+            while at < len(view):
                 n = os.preadv(fd, [view[at:at + CHUNK]], offset + at)
                 if n <= 0:
                     raise VmrunError(f"{path}: RAM file ends early")
                 at += n
-            offset += slot.size
+            offset += len(view)
     finally:
         os.close(fd)
 
@@ -96,15 +109,16 @@ def _read_ram(machine: Machine, path: Path) -> None:
 def save(cfg: MachineConfig, machine: Machine, path: Path) -> dict[str, Any]:
     """Write the snapshot of ``machine`` (vCPUs paused) to ``path``; returns a summary."""
     t0 = time.monotonic()
-    try:
-        devices = machine.save_state()
-    except SnapshotUnsupported as e:
-        raise VmrunError(f"cannot snapshot {cfg.name}: {e}") from None
-    for dev in machine.devices:
-        flush = getattr(getattr(dev, "device", dev), "flush_for_snapshot", None)
-        if flush is not None:
-            flush()
-    written = _write_ram(machine, ram_path(path))
+    with machine.host.loop.held():
+        try:
+            devices = machine.save_state()
+        except SnapshotUnsupported as e:
+            raise VmrunError(f"cannot snapshot {cfg.name}: {e}") from None
+        for dev in machine.devices:
+            flush = getattr(getattr(dev, "device", dev), "flush_for_snapshot", None)
+            if flush is not None:
+                flush()
+        written = _write_ram(machine, ram_path(path))
     header = {"format": FORMAT, "version": VERSION, "saved": time.time(),
               "machine": identity(cfg, machine), "state": devices}
     tmp = path.with_name(path.name + ".tmp")

@@ -11,7 +11,9 @@ locks, backends) are never state and are skipped. Every saved dict carries the d
 
 The format, for each device: ``{"version": N, "fields": {name: value}}`` where a value is
 JSON, or ``{"b64": ...}`` (bytes), ``{"bytearray": ...}``, ``{"deque": [...]}``,
-``{"tuple": [...]}``. It is documented in the README's snapshot section.
+``{"tuple": [...]}``. It is documented in the README's snapshot section. A device whose
+state is not its attributes as they are (sets, chains held by head, a frame in a buffer)
+builds the fields itself and uses :func:`versioned` / :func:`check_version`.
 """
 
 from __future__ import annotations
@@ -69,10 +71,15 @@ def decode(value: Any) -> Any:
     return value
 
 
+def plain_fields(obj: Any, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Every plain-data attribute of ``obj`` not in ``exclude``, as it is (not encoded:
+    for a part of a device's state, e.g. one of its drives, inside :func:`versioned`)."""
+    return {k: v for k, v in vars(obj).items() if k not in exclude and _plain(v)}
+
+
 def save_fields(obj: Any, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
     """Every plain-data attribute of ``obj`` not in ``exclude``, encoded."""
-    return {k: encode(v) for k, v in vars(obj).items()
-            if k not in exclude and _plain(v)}
+    return {k: encode(v) for k, v in plain_fields(obj, exclude).items()}
 
 
 def load_fields(obj: Any, fields: dict[str, Any]) -> None:
@@ -90,6 +97,20 @@ def load_fields(obj: Any, fields: dict[str, Any]) -> None:
             setattr(obj, k, value)
 
 
+def versioned(version: int, fields: dict[str, Any]) -> dict[str, Any]:
+    """A device's saved state in the contract's shape: ``fields`` (plain data) encoded."""
+    return {"version": version, "fields": {k: encode(v) for k, v in fields.items()}}
+
+
+def check_version(name: str, state: dict[str, Any], version: int) -> dict[str, Any]:
+    """The decoded fields of ``state`` when it is of ``version``; another version (a
+    snapshot of another vmrun) is a ValueError naming the device, never a guess."""
+    if not isinstance(state, dict) or state.get("version") != version:
+        got = state.get("version") if isinstance(state, dict) else None
+        raise ValueError(f"{name}: state version {got!r}, this vmrun has {version}")
+    return {k: decode(v) for k, v in state.get("fields", {}).items()}
+
+
 class PlainState:
     """``save_state``/``load_state`` from plain-data attributes. A class sets
     ``state_version`` and lists what is not guest state in ``state_exclude``."""
@@ -102,7 +123,5 @@ class PlainState:
                 "fields": save_fields(self, self.state_exclude)}
 
     def load_state(self, state: dict[str, Any]) -> None:
-        if state.get("version") != self.state_version:
-            raise ValueError(f"{type(self).__name__}: state version {state.get('version')!r}, "
-                             f"this vmrun has {self.state_version}")
+        check_version(type(self).__name__, state, self.state_version)
         load_fields(self, state.get("fields", {}))

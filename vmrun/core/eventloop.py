@@ -29,7 +29,8 @@ import os
 import select
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 import cffi
@@ -196,6 +197,7 @@ class EventLoop:
         self._epoll.register(self._wake, select.EPOLLIN)
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._holder: threading.Thread | None = None   # see held()
         self.faults: list[tuple[str, str]] = []    # (owner name, reason), for tests and stats
 
     # -- sources ---------------------------------------------------------------------
@@ -262,6 +264,9 @@ class EventLoop:
         if self._thread is None or threading.current_thread() is self._thread:
             self.run_once(0)
             return True
+        if threading.current_thread() is self._holder:
+            self._run_calls()
+            return True
         done = threading.Event()
         self.call_soon(done.set)
         return done.wait(timeout)
@@ -269,6 +274,34 @@ class EventLoop:
     @property
     def on_loop_thread(self) -> bool:
         return threading.current_thread() is self._thread
+
+    @contextmanager
+    def held(self, timeout: float = 10.0) -> Iterator[None]:
+        """Park the loop thread for the ``with`` block: no device callback runs (no frame
+        received, no timer, no doorbell) while a snapshot reads every device's state and
+        guest RAM, so that the two agree. The holder's :meth:`sync` runs the calls queued
+        meanwhile itself (the completions of I/O a disk drains), never the fd sources:
+        those are served once the loop is let go. Without a thread, or from the loop thread,
+        there is nothing to park."""
+        if self._thread is None or self.on_loop_thread or self._holder is not None:
+            yield
+            return
+        parked, release = threading.Event(), threading.Event()
+
+        def park() -> None:
+            parked.set()
+            release.wait()
+
+        self.call_soon(park)
+        if not parked.wait(timeout):
+            release.set()
+            raise TimeoutError("the devices' event loop did not come to a stop")
+        self._holder = threading.current_thread()
+        try:
+            yield
+        finally:
+            self._holder = None
+            release.set()
 
     # -- running ------------------------------------------------------------------------
     def _guarded(self, owner: Owner | None, fn: Callable[..., Any], *args: Any) -> None:
@@ -305,9 +338,16 @@ class EventLoop:
                 continue
             served += 1
             self._guarded(src.owner, src.callback, fd)
+        return served + self._run_calls()
+
+    def _run_calls(self) -> int:
         calls = self._calls
+        served = 0
         while calls:
-            fn, args, owner = calls.popleft()
+            try:
+                fn, args, owner = calls.popleft()
+            except IndexError:     # the holder of a parked loop took the last one
+                break
             served += 1
             self._guarded(owner, fn, *args)
         return served

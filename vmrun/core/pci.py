@@ -337,10 +337,12 @@ class PciDevice:
         self.load_device_state(state["device"])
 
     def device_state(self) -> dict:
-        """The device's own guest-visible state (registers, queues), plain data. The
+        """The device's own guest-visible state (registers, queues), plain data, with the
+        vCPUs paused and the event loop held (see :mod:`vmrun.plugins.hookspecs`). The
         default: none it could save, so the snapshot is refused naming the device. A device
         without state of its own returns ``{}``; one with plain register attributes can
-        return ``vmrun.core.devstate.save_fields(self, exclude)``."""
+        return ``vmrun.core.devstate.save_fields(self, exclude)``, one with its own shape
+        ``versioned(version, fields)``. Its RAM BARs are saved by the snapshot itself."""
         from vmrun.core.devstate import SnapshotUnsupported
 
         raise SnapshotUnsupported(f"{self.name}: this device cannot be snapshotted yet")

@@ -31,11 +31,17 @@ returns a :class:`vmrun.core.pci.PciDevice`, which
 - has ``realize()`` once placed, ``reset()`` on machine reset, ``close()`` at the end;
 - for snapshots (``vmrun snapshot``), returns its guest-visible state from
   ``device_state()`` as plain data and takes it back in ``load_device_state(state)``
-  (``vmrun.api.save_fields``/``load_fields`` do it for plain register attributes); the core
-  saves config space and MSI/MSI-X itself. A device that does not implement them makes a
-  snapshot fail with one line naming it (never a silently wrong restore). A virtio device
-  implements ``save_state()``/``load_state()`` (the transport saves the queues), finishing
-  what it has in flight first.
+  (``vmrun.api.save_fields``/``load_fields`` do it for plain register attributes;
+  ``versioned``/``check_version`` put a device's own fields in the versioned shape and
+  refuse another version); the core saves config space and MSI/MSI-X itself, and the
+  contents of RAM BARs with guest RAM. ``device_state()`` runs with the vCPUs paused and
+  the event loop held (none of the device's callbacks run meanwhile; ``self.loop.sync()``
+  runs the calls queued since, e.g. completions of I/O it drained): it finishes what it
+  has in flight first, or saves it. ``load_device_state()`` gets a fresh, realized device
+  (its backends are the new run's) and re-arms its timers. A device that does not
+  implement them makes a snapshot fail with one line naming it (never a silently wrong
+  restore). A virtio device implements ``save_state()``/``load_state()`` (the transport
+  saves the queues), finishing what it has in flight first.
 
 Virtio devices implement :class:`vmrun.core.virtio.device.VirtioDevice` and are wrapped in the
 modern PCI transport :class:`vmrun.core.virtio.pci.VirtioPciTransport` by their factory.

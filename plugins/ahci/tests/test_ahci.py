@@ -638,3 +638,84 @@ def test_atapi_more_commands(vm: FakeVm, iso: Path) -> None:
     r, conf = drv.packet(0, bytes((0x46, 2, 0, 0x10, 0, 0, 0, 0, 64)), 64)  # one feature
     assert r.ok and struct.unpack_from(">H", conf, 8)[0] == 0x0010
     assert struct.unpack_from(">I", conf)[0] == 4 + 12
+
+
+# -- snapshots -------------------------------------------------------------------------------
+def moved(vm: FakeVm, drv: AhciDriver, drives) -> tuple[FakeVm, AhciHba]:
+    """The state of ``vm``'s controller (through JSON) in a fresh controller with the
+    drives ``drives()`` opens (the same images: the old controller lets go of them first)
+    on a copy of the RAM; ``drv`` goes on with it, unaware of the move."""
+    import json
+
+    state = json.loads(json.dumps(vm.pci.save_state()))
+    vm.pci.devices[(SLOT, 0)].close()
+    b = FakeVm(memory=vm.memory.size)
+    b.memory.write(0, vm.memory.read(0, vm.memory.size))
+    hba = AhciHba(drives(), workers=2)
+    b.pci.add(hba, SLOT)
+    b.pci.assign_bars()
+    b.pci.load_state(state)
+    b.sync()
+    drv.vm, drv.pci = b, PciDriver(b)
+    return b, hba
+
+
+def test_snapshot_drains_ncq_flushes_and_the_port_goes_on(vm: FakeVm, image: Path) -> None:
+    """An NCQ command in flight when the snapshot is taken finishes first (its data and
+    Set Device Bits FIS are in the saved RAM); the image is flushed; a fresh controller on
+    the same image takes the next command on the same port, with the write cache still
+    off as the driver set it."""
+    backend = Slow(image)
+    hba, drv = controller(vm, AtaDisk(backend))
+    assert drv.run(0, h2d(0xEF, features=0x82)).ok             # write cache off
+    assert drv.write(0, 10, b"s" * 512).ok
+    held = threading.Event()
+    backend.hold[0] = held
+    bufs = {t: drv.alloc(4096) for t in range(4)}
+    for t in range(4):
+        drv.ncq(0, t, t * 8, 8, bufs[t])
+    drv.issue(0, 0xF, ncq=True)
+    drv.wait(0, 0xE, ncq=True)
+    assert drv.preg(0, P_SACT) == 0x01
+    flushes = backend.flushes
+    threading.Timer(0.2, held.set).start()
+    b, hba2 = moved(vm, drv, lambda: [AtaDisk(RawFile(image))])
+    try:
+        assert backend.flushes == flushes + 1
+        assert drv.preg(0, P_SACT) == 0 and drv.preg(0, P_CMD) & 1      # ST still on
+        assert struct.unpack_from("<Q", b.memory.read(bufs[0], 8))[0] == 0xD15C0000
+        assert struct.unpack_from("<I", drv.fis(0, RX_SDBFIS, 8), 4)[0] & 1
+        r, data = drv.read(0, 10, 1)
+        assert r.ok and data == b"s" * 512
+        assert not words(drv.identify(0))[85] & (1 << 5)
+    finally:
+        b.close()
+
+
+def test_snapshot_keeps_the_cd_tray_lock_and_media_event(vm: FakeVm, iso: Path) -> None:
+    hba, drv = controller(vm, cd(iso))
+    assert drv.packet(0, bytes((0x1B, 0, 0, 0, 2)))[0].ok  # eject: tray open
+    assert drv.packet(0, bytes((0x1E, 0, 0, 0, 1)))[0].ok  # PREVENT
+    b, _ = moved(vm, drv, lambda: [cd(iso)])
+    try:
+        r, _ = drv.packet(0, bytes(12))                    # no medium: the tray is open
+        assert r.is_ & IS_TFES and r.error >> 4 == 2
+        drv.restart(0)
+        assert drv.packet(0, bytes((0x1B, 0, 0, 0, 3)))[0].ok  # load
+        r, ev = drv.packet(0, bytes((0x4A, 1, 0, 0, 0x10, 0, 0, 0, 8)), 8)
+        assert ev[4] == 2                                  # new media
+        r, _ = drv.packet(0, bytes(12))
+        assert r.error >> 4 == 6                           # UNIT ATTENTION
+        drv.restart(0)
+        r, _ = drv.packet(0, bytes((0x1B, 0, 0, 0, 2)))    # eject: refused, still locked
+        assert r.is_ & IS_TFES and r.error >> 4 == 5
+    finally:
+        b.close()
+
+
+def test_a_state_of_another_version_is_refused(vm: FakeVm, image: Path) -> None:
+    hba, _ = controller(vm, disk(image))
+    state = hba.device_state()
+    state["version"] = 7
+    with pytest.raises(ValueError, match="ahci: state version 7, this vmrun has 1"):
+        hba.load_device_state(state)

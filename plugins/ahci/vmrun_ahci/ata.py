@@ -61,6 +61,10 @@ class Drive:
     port: Port
     backend: BlockBackend | None = None
 
+    #: Attributes that are configuration (the image's geometry, identity strings), not
+    #: state a snapshot saves; a drive's other plain attributes are its state.
+    config = ("serial", "model", "firmware", "atapi", "reset_status")
+
     def reset(self) -> None:
         """Device reset (COMRESET, SRST): forget volatile state."""
 
@@ -83,6 +87,8 @@ class Drive:
 
 class AtaDisk(Drive):
     """A SATA disk: LBA48, NCQ 32 deep, write cache, TRIM when the backend can discard."""
+
+    config = (*Drive.config, "lss", "pss", "sectors", "read_only", "trim")
 
     def __init__(self, backend: BlockBackend, serial: str = "", model: str = "VMRUN SATA DISK",
                  firmware: str = "0.1") -> None:

@@ -59,6 +59,7 @@ def msf(lba: int) -> bytes:
 class AtapiCd(Drive):
     atapi = True
     reset_status = 0x00                  # a packet device comes out of reset without DRDY
+    config = (*Drive.config, "blocks")   # the medium is the machine file's (same image)
 
     def __init__(self, backend: BlockBackend | None, serial: str = "",
                  model: str = "VMRUN SATA DVD-ROM", firmware: str = "0.1") -> None:

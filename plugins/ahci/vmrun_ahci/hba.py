@@ -29,7 +29,19 @@ import struct
 import threading
 from typing import TYPE_CHECKING
 
-from vmrun.api import BAR_MEM32, BarSpec, BlockQueue, GuestError, PciDevice, SgList
+from vmrun.api import (
+    BAR_MEM32,
+    BarSpec,
+    BlockQueue,
+    GuestError,
+    PciDevice,
+    SgList,
+    VmrunError,
+    check_version,
+    load_fields,
+    plain_fields,
+    versioned,
+)
 
 if TYPE_CHECKING:
     from vmrun_ahci.ata import Drive
@@ -139,6 +151,12 @@ class Command:
 
 class Port:
     """One port's registers and the commands it has in flight."""
+
+    #: What a snapshot saves (with nothing in flight: the HBA drains first). ``gen`` and the
+    #: issue/submit flags only matter while commands run.
+    STATE = ("clb", "fb", "is_", "ie", "cmd", "sctl", "serr", "sact", "ci", "ccs", "ssts",
+             "tfd", "sig", "started", "ncq_busy", "nonq_busy", "sdb_pending", "halted",
+             "in_srst")
 
     def __init__(self, hba: AhciHba, index: int, drive: Drive) -> None:
         self.hba = hba
@@ -633,6 +651,61 @@ class AhciHba(PciDevice):
         elif self.level:
             irq.deassert()
         self.level = level
+
+    # -- snapshots -----------------------------------------------------------------------------
+    state_version = 1
+
+    def _drain(self) -> None:
+        """Finish every command in flight: the block I/O, then its completion on the loop
+        (FIS, PRDBC, PxCI/PxSACT, the interrupt: all in guest RAM and registers), and any
+        command that completion started in turn (one waiting behind NCQ commands)."""
+        for _ in range(100):
+            for p in self.ports:
+                if p.io is not None and not p.io.drain(30):
+                    raise VmrunError(f"{self.name}: port {p.index}: commands still in flight "
+                                     "after 30 s")
+            if self.loop is not None:
+                self.loop.sync()
+            with self.lock:
+                if not any(getattr(p.io, "inflight", 0) or p.ncq_busy or p.nonq_busy
+                           or p.sdb_pending for p in self.ports):
+                    return
+        raise VmrunError(f"{self.name}: commands keep coming while draining")
+
+    def device_state(self) -> dict:
+        """Drained and flushed first (:meth:`_drain`), so that nothing is in flight; then
+        the HBA's and every port's registers and each drive's state (ATA: write cache,
+        transfer mode, the NCQ error log; ATAPI: tray, lock, sense, unit attention, media
+        event). Images are not copied: a restore needs the same files, unchanged."""
+        self._drain()
+        for p in self.ports:
+            d = p.drive
+            if d.backend is not None and not getattr(d, "read_only", True):
+                d.backend.flush()
+        with self.lock:
+            return versioned(self.state_version, {
+                "hba": [self.ghc, self.is_, self.level, self.broken],
+                "ports": [[getattr(p, k) for k in Port.STATE] for p in self.ports],
+                "drives": [list(plain_fields(p.drive, p.drive.config).items())
+                           for p in self.ports]})
+
+    def load_device_state(self, state: dict) -> None:
+        """Registers back; commands the driver issued that were waiting are started."""
+        f = check_version(self.name, state, self.state_version)
+        if len(f["ports"]) != len(self.ports):
+            raise ValueError(f"{self.name}: {len(f['ports'])} ports saved, {len(self.ports)} "
+                             "here")
+        with self.lock:
+            self.ghc, self.is_, self.level, self.broken = f["hba"]
+            for p, values, drive in zip(self.ports, f["ports"], f["drives"], strict=True):
+                for k, v in zip(Port.STATE, values, strict=True):
+                    setattr(p, k, v)
+                load_fields(p.drive, dict(drive))
+            if self.level and self.irq is not None and self.irq.mode == "intx":
+                self.irq.trigger(0)
+        for p in self.ports:
+            if p.cmd & CMD_ST and p.ci & ~p.started and not p.halted:
+                self.loop_call(p.issue)
 
     # -- resets --------------------------------------------------------------------------------
     def hba_reset(self) -> None:

@@ -20,6 +20,7 @@ import threading
 import time
 import zlib
 from collections import deque
+from dataclasses import astuple
 from typing import Any
 
 from vmrun.api import (
@@ -36,6 +37,10 @@ from vmrun.api import (
     LinkCallbacks,
     NetBackend,
     PciDevice,
+    check_version,
+    load_fields,
+    plain_fields,
+    versioned,
 )
 from vmrun_e1000 import eeprom
 from vmrun_e1000.offload import (
@@ -419,6 +424,83 @@ class E1000(PciDevice):
 
     def recover(self) -> None:
         self.broken = False
+
+    # -- snapshots ---------------------------------------------------------------------------
+    state_version = 1
+
+    def device_state(self) -> dict:
+        """The register file and the counters, interrupt cause/mask/level, the EEPROM's and
+        the PHY's state, both transmit contexts, the packet half gathered (descriptors taken,
+        EOP not yet seen: its buffers' addresses), packets the backend had no room for (their
+        bytes and the descriptors to mark done), frames held for want of receive buffers,
+        and which delay timers run (re-armed at restore). Host-side: the backend, whether it
+        is polled, the scheduled calls; the EEPROM words are configuration (the MAC)."""
+        with self.work, self.lock:
+            now = time.monotonic()
+            pending = [[[bytes(p) for p in frame], list(done[1]) if done else None]
+                       for frame, done in self._tx_pending]
+            return versioned(self.state_version, {
+                "r": self.r, "st": self.st, "icr": self.icr, "ims": self.ims,
+                "irq_level": self.irq_level, "ioaddr": self.ioaddr, "broken": self.broken,
+                "itr_left": max(0.0, self.itr_next - now) if self.itr_next else 0.0,
+                "itr_armed": self.itr_armed, "rx_delay_armed": self.rx_delay_armed,
+                "tx_delay_armed": self.tx_delay_armed, "tx_ide": self._tx_ide,
+                "ctx_csum": list(astuple(self.ctx_csum)),
+                "ctx_tso": list(astuple(self.ctx_tso)),
+                "pieces": self._pieces, "pkt_len": self._pkt_len,
+                "pkt_first_cmd": self._pkt_first_cmd, "pkt_popts": self._pkt_popts,
+                "pkt_rs": self._pkt_rs, "tx_pending": pending, "rx_held": self._rx_held,
+                "phy": [self.phy.regs, self.phy.carrier, self.phy.autoneg_done,
+                        self.phy.latched_down],
+                "eeprom": list(plain_fields(self.eeprom, ("words",)).items())})
+
+    def load_device_state(self, state: dict) -> None:
+        """Into a fresh (realized) device: the link is the new backend's (a change from the
+        saved one raises LSC), delay and ITR timers run again, both rings are looked at."""
+        f = check_version(self.name, state, self.state_version)
+        with self.work, self.lock:
+            if len(f["r"]) != len(self.r) or len(f["st"]) != len(self.st):
+                raise ValueError(f"{self.name}: register file of another size")
+            self.r[:], self.st[:] = f["r"], f["st"]
+            self._rebuild_rar()
+            self._txring = self._rxring = None
+            self.icr, self.ims, self.ioaddr = f["icr"], f["ims"], f["ioaddr"]
+            self.irq_level, self.broken = f["irq_level"], f["broken"]
+            self.itr_armed = f["itr_armed"]
+            self.itr_next = time.monotonic() + f["itr_left"] if f["itr_left"] else 0.0
+            self.rx_delay_armed, self.tx_delay_armed = f["rx_delay_armed"], f["tx_delay_armed"]
+            self._tx_ide = f["tx_ide"]
+            self.ctx_csum, self.ctx_tso = Context(*f["ctx_csum"]), Context(*f["ctx_tso"])
+            self._pieces = [tuple(p) for p in f["pieces"]]
+            self._pkt_len, self._pkt_first_cmd = f["pkt_len"], f["pkt_first_cmd"]
+            self._pkt_popts, self._pkt_rs = f["pkt_popts"], list(f["pkt_rs"])
+            ring = self._ring(I_TDBAL, None, "transmit") if f["tx_pending"] else None
+            self._tx_pending = deque(
+                (frame, (ring[2], tuple(done)) if done and ring else None)
+                for frame, done in f["tx_pending"])
+            self._rx_held = deque(tuple(item) for item in f["rx_held"])
+            phy = self.phy
+            phy.regs[:], phy.carrier, phy.autoneg_done, phy.latched_down = f["phy"]
+            load_fields(self.eeprom, dict(f["eeprom"]))
+            self._tx_blocked = False
+            self.set_intx(self.irq_level)
+            if self.phy.set_carrier(self.backend.link_up):
+                self.icr |= ICR_LSC
+            self._update_irq()
+        timers = self.timers
+        if timers:
+            if self.itr_armed:
+                timers["itr"].arm(f["itr_left"])
+            if self.rx_delay_armed:
+                timers["rdtr"].arm(self.r[I_RDTR] * USEC)
+                if self.r[I_RADV]:
+                    timers["radv"].arm(self.r[I_RADV] * USEC)
+            if self.tx_delay_armed:
+                timers["tidv"].arm(self.r[I_TIDV] * USEC)
+                if self.r[I_TADV]:
+                    timers["tadv"].arm(self.r[I_TADV] * USEC)
+        self._kick_tx()
+        self._kick_rx()
 
     def config_changed(self, offset: int, size: int) -> None:
         super().config_changed(offset, size)

@@ -34,16 +34,21 @@ class Sink:
 
 class Rig:
     def __init__(self, *, password: str | None = None, dirty_log: bool = False,
-                 listen: str = "127.0.0.1:0", w: int = 1024, h: int = 768) -> None:
+                 listen: str = "127.0.0.1:0", w: int = 1024, h: int = 768,
+                 fbuf: bool = False) -> None:
+        """``fbuf``: the plugin's device (attaches itself to the server), else the bare
+        display the test attaches."""
+        from vmrun_fbuf_vnc.plugin import FbufDevice
+
         self.vm = FakeVm()
-        self.dev = BochsDisplay(w, h)
+        self.server = VncServer(self.vm.loop, self.vm.host.input, listen=listen,
+                                password=password, width=w, height=h, dirty_log=dirty_log)
+        self.dev = FbufDevice(self.server, w, h) if fbuf else BochsDisplay(w, h)
         self.vm.pci.add(self.dev, SLOT)
         self.vm.pci.assign_bars()
         self.drv = PciDriver(self.vm)
         self.mmio = self.drv.bar_address(SLOT, 0, 2)
         self.fb_addr = self.drv.bar_address(SLOT, 0, 0)
-        self.server = VncServer(self.vm.loop, self.vm.host.input, listen=listen,
-                                password=password, width=w, height=h, dirty_log=dirty_log)
         self.server.attach(self.dev)
         self.address = self.server.address
         self.mode: tuple[int, int, int] | None = None

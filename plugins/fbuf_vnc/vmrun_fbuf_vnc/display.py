@@ -20,7 +20,7 @@ import logging
 import struct
 from dataclasses import dataclass
 
-from vmrun.api import BAR_MEM32, BarSpec, PciDevice
+from vmrun.api import BAR_MEM32, BarSpec, PciDevice, check_version, versioned
 from vmrun_fbuf_vnc.edid import EDID_SIZE, build_edid
 
 log = logging.getLogger("vmrun.fbuf")
@@ -172,6 +172,24 @@ class BochsDisplay(PciDevice):
                 out[0::3], out[1::3], out[2::3] = px[2::4], px[1::4], px[0::4]
                 rows.append(bytes(out))
         return mode.width, mode.height, b"".join(rows)
+
+    # -- snapshots ---------------------------------------------------------------------------
+    state_version = 1
+
+    def device_state(self) -> dict:
+        """The dispi registers (the mode) and the framebuffer byte order. The framebuffer's
+        contents are the RAM BAR, which the snapshot saves with guest RAM; the EDID is
+        configuration (the machine file's ``w``/``h``)."""
+        return versioned(self.state_version, {"regs": self.regs,
+                                              "big_endian": self.big_endian})
+
+    def load_device_state(self, state: dict) -> None:
+        f = check_version(self.name, state, self.state_version)
+        if len(f["regs"]) != DISPI_REGS:
+            raise ValueError(f"{self.name}: {len(f['regs'])} dispi registers saved")
+        self.regs = list(f["regs"])
+        self.big_endian = bool(f["big_endian"])
+        self.mode_changes += 1
 
     def reset(self) -> None:
         self._reset_regs()

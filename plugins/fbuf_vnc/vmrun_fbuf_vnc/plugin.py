@@ -40,6 +40,14 @@ class FbufDevice(BochsDisplay):
     def realize(self) -> None:
         self.server.attach(self)
 
+    def load_device_state(self, state: dict) -> None:
+        """The mode back, and the server's tracker starts over: the restored framebuffer
+        was written by the host (no dirty page log saw it), so the next refresh compares
+        the whole frame and every client, connected or new, gets all of it. VNC clients
+        themselves are host-side: a restore starts with none."""
+        super().load_device_state(state)
+        self.server.attach(self)
+
     def close(self) -> None:
         self.server.detach(self)
 

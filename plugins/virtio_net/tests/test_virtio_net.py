@@ -372,3 +372,104 @@ def test_hostile_chains_never_escape(chains, inject) -> None:
         assert be.wait_sent(1, 20) and be.sent[-1] == bytes(12) + frame(60, fill=8)
     finally:
         vm.close()
+
+
+# -- snapshots ---------------------------------------------------------------------------
+def moved_driver(nic: Nic, b: FakeVm) -> None:
+    """The mock driver, unaware of the move, goes on with the same rings in ``b``'s RAM."""
+    from vmrun.testing.virtio import VirtioDriver
+
+    d = nic.drv
+    queues = d.drv.queues
+    for q in queues:
+        q.mem = b.memory
+    d.vm, d.mem = b, b.memory
+    d.drv = VirtioDriver(b, SLOT)
+    d.drv.queues = queues
+
+
+def test_state_moves_to_a_fresh_device_mid_frame() -> None:
+    """Filters set through the control queue, a 9000-byte frame half delivered into the
+    four receive buffers it holds, two transmit frames the backend has not taken: saved,
+    JSON round-tripped, loaded into a fresh device on a copy of the RAM, which finishes the
+    frame into the next buffers, sends the held frames and keeps filtering as told."""
+    import json
+
+    a, b = FakeVm(), FakeVm()
+    try:
+        be = LoopbackBackend(a.loop, mtu=9000)
+        nic = Nic(a, be, rx_buf=1024)
+        d = nic.drv
+        other = bytes.fromhex("02000000aa01")
+        new = bytes.fromhex("02123456789a")
+        assert d.ctrl(CTRL_RX, CTRL_RX_PROMISC, b"\0") == CTRL_OK
+        assert d.ctrl(CTRL_RX, CTRL_RX_NOBCAST, b"\1") == CTRL_OK
+        table = struct.pack("<I", 1) + other + struct.pack("<I", 0)
+        assert d.ctrl(CTRL_MAC, CTRL_MAC_TABLE_SET, table) == CTRL_OK
+        assert d.ctrl(CTRL_MAC, CTRL_MAC_ADDR_SET, new) == CTRL_OK
+        big = frame(9014, dst=new, fill=0x33)
+        be.inject(big)
+        d.post_rx(4)                                  # 4 KiB of the 9026 bytes: held
+        be.set_full(True)
+        d.send(frame(80, fill=1))
+        d.send(frame(80, fill=2))
+        a.sync()
+        assert d.recv() == [] and nic.dev._rx_pending and len(nic.dev._rx_chains) == 4
+        state = json.loads(json.dumps(a.pci.save_state()))
+        b.memory.write(0, a.memory.read(0, a.memory.size))
+        be2 = LoopbackBackend(b.loop, mtu=9000)
+        dev2 = VirtioNet(be2, MAC)
+        t2 = VirtioPciTransport(dev2)
+        b.pci.add(t2, SLOT)
+        b.pci.assign_bars()
+        b.pci.load_state(state)
+        b.sync()
+        moved_driver(nic, b)
+        assert be2.wait_sent(2) and [f[20] for f in be2.sent] == [1, 2]
+        assert len(d.wait_tx_used(2)) == 2
+        d.post_rx(8)
+        got = d.wait_recv(1)
+        assert got[0][1] == big and got[0][0][6] == 9
+        assert d.mac() == new
+        for dst in (other, bytes.fromhex("02000000aa02"), b"\xff" * 6, new):
+            be2.inject(frame(60, dst=dst))
+        got = d.wait_recv(2)
+        time.sleep(0.05)
+        got += d.recv()
+        assert [g[1][:6] for g in got] == [other, new]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_link_that_went_down_across_the_restore_is_signalled() -> None:
+    """The driver saw the link up; the restored run's backend has it down: the status
+    reads down and the configuration generation moves (a config change the driver sees)."""
+    import json
+
+    a, b = FakeVm(), FakeVm()
+    try:
+        nic = Nic(a, LoopbackBackend(a.loop))
+        gen = nic.drv.drv.common_read(0x15, 1)
+        state = json.loads(json.dumps(a.pci.save_state()))
+        b.memory.write(0, a.memory.read(0, a.memory.size))
+        be2 = LoopbackBackend(b.loop)
+        be2.link_up = False
+        b.pci.add(VirtioPciTransport(VirtioNet(be2, MAC)), SLOT)
+        b.pci.assign_bars()
+        b.pci.load_state(state)
+        b.sync()
+        moved_driver(nic, b)
+        assert nic.drv.config(6, 2) == 0
+        assert nic.drv.drv.common_read(0x15, 1) != gen
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_state_of_another_version_is_refused(vm: FakeVm) -> None:
+    nic = Nic(vm, LoopbackBackend(vm.loop))
+    state = nic.dev.save_state()
+    state["version"] = 99
+    with pytest.raises(ValueError, match="virtio-net: state version 99, this vmrun has 1"):
+        VirtioNet(LoopbackBackend(vm.loop), MAC).load_state(state)

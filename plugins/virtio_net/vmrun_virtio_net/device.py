@@ -38,6 +38,8 @@ from vmrun.api import (
     LinkCallbacks,
     NetBackend,
     VirtioDevice,
+    check_version,
+    versioned,
 )
 
 log = logging.getLogger("vmrun.virtio-net")
@@ -138,6 +140,7 @@ class VirtioNet(VirtioDevice):
         self._rx_done: list[tuple[DescriptorChain, int]] = []
         self._direct_min = 0
         self._rx_dry = True
+        self._restored: tuple[list[int], list[int]] | None = None   # held heads, to re-walk
 
     # -- wiring --------------------------------------------------------------------------
     def setup(self) -> None:
@@ -172,7 +175,10 @@ class VirtioNet(VirtioDevice):
         if self.vnet:
             self.backend.set_offloads(self.guest_offloads)
         self.live = True
-        self.link_up = self.backend.link_up
+        if self._restored is not None:
+            self._take_back(*self._restored)
+        else:
+            self.link_up = self.backend.link_up
         if queues[RX_Q].ready and queues[RX_Q].has_available():
             self.backend.set_rx(True)
 
@@ -198,6 +204,55 @@ class VirtioNet(VirtioDevice):
     def close(self) -> None:
         self.backend.set_rx(False)
         self.backend.detach()       # the backend itself is the run's: it outlives this boot
+
+    # -- snapshots -------------------------------------------------------------------------
+    state_version = 1
+    _FILTER = ("promisc", "allmulti", "alluni", "nomulti", "nouni", "nobcast")
+
+    def save_state(self) -> dict:
+        """What the driver set through the control queue (receive mode, MAC filter tables,
+        the MAC), the link status it was told, the chains the device holds popped (receive
+        buffers waiting for a frame, transmit frames the backend has not taken yet: by
+        head, walked again from the descriptor table at restore) and the received frame it
+        holds half delivered. Frames still in the backend are host-side: not saved (lost at
+        a restore, as on a wire); the backend itself is the restored run's."""
+        with self.transport.lock:
+            tx = self._tx_pending[0] if self._tx_pending else []
+            return versioned(self.state_version, {
+                **{k: getattr(self, k) for k in self._FILTER},
+                "mac": self.mac, "link_up": self.link_up,
+                "uni_table": sorted(self.uni_table), "multi_table": sorted(self.multi_table),
+                "rx_chains": [c.head for c in self._rx_chains],
+                "tx_chains": [c.head for c in tx],
+                "rx_frame": bytes(self._rxview[:self._rx_pending])})
+
+    def load_state(self, state: dict) -> None:
+        """Before activation: the chains held are taken back when the queues are live."""
+        f = check_version(self.name, state, self.state_version)
+        for k in self._FILTER:
+            setattr(self, k, bool(f[k]))
+        self.mac, self.link_up = bytes(f["mac"]), bool(f["link_up"])
+        self.uni_table, self.multi_table = set(f["uni_table"]), set(f["multi_table"])
+        frame = f["rx_frame"]
+        if len(frame) > len(self._rxbuf):
+            raise ValueError(f"{self.name}: a held frame of {len(frame)} bytes")
+        self._rxbuf[:len(frame)] = frame
+        self._rx_pending = len(frame)
+        self._restored = (list(f["rx_chains"]), list(f["tx_chains"]))
+
+    def _take_back(self, rx: list[int], tx: list[int]) -> None:
+        """Activation after a restore: the held chains again, and the link as the backend
+        has it now (a change from the saved one is signalled, as any link change)."""
+        self._restored = None
+        self._rx_chains = deque(self.queues[RX_Q].chain_at(h) for h in rx)
+        chains = [self.queues[TX_Q].chain_at(h) for h in tx]
+        frames = [self._tx_frame(c) for c in chains]
+        if None in frames:            # the guest rewrote a frame it had handed over
+            raise ValueError(f"{self.name}: a held transmit frame changed in the snapshot")
+        if chains:
+            self._tx_pending = (chains, frames)
+        if self.loop is not None:
+            self.loop.call_soon(lambda: self._link(self.backend.link_up), owner=self)
 
     # -- backend callbacks (event loop) ----------------------------------------------------
     def _guarded(self, fn) -> None:

@@ -600,3 +600,89 @@ def test_msi_when_the_driver_enables_no_msix() -> None:
     r.drv.command(CMD_NOOP)
     assert r.vm.msi_count(gsi) == 1 and not r.dev.intx.level
     r.close()
+
+
+# -- snapshots ----------------------------------------------------------------------------------
+def _moved(rig: Rig) -> Rig:
+    """A fresh controller with fresh devices on a copy of ``rig``'s RAM, with the state
+    ``rig`` saved (through JSON); ``rig``'s driver goes on with it, unaware of the move."""
+    import json
+
+    state = json.loads(json.dumps(rig.vm.pci.save_state()))
+    new = Rig()
+    new.vm.memory.write(0, rig.vm.memory.read(0, rig.vm.memory.size))
+    new.vm.pci.load_state(state)
+    new.vm.sync()
+    d = rig.drv
+    d.vm, d.mem, d.pci = new.vm, new.vm.memory, PciDriver(new.vm)
+    for ring in [d.cmd_ring, *d.rings.values()]:
+        ring.mem = new.vm.memory
+    new.drv = d
+    return new
+
+
+def test_snapshot_moves_slots_rings_and_hid_state_to_a_fresh_controller(rig: Rig) -> None:
+    """Both HID devices enumerated, a tablet IN TD waiting (the controller holds it), a
+    keyboard report queued, Caps Lock set, the tablet's idle rate and boot protocol set,
+    the event ring part-consumed. The fresh controller goes on: the waiting TD completes
+    with the next move, the queued key report arrives on the same endpoint ring, commands
+    complete on the same command ring and event ring, and the HID state reads back."""
+    d = rig.drv
+    tab = d.enumerate(1)
+    kbd = d.enumerate(2)
+    ev, _ = d.control(kbd, 0x21, 0x09, 0x0200, 0, 1, b"\x02")      # Caps Lock LED
+    assert ev.cc == CC_SUCCESS
+    assert d.control(tab, 0x21, 0x0B, 0, 0, 0)[0].cc == CC_SUCCESS   # SET_PROTOCOL boot
+    rig.hub.key(KEY_A, True)                                       # queued: no TD yet
+    trb, buf = d.queue_in(tab, 3, 8)                               # waits: no input
+    assert d.control(tab, 0x21, 0x0A, 50 << 8, 0, 0)[0].cc == CC_SUCCESS   # idle 200 ms
+    d.poll_events()
+    assert not [e for e in d.events if e.type == TRANSFER_EVENT and e.param == trb]
+    portsc = d.portsc(1)
+    new = _moved(rig)
+    rig.close()
+    try:
+        assert new.keyboard.leds == HidKeyboard.LED_CAPS and new.keyboard.queue
+        assert new.tablet.protocol == 0 and new.tablet.idle == 50
+        assert d.portsc(1) == portsc and d.slot_state(kbd) == SLOT_CONFIGURED
+        assert d.control_in(kbd, 0xA1, 1, 0x0200, 0, 1) == b"\x02"   # GET_REPORT: LEDs
+        new.hub.abs(100, 200, 0, 1)
+        ev, data = d.wait_in(tab, 3, trb, buf, 8)
+        assert data == struct.pack("<BHHb", 1, 100, 200, 0)
+        t2, b2 = d.queue_in(kbd, 3, 8)
+        assert d.wait_in(kbd, 3, t2, b2, 8)[1] == bytes([0, 0, 4, 0, 0, 0, 0, 0])
+        assert d.command(CMD_NOOP).cc == CC_SUCCESS
+        assert new.vm.loop.faults == []
+    finally:
+        new.close()
+
+
+def test_snapshot_keeps_events_not_yet_written_and_the_ring_cycle() -> None:
+    """A full event ring holds events back in the controller; they are saved and written
+    once the driver, after the move, makes room — with the right cycle bit."""
+    r = Rig()
+    r.drv.start(event_segments=(16,))
+    d = r.drv
+    for _ in range(20):                      # 15 fit (one slot stays free), 5 wait
+        d.cmd_ring.put(0, 0, CMD_NOOP << 10)
+    d.ring_doorbell(0, 0)
+    r.vm.sync()
+    assert len(r.dev.intrs[0].queue) == 5
+    new = _moved(r)
+    r.close()
+    try:
+        got = []
+        for _ in range(100):
+            got += [e for e in d.poll_events() if e.type == COMMAND_COMPLETION]
+            if len(got) >= 20:
+                break
+        assert len(got) == 20 and all(e.cc == CC_SUCCESS for e in got)
+    finally:
+        new.close()
+
+
+def test_a_controller_state_of_another_version_is_refused(rig: Rig) -> None:
+    state = rig.dev.device_state()
+    state["version"] = 3
+    with pytest.raises(ValueError, match="xhci: state version 3, this vmrun has 1"):
+        rig.dev.load_device_state(state)

@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Callable
 from functools import partial
 
-from vmrun.api import BAR_MEM64, BarSpec, GuestError, PciDevice
+from vmrun.api import BAR_MEM64, BarSpec, GuestError, PciDevice, check_version, versioned
 from vmrun_xhci.spec import (
     BAR_SIZE,
     CAPLENGTH,
@@ -366,6 +366,91 @@ class XhciController(PciDevice):
     @property
     def running(self) -> bool:
         return bool(self.usbcmd & USBCMD_RS) and not self.usbsts & USBSTS_HCH
+
+    # -- snapshots -----------------------------------------------------------------------------
+    state_version = 1
+
+    def device_state(self) -> dict:
+        """The operational and runtime registers (MFINDEX as it reads now), the command
+        ring's dequeue pointer and cycle state, every interrupter (ERST, the segments it
+        loaded, its enqueue position and cycle, ERDP, events not yet written, the IMOD time
+        left), port status and change bits, the enabled slots with the endpoint state the
+        controller caches (transfer ring dequeue pointer and cycle, a TD waiting for the
+        device), and each USB device's own state. Device contexts, rings and the event ring
+        are guest RAM. Work queued on the loop (events from another thread) is done first."""
+        if self.loop is not None:
+            self.loop.sync()
+        with self.lock:
+            now = time.monotonic()
+            intrs = [[i.iman, i.imod, i.erstsz, i.erstba, i.erdp,
+                      None if i.segments is None else [list(s) for s in i.segments],
+                      i.reload, i.seg, i.idx, i.pcs, [list(e) for e in i.queue], i.pending,
+                      max(0.0, i.next_allowed - now)] for i in self.intrs]
+            slots = [[s.id, s.enabled, s.state, s.port.number if s.port else 0, s.ctx_addr,
+                      s.ctx, [[e.dci, e.state, e.deq, e.dcs, e.ctx, e.pending_trb]
+                              for e in s.eps.values()]]
+                     for s in self.slots[1:] if s.enabled or s.eps or s.state]
+            return versioned(self.state_version, {
+                "regs": [self.usbcmd, self.usbsts, self.dnctrl, self.crr, self.crcr_lo,
+                         self.dcbaap, self.config_reg, self.broken, self.fladj,
+                         self._mfindex()],
+                "cmd": [self.cmd.deq, self.cmd.ccs], "intrs": intrs,
+                "ports": [[p.portsc, p.pmsc, p.li, p.hlpmc] for p in self.ports],
+                "slots": slots,
+                "devices": [list(d.save_state().items()) for d in self.usb_devices]})
+
+    def load_device_state(self, state: dict) -> None:
+        """Into a fresh controller with the same devices; then the loop writes events that
+        were queued, re-arms the MFINDEX wrap and IMOD timers, and looks at the IN
+        endpoints (reports the devices hold)."""
+        f = check_version(self.name, state, self.state_version)
+        if len(f["devices"]) != len(self.usb_devices):
+            raise ValueError(f"{self.name}: {len(f['devices'])} USB devices saved, "
+                             f"{len(self.usb_devices)} here")
+        with self.lock:
+            (self.usbcmd, self.usbsts, self.dnctrl, self.crr, self.crcr_lo, self.dcbaap,
+             self.config_reg, self.broken, self.fladj, mfindex) = f["regs"]
+            self.mf_stopped = mfindex
+            self.mf_start = time.monotonic_ns() - mfindex * 125_000
+            self.cmd = Cursor(*f["cmd"])
+            now = time.monotonic()
+            for intr, v in zip(self.intrs, f["intrs"], strict=True):
+                (intr.iman, intr.imod, intr.erstsz, intr.erstba, intr.erdp, segs, intr.reload,
+                 intr.seg, intr.idx, intr.pcs, queue, intr.pending, left) = v
+                intr.segments = None if segs is None else [tuple(s) for s in segs]
+                intr.queue = deque(tuple(e) for e in queue)
+                intr.next_allowed = now + left
+            for port, regs in zip(self.ports, f["ports"], strict=True):
+                port.portsc, port.pmsc, port.li, port.hlpmc = regs
+                port.slot = None
+            for slot in self.slots:
+                slot.__init__(slot.id)
+            for sid, enabled, sstate, portnum, ctx_addr, ctx, eps in f["slots"]:
+                slot = self.slots[sid]
+                slot.enabled, slot.state, slot.ctx_addr, slot.ctx = enabled, sstate, \
+                    ctx_addr, list(ctx)
+                if portnum:
+                    slot.port = self.ports[portnum - 1]
+                    slot.port.slot = slot
+                for dci, estate, deq, dcs, ectx, pending in eps:
+                    ep = Endpoint(dci, list(ectx))
+                    ep.state, ep.deq, ep.dcs, ep.pending_trb = estate, deq, dcs, pending
+                    slot.eps[dci] = ep
+            for dev, fields in zip(self.usb_devices, f["devices"], strict=True):
+                dev.load_state(dict(fields))
+            if self.irq is not None and self.irq.mode == "intx" and \
+                    self.usbcmd & USBCMD_INTE and \
+                    any(i.iman & IMAN_IP and i.iman & IMAN_IE for i in self.intrs):
+                self.irq.trigger(0)
+        if self.loop is None:
+            return
+        self.loop.call_soon(self._guard, self._arm_mfwrap, owner=self)
+        for intr in self.intrs:
+            if intr.queue or intr.pending:
+                self.loop.call_soon(self._guard, self._flush, intr, owner=self)
+        for port in self.ports:
+            if port.device is not None:
+                self._device_notify(port)
 
     # -- PCI config: SBRN (USB 3.0) and FLADJ --------------------------------------------------
     def config_read(self, offset: int, size: int) -> int | None:

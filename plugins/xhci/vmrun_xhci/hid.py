@@ -116,6 +116,9 @@ class HidDevice(UsbDevice):
 
     report_descriptor = b""
     endpoints = {0x81: (EPT_INTR_IN, 8)}
+    #: host-side: when the last report went (monotonic; the idle timer starts over after a
+    #: restore), how many did, the timer and loop (None until attached)
+    state_exclude = ("last_sent", "reports_sent", "timer", "loop")
 
     def __init__(self) -> None:
         super().__init__()
@@ -133,6 +136,10 @@ class HidDevice(UsbDevice):
 
     def current_report(self) -> bytes:
         raise NotImplementedError
+
+    def load_state(self, fields: dict) -> None:
+        super().load_state(fields)
+        self.last_sent = time.monotonic()        # the idle period starts over
 
     def reset_state(self) -> None:
         with self.lock:

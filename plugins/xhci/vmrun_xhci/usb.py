@@ -64,6 +64,28 @@ class UsbDevice:
         """``notify()``: an IN endpoint has data; ``loop``: the event loop, for timers."""
         self.notify = notify
 
+    #: Plain attributes that are not guest state: host-side bookkeeping (see save_state).
+    state_exclude: tuple[str, ...] = ()
+
+    def save_state(self) -> dict:
+        """The device's state as the guest left it (address, configuration, remote
+        wake-up, halted endpoints, and a subclass's own plain attributes: HID idle rate,
+        protocol, LEDs, reports not yet fetched), plain data."""
+        from vmrun.api import plain_fields
+
+        with self.lock:
+            fields = plain_fields(self, self.state_exclude)
+            fields["halted"] = sorted(self.halted)
+            return fields
+
+    def load_state(self, fields: dict) -> None:
+        from vmrun.api import load_fields
+
+        with self.lock:
+            fields = dict(fields)
+            self.halted = set(fields.pop("halted"))
+            load_fields(self, fields)
+
     def bus_reset(self) -> None:
         """A port reset: back to the Default state (address 0, not configured)."""
         with self.lock:

@@ -106,9 +106,11 @@ class VirtioDevice:
     # -- snapshots (vmrun.core.devstate) ----------------------------------------------
     def save_state(self) -> dict:
         """The device's own state (the transport saves the queues): plain data, taken with
-        the vCPUs paused. A device must first finish what it has in flight (a disk: drain
-        and flush), so that the used rings in the saved RAM say everything it did. The
-        default: this device cannot, and the snapshot is refused naming it."""
+        the vCPUs paused and the event loop held. A device must first finish what it has in
+        flight (a disk: drain and flush), so that the used rings in the saved RAM say
+        everything it did, or save what it holds (a NIC: the chains it popped, by head;
+        :meth:`Virtqueue.chain_at` walks them again after the restore). The default: this
+        device cannot, and the snapshot is refused naming it."""
         from vmrun.core.devstate import SnapshotUnsupported
 
         raise SnapshotUnsupported(f"{self.name}: this device cannot be snapshotted yet")

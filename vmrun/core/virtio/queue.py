@@ -208,6 +208,11 @@ class Virtqueue:
                                      f"{table_len}")
             i = nxt
 
+    def chain_at(self, head: int) -> DescriptorChain:
+        """The chain at ``head`` walked again from the descriptor table: one a device had
+        popped (and held) when a snapshot was taken, taken back after the restore."""
+        return self._walk(head)
+
     def undo_pop(self) -> None:
         """Give the last popped chain back (the device could not take it now)."""
         self.last_avail = (self.last_avail - 1) & 0xFFFF
