@@ -269,6 +269,10 @@ class Vcpu:
         masks = [(1 << (8 * n)) - 1 for n in range(9)]
         if vm.paused:
             vm.park()           # started while paused (QMP stop before a reboot)
+        if self.fixup is not None:
+            # Armed before the first entry, not on the first kick a second later: a restored
+            # guest may make its next system call at once.
+            self.fixup.refresh()
         while not vm.stopping:
             if (err := kvm_run(*run_args)) < 0:
                 err = -err if native is not None else ffi.errno
