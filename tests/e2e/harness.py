@@ -16,6 +16,7 @@ import subprocess
 import sys
 import termios
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,12 @@ BOOT_TIMEOUT = float(os.environ.get("VMRUN_E2E_BOOT_TIMEOUT", "900"))
 # Boots of the default guest are CPU-bound for minutes where KVM emulates guest kernel code:
 # two test sessions booting at once (several checkouts on one host) would each time out. A
 # host-wide lock, held while any GuestRun of this process is alive, runs them one at a time.
+#: Added to the command line of a guest that is snapshotted: it keeps time by kvm-clock,
+#: not the TSC. This host's KVM ignores a write of the guest's TSC, so a guest restored later
+#: sees its TSC (and, with tsc as clocksource, its clock) jump by the time since the
+#: snapshot, and a periodic-tick kernel then replays every missed tick in emulated kernel
+#: code (minutes). KVM_SET_CLOCK restores kvm-clock exactly.
+RESTORABLE = " clocksource=kvm-clock"
 LOCK_PATH = os.environ.get("VMRUN_E2E_LOCK", "/tmp/vmrun-e2e.lock")
 _lock_fd: int | None = None
 _lock_users = 0
@@ -134,6 +141,12 @@ class GuestRun:
             os.close(self.master)
         except OSError:
             pass
+        # What the guest and vmrun said, beside the machine file, for a failure's post-mortem.
+        try:
+            self.machine.with_suffix(".console.log").write_bytes(self.console)
+            self.machine.with_suffix(".vmrun.log").write_bytes(self.stderr)
+        except OSError:
+            pass
         if self._locked:
             self._locked = False
             _release_boot_lock()
@@ -213,3 +226,55 @@ def partition_of(disk: Path, fs_size: int, out: Path) -> Path:
         f.seek(PART_START)
         dst.write(f.read(fs_size))
     return out
+
+
+class ShellSnapshot:
+    """A guest booted once to its shell and saved there (``vmrun snapshot``), so that each
+    test restores its own copy (``vmrun up --restore``) in seconds instead of booting for
+    minutes, and no test sees what another one did in the guest or on its disks.
+
+    :meth:`take` is called on the boot at its shell: it saves the snapshot and copies the
+    disk files (``files``, relative to the boot's directory ``dir``) as they were saved; the
+    boot itself may go on. :meth:`restore` gives a test a fresh directory with those copies
+    and the machine file pointing at them, and starts the saved guest there: a
+    :class:`GuestRun` whose console continues the saved shell."""
+
+    def __init__(self, machine: Path, name: str, files: list[str],
+                 env_for: Callable[[Path], dict[str, str]] | None = None) -> None:
+        self.machine = machine
+        self.dir = machine.parent
+        self.name = name
+        self.files = files
+        self.env_for = env_for or (lambda d: {})
+        self.snapshot = self.dir / "saved" / "shell.snap"
+        self.saved: subprocess.CompletedProcess | None = None
+        self.restores = 0
+
+    def take(self) -> None:
+        self.snapshot.parent.mkdir(exist_ok=True)
+        self.saved = subprocess.run([sys.executable, "-m", "vmrun", "snapshot", self.name,
+                                     str(self.snapshot)], capture_output=True, text=True,
+                                    timeout=300)
+        if self.saved.returncode != 0:
+            raise AssertionError(f"vmrun snapshot failed: {self.saved.stderr}")
+        for name in self.files:     # the disks as saved (the guest has them all unmounted)
+            _copy_sparse(self.dir / name, self.snapshot.parent / name)
+
+    def restore(self, into: Path) -> GuestRun:
+        """Start the saved guest with its own copies of the disks, in ``into``."""
+        if self.saved is None or self.saved.returncode != 0:
+            pytest.fail("the shell snapshot was not taken (see the boot's checks)")
+        into.mkdir(parents=True, exist_ok=True)
+        for name in self.files:
+            _copy_sparse(self.snapshot.parent / name, into / name)
+        machine = into / self.machine.name
+        machine.write_text(self.machine.read_text().replace(str(self.dir), str(into)))
+        self.restores += 1
+        return GuestRun(machine, extra_args=("--restore", str(self.snapshot)),
+                        env=self.env_for(into))
+
+
+def _copy_sparse(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(src), str(dst)],
+                   check=True)

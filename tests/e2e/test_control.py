@@ -29,17 +29,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import BOOT_TIMEOUT, GuestRun, require_guest_image, tiny_cmdline
+from tests.e2e.harness import (
+    BOOT_TIMEOUT,
+    RESTORABLE,
+    GuestRun,
+    require_guest_image,
+    tiny_cmdline,
+)
 
 # Written, never yet seen passing on this host (the boot lock queue): make test-pending.
 pytestmark = [pytest.mark.e2e, pytest.mark.e2e_pending]
 
 NAME = "e2e-control"
-#: The guest keeps time by kvm-clock, not the TSC: this host's KVM ignores a write of the
-#: guest's TSC, so a guest restored later would see its TSC (and, with tsc as clocksource,
-#: its clock) jump by the time since the snapshot, and a periodic-tick kernel then replays
-#: every missed tick in emulated kernel code (minutes). kvm-clock is restored exactly.
-RESTORABLE = " clocksource=kvm-clock"
 WATCHER = ("for e in /sys/class/input/event*; do grep -q 'Power Button' $e/device/name && "
            "(dd if=/dev/input/${e##*/} bs=24 count=1 >/dev/null 2>&1; "
            "echo vmrun-e2e: power button pressed; poweroff) & done; "

@@ -1,19 +1,18 @@
 """The default Linux guest, end to end, with the console on a pty as a user has it.
 
-Two boots, each checked for many things:
-
 - ``default``: machines/tiny.toml's kernel, initramfs and command line, plus a raw virtio disk,
-  a sparse/split one with 4K sectors, a read-only one, a scratch disk and virtio-rnd. What the
-  kernel does with the machine: ACPI tables without complaint, the RTC as host
-  UTC, the 16550A on IRQ 4 driven by interrupts, every disk probed, entropy pulled, "Run
-  /init". Then the shell where guest user space runs (it copies host-written data on the
-  scratch disk; the host compares the bytes after power-off); where it does not (its first
-  system call faults on this host's KVM), the kernel panics and ``panic=1 reboot=k`` must end
-  vmrun with 0 (on_reboot = "exit").
-  The shell also mounts the raw, the sparse/split (4K sectors) and the read-only disk:
-  each writable one takes a file and is unmounted cleanly (the host runs ``e2fsck -fn``, sees
-  the mount count raised and reads the file back; the sparse image holds only what was
-  written), the read-only one is byte for byte what it was.
+  a sparse/split one with 4K sectors, a read-only one, a scratch disk, a cloud-image-like GPT
+  disk on a qcow2 overlay, the cloud-init seed and virtio-rnd. One boot, whose console shows
+  what the kernel does with the machine: ACPI tables without complaint, the RTC as host UTC,
+  the 16550A on IRQ 4 driven by interrupts, every disk probed, entropy pulled, "Run /init".
+  At its shell the boot is saved (``vmrun snapshot``, :class:`ShellSnapshot`) and each check
+  that needs guest user space restores its own copy of that shell with its own copies of the
+  disks (seconds, not a boot): it copies host-written data on the scratch disk, mounts the
+  seed by label, writes through the overlay, mounts and writes the raw and sparse disks and
+  mounts the read-only one; after its power-off the host checks the images (bytes compared,
+  ``e2fsck -fn``, ``qemu-img check``, the read-only disk byte for byte what it was). Where
+  guest user space does not run (its first system call faults on a KVM the fix-up does not
+  cover), the kernel panics and ``panic=1 reboot=k`` must end vmrun with 0.
 - ``smp-root`` (two vCPUs, e2e_pending): ``root=/dev/vda rw`` from an ext4 image made on the
   host; /sbin/init is a program that never makes a system call, so the kernel stays up; SysRq
   over the serial console (C-a b, then s, u, o) syncs, remounts read-only and powers off.
@@ -35,7 +34,9 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.harness import (
+    RESTORABLE,
     GuestRun,
+    ShellSnapshot,
     ext4_mount_count,
     make_ext4,
     make_gpt_disk,
@@ -59,6 +60,7 @@ class Boot:
     user_space: bool
     fault_line: str
     seen_at: dict[str, object]
+    shell: ShellSnapshot | None = None
 
 
 def machine_file(path: Path, *, kernel: Path, initrd: Path | None, cmdline: str,
@@ -137,12 +139,20 @@ user = "e2e"
 ssh_authorized_keys = []
 runcmd = ["echo from-vmrun"]
 '''
-    # One vCPU: guest user space under the syscall fix-up has crashed once with two vCPUs
-    # under heavy host load (see the note on issue 2); SMP is checked by the raw-root boot.
+    # One vCPU: guest user space under the syscall fix-up has crashed with two vCPUs under
+    # heavy host load (issue 8); SMP is checked by the smp-root boot (e2e_pending).
     m = machine_file(d / "default.toml", kernel=kernel, initrd=initrd,
-                     cmdline=tiny_cmdline() + " panic=1 reboot=k", devices=devices, cpus=1)
-    run = GuestRun(m, env={"XDG_DATA_HOME": str(d / "data")})
-    seen = {}
+                     cmdline=tiny_cmdline() + RESTORABLE + " panic=1 reboot=k",
+                     devices=devices, cpus=1)
+
+    def env_for(where: Path) -> dict[str, str]:
+        return {"XDG_DATA_HOME": str(where / "data")}    # the cloud-init seed is made there
+
+    files = ["data.img", "ro.img", "scratch.img", "overlay.qcow2", "base.qcow2",
+             *sorted(p.name for p in d.glob("sparse.img*"))]
+    shell = ShellSnapshot(m, "e2e", files, env_for)
+    run = GuestRun(m, env=env_for(d))
+    seen = {"base_digest": base_digest, "ro_digest": ro_digest, "mounts": mounts}
     try:
         run.wait_for(r"setting system clock to")
         seen["rtc"] = time.time()
@@ -155,48 +165,48 @@ runcmd = ["echo from-vmrun"]
             run.wait_for(r"\b42\b", 60)
             run.send(b"dd if=/dev/hwrng bs=16 count=1 2>/dev/null | wc -c\r")
             run.wait_for(r"\b16\b", 60)
-            # Data through guest user space (dd's buffers, a pipe, tmpfs), judged on the host:
-            # the host wrote BLOB at the start of the scratch disk; the guest copies it twice
-            # further along; after power-off the host reads the image back. No guest-computed
-            # digest decides, and there is no retry that could hide a wrong copy (issue 8).
-            run.send(b"dd if=/dev/vdd of=/dev/vdd bs=4096 count=16 seek=16 conv=fsync "
-                     b"2>/dev/null; echo 3 > /proc/sys/vm/drop_caches; "
-                     b"dd if=/dev/vdd bs=4096 count=16 2>/dev/null | cat > /tmp/blob; "
-                     b"dd if=/tmp/blob of=/dev/vdd bs=4096 seek=32 conv=fsync 2>/dev/null; "
-                     b"sync; echo copy-$((1+1))-done\r")
-            run.wait_for(rb"copy-2-done", 300)
-            # The cloud-init seed, found by its label as cloud-init finds it; the guest copies
-            # its files to the scratch disk (at 256 KiB) for the host to compare.
-            run.send(b"mkdir -p /cidata && mount -t iso9660 -o ro $(findfs LABEL=cidata) "
-                     b"/cidata && cat /cidata/meta-data /cidata/user-data | dd of=/dev/vdd "
-                     b"bs=4096 seek=64 conv=fsync 2>/dev/null; echo seed-$((2+1))-done\r")
-            run.wait_for(rb"seed-3-done", 300)
-            # The cloud-image-like root, found by its label, written through the overlay.
-            run.send(b"mkdir -p /cloud && mount -t ext4 $(findfs LABEL=cloudimg-rootfs) /cloud "
-                     b"&& echo written-by-the-guest > /cloud/guest.txt && umount /cloud; "
-                     b"echo cloud-$((3+1))-done\r")
-            run.wait_for(rb"cloud-4-done", 300)
-            # Every disk format takes an ext4 mount, a write and a clean unmount (the host
-            # runs e2fsck and reads the file back); the read-only disk mounts only read-only
-            # and refuses a raw write (the host compares its bytes).
-            run.send(b"mkdir -p /m/a /m/b /m/c; mount -t ext4 /dev/vda /m/a && echo raw-by-guest "
-                     b"> /m/a/guest.txt && umount /m/a; mount -t ext4 /dev/vdb /m/b && echo "
-                     b"sparse-by-guest > /m/b/guest.txt && umount /m/b; mount -t ext4 -o ro "
-                     b"/dev/vdc /m/c && cat /m/c/x >/dev/null && umount /m/c; dd if=/dev/zero "
-                     b"of=/dev/vdc bs=512 count=1 2>/dev/null; echo disks-$((4+1))-done\r")
-            run.wait_for(rb"disks-5-done", 300)
+            # Saved at the shell: the checks below each restore their own copy of it.
+            t0 = time.monotonic()
+            shell.take()
+            seen["snapshot_s"] = time.monotonic() - t0
             run.send(b"poweroff\r")
         else:
             fm = re.search(r"init\[1\]: segfault[^\r\n]*|Attempted to kill init[^\r\n]*",
                            run.text)
             fault = fm.group(0) if fm else m2.group(0).decode(errors="replace")
         code = run.wait_exit()
-        seen["base_digest"] = base_digest
-        seen["ro_digest"] = ro_digest
-        seen["mounts"] = mounts
-        return Boot(run, d, code, user_space, fault, seen)
+        return Boot(run, d, code, user_space, fault, seen, shell)
     finally:
         run.close()
+
+
+@dataclass
+class Restored:
+    run: GuestRun
+    dir: Path
+    returncode: int
+    seconds: float
+
+
+def in_restored_shell(boot: Boot, where: Path, command: bytes, done: str,
+                      timeout: float = 300) -> Restored:
+    """Restore the default boot's shell in ``where`` (its own copies of the disks), run
+    ``command`` there and power off. ``done`` is what the command prints last, spelled on
+    the command line so that the shell's echo of it cannot match (``done-$((1+1))``)."""
+    if not boot.user_space or boot.shell is None:
+        pytest.skip(USER_SPACE_SKIP.format(line=boot.fault_line))
+    t0 = time.monotonic()
+    run = boot.shell.restore(where)
+    try:
+        run.send(command + b"\r")
+        run.wait_for(done, timeout)
+        seconds = time.monotonic() - t0
+        run.send(b"poweroff\r")
+        code = run.wait_exit(300)
+    finally:
+        run.close()
+    assert "Linux version" not in run.text, "the guest booted again instead of continuing"
+    return Restored(run, where, code, seconds)
 
 
 VMRUN = (sys.executable, "-m", "vmrun")
@@ -281,11 +291,27 @@ def test_shell_runs_commands(default_boot: Boot) -> None:
     assert default_boot.returncode == 1
 
 
-def test_cloud_init_seed_is_found_by_label_with_vmruns_files(default_boot: Boot) -> None:
-    """The guest mounted the cidata volume by its label; what it read is what vmrun wrote."""
-    if not default_boot.user_space:
-        pytest.skip(USER_SPACE_SKIP.format(line=default_boot.fault_line))
-    seed = default_boot.dir / "data" / "vmrun" / "machines" / "e2e" / "seed.iso"
+def test_the_shell_is_saved_and_a_restore_answers_in_seconds(default_boot: Boot,
+                                                             tmp_path: Path) -> None:
+    """Issue 9: a snapshot at the shell, restored, answers at once (no boot)."""
+    r = in_restored_shell(default_boot, tmp_path / "guest", b"echo restored-$((40+2))",
+                          r"restored-42")
+    assert r.returncode == 1, r.run.log[-2000:]               # the restored guest powered off
+    assert r.seconds < 120, r.seconds
+    print(f"snapshot {default_boot.seen_at['snapshot_s']:.1f} s, restore to an answer "
+          f"{r.seconds:.1f} s; {default_boot.shell.saved.stderr.strip()}")
+
+
+def test_cloud_init_seed_is_found_by_label_with_vmruns_files(default_boot: Boot,
+                                                             tmp_path: Path) -> None:
+    """The guest mounts the cidata volume by its label, as cloud-init finds it, and copies
+    its files to the scratch disk (at 256 KiB): they are what vmrun wrote."""
+    r = in_restored_shell(
+        default_boot, tmp_path / "guest",
+        b"mkdir -p /cidata && mount -t iso9660 -o ro $(findfs LABEL=cidata) /cidata && "
+        b"cat /cidata/meta-data /cidata/user-data | dd of=/dev/vdd bs=4096 seek=64 "
+        b"conv=fsync 2>/dev/null; echo seed-$((2+1))-done", r"seed-3-done")
+    seed = r.dir / "data" / "vmrun" / "machines" / "e2e" / "seed.iso"
     files = {}
     for name in ("meta-data", "user-data"):
         out = subprocess.run(["isoinfo", "-R", "-x", f"/{name}", "-i", str(seed)],
@@ -293,18 +319,21 @@ def test_cloud_init_seed_is_found_by_label_with_vmruns_files(default_boot: Boot)
         files[name] = out.stdout
     assert b"runcmd:\n- echo from-vmrun" in files["user-data"]
     expected = files["meta-data"] + files["user-data"]
-    data = (default_boot.dir / "scratch.img").read_bytes()
+    data = (r.dir / "scratch.img").read_bytes()
     assert data[256 << 10:(256 << 10) + len(expected)] == expected
 
 
 def test_a_cloud_like_qcow2_overlay_takes_the_guests_writes(default_boot: Boot,
                                                             tmp_path: Path) -> None:
-    """The guest mounted the GPT partition by its label through a qcow2 overlay and wrote a
+    """The guest mounts the GPT partition by its label through a qcow2 overlay and writes a
     file: the overlay passes qemu-img check, the file system is clean with the file in it, and
     the compressed qcow2 base is byte for byte what it was."""
-    if not default_boot.user_space:
-        pytest.skip(USER_SPACE_SKIP.format(line=default_boot.fault_line))
-    d = default_boot.dir
+    r = in_restored_shell(
+        default_boot, tmp_path / "guest",
+        b"mkdir -p /cloud && mount -t ext4 $(findfs LABEL=cloudimg-rootfs) /cloud && "
+        b"echo written-by-the-guest > /cloud/guest.txt && umount /cloud; "
+        b"echo cloud-$((3+1))-done", r"cloud-4-done")
+    d = r.dir
     check = subprocess.run(["qemu-img", "check", str(d / "overlay.qcow2")],
                            capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
@@ -313,18 +342,26 @@ def test_a_cloud_like_qcow2_overlay_takes_the_guests_writes(default_boot: Boot,
     raw = tmp_path / "flat.raw"
     subprocess.run(["qemu-img", "convert", "-q", "-O", "raw", str(d / "overlay.qcow2"),
                     str(raw)], check=True)
-    part = partition_of(raw, (d / "cloudfs.img").stat().st_size, tmp_path / "part.img")
+    part = partition_of(raw, (default_boot.dir / "cloudfs.img").stat().st_size,
+                        tmp_path / "part.img")
     fsck = subprocess.run(["e2fsck", "-fn", str(part)], capture_output=True, text=True)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
     cat = subprocess.run(["debugfs", "-R", "cat /guest.txt", str(part)], capture_output=True)
     assert cat.stdout == b"written-by-the-guest\n", cat.stderr
 
 
-def test_guest_user_space_copies_data_exactly(default_boot: Boot) -> None:
-    """Both copies the guest made (dd to dd; dd | cat > tmpfs | dd) are the host's bytes."""
-    if not default_boot.user_space:
-        pytest.skip(USER_SPACE_SKIP.format(line=default_boot.fault_line))
-    data = (default_boot.dir / "scratch.img").read_bytes()
+def test_guest_user_space_copies_data_exactly(default_boot: Boot, tmp_path: Path) -> None:
+    """Data through guest user space (dd's buffers, a pipe, tmpfs), judged on the host: the
+    host wrote BLOB at the start of the scratch disk, the guest copies it twice further
+    along, the host reads the image back. No guest-computed digest decides, and there is no
+    retry that could hide a wrong copy (issue 8)."""
+    r = in_restored_shell(
+        default_boot, tmp_path / "guest",
+        b"dd if=/dev/vdd of=/dev/vdd bs=4096 count=16 seek=16 conv=fsync 2>/dev/null; "
+        b"echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vdd bs=4096 count=16 2>/dev/null | "
+        b"cat > /tmp/blob; dd if=/tmp/blob of=/dev/vdd bs=4096 seek=32 conv=fsync "
+        b"2>/dev/null; sync; echo copy-$((1+1))-done", r"copy-2-done")
+    data = (r.dir / "scratch.img").read_bytes()
     n = len(BLOB)
     assert data[:n] == BLOB, "the guest changed the source blocks"
     assert data[n:2 * n] == BLOB, "dd's copy differs from what the host wrote"
@@ -372,19 +409,23 @@ def _disk_written_cleanly(image: Path, boot: Boot, text: bytes) -> None:
     assert cat.stdout == text, cat.stderr
 
 
-def test_raw_disk_takes_an_ext4_mount_and_write(default_boot: Boot) -> None:
-    if not default_boot.user_space:
-        pytest.skip(USER_SPACE_SKIP.format(line=default_boot.fault_line))
-    _disk_written_cleanly(default_boot.dir / "data.img", default_boot, b"raw-by-guest\n")
+def test_raw_disk_takes_an_ext4_mount_and_write(default_boot: Boot, tmp_path: Path) -> None:
+    r = in_restored_shell(
+        default_boot, tmp_path / "guest",
+        b"mkdir -p /m && mount -t ext4 /dev/vda /m && echo raw-by-guest > /m/guest.txt && "
+        b"umount /m; echo raw-$((4+1))-done", r"raw-5-done")
+    _disk_written_cleanly(r.dir / "data.img", default_boot, b"raw-by-guest\n")
 
 
 def test_sparse_split_disk_with_4k_sectors_round_trip(default_boot: Boot,
                                                       tmp_path: Path) -> None:
     """The guest's ext4 writes on the sparse/split disk: only what was written is stored,
     and converted back to raw the file system is clean with the guest's file in it."""
-    if not default_boot.user_space:
-        pytest.skip(USER_SPACE_SKIP.format(line=default_boot.fault_line))
-    d = default_boot.dir
+    r = in_restored_shell(
+        default_boot, tmp_path / "guest",
+        b"mkdir -p /m && mount -t ext4 /dev/vdb /m && echo sparse-by-guest > /m/guest.txt && "
+        b"umount /m; echo sparse-$((5+1))-done", r"sparse-6-done")
+    d = r.dir
     segments = sorted(d.glob("sparse.img.0*"))
     assert len(segments) == 4                                # 64M in 16M segments
     lut = (d / "sparse.img.lut").read_bytes()
@@ -397,8 +438,12 @@ def test_sparse_split_disk_with_4k_sectors_round_trip(default_boot: Boot,
     _disk_written_cleanly(raw, default_boot, b"sparse-by-guest\n")
 
 
-def test_read_only_disk_is_left_untouched(default_boot: Boot) -> None:
-    if not default_boot.user_space:
-        pytest.skip(USER_SPACE_SKIP.format(line=default_boot.fault_line))
-    image = default_boot.dir / "ro.img"
+def test_read_only_disk_mounts_read_only_and_is_left_untouched(default_boot: Boot,
+                                                               tmp_path: Path) -> None:
+    r = in_restored_shell(
+        default_boot, tmp_path / "guest",
+        b"mkdir -p /m && mount -t ext4 -o ro /dev/vdc /m && cat /m/x && umount /m; "
+        b"dd if=/dev/zero of=/dev/vdc bs=512 count=1 2>/dev/null || echo ro-$((6+1))-refused",
+        r"ro-7-refused")
+    image = r.dir / "ro.img"
     assert hashlib.sha256(image.read_bytes()).hexdigest() == default_boot.seen_at["ro_digest"]
