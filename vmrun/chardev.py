@@ -256,7 +256,7 @@ class StdioBackend(Backend):
         if self.in_fd >= 0 and os.isatty(self.in_fd):
             self._saved = termios.tcgetattr(self.in_fd)
             atexit.register(self.restore_terminal)
-            tty.setraw(self.in_fd)
+            tty.setraw(self.in_fd, termios.TCSANOW)     # keep what was typed ahead
         if self.in_fd >= 0:
             self._read_fd = _reopen_nonblocking(self.in_fd)
             self._watch(self._read_fd)

@@ -219,6 +219,7 @@ class Runner:
                         self.restore_refused = restore(self.cfg, machine, self.restore)
                         for what in self.restore_refused:
                             self.log(f"restore: this host's KVM refused {what}")
+                        self.log(f"restored from {self.restore}")
                     machine.start()
                     if not self.started:
                         self.started = True

@@ -111,6 +111,24 @@ class GuestRun:
             self._pump(0.5)
         raise AssertionError(f"no {pattern!r} within {timeout}s; console tail:\n{self.tail()}")
 
+    def wait_for_log(self, pattern: str, timeout: float = BOOT_TIMEOUT) -> re.Match:
+        """Like :meth:`wait_for`, on what vmrun itself writes (stderr)."""
+        pat = re.compile(pattern.encode())
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            m = pat.search(self.stderr)
+            if m:
+                return m
+            if self.proc.poll() is not None:
+                self._pump(0.2)
+                if m := pat.search(self.stderr):
+                    return m
+                raise AssertionError(f"vmrun exited ({self.proc.returncode}) before "
+                                     f"{pattern!r}: {self.log[-2000:]}")
+            self._pump(0.5)
+        raise AssertionError(f"vmrun did not say {pattern!r} within {timeout}s: "
+                             f"{self.log[-2000:]}")
+
     def send(self, data: bytes) -> None:
         os.write(self.master, data)
 

@@ -198,6 +198,7 @@ def in_restored_shell(boot: Boot, where: Path, command: bytes, done: str,
     t0 = time.monotonic()
     run = boot.shell.restore(where)
     try:
+        run.wait_for_log(r"vmrun: restored from", 120)
         run.send(command + b"\r")
         run.wait_for(done, timeout)
         seconds = time.monotonic() - t0
