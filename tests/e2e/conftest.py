@@ -39,6 +39,15 @@ class DevicesBoot:
 
 
 @pytest.fixture(scope="session")
+def default_boot(tmp_path_factory):
+    """The default guest booted once and saved at its shell (tests/e2e/test_guest.py); the
+    checks of test_guest.py and test_control.py restore that shell."""
+    from tests.e2e.test_guest import boot_default
+
+    return boot_default(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
 def devices_boot(tmp_path_factory) -> DevicesBoot:
     from tests.e2e import test_ahci as ahci
     from tests.e2e import test_fbuf as fbuf

@@ -1,15 +1,15 @@
-"""The control socket against the default Linux guest: one boot, in three parts that a shared
-boot can lift (see the lead's note):
+"""The control socket against the default Linux guest, without a boot of its own: the
+default boot (tests/e2e/test_guest.py) is saved at its shell, and this module restores it.
 
-1. :func:`control_cmdline` is what this boot adds to machines/tiny.toml's command line: a
-   ``run=`` watcher (busybox's /init runs it) that powers the guest off when its ACPI power
-   button input device reports a key, as acpid would. No devices, no host-side set-up.
-2. :func:`drive_control` drives the running guest over QMP with ``qemu.qmp``: ``stop``
+1. :func:`control_cmdline` is what the default boot adds to machines/tiny.toml's command
+   line: a ``run=`` watcher (busybox's /init runs it) that powers the guest off when its
+   ACPI power button input device reports a key, as acpid would.
+2. :func:`drive_control` drives the restored guest over QMP with ``qemu.qmp``: ``stop``
    (a command typed on the console gets no answer while paused), ``cont`` (the answer comes),
    ``vmrun snapshot`` at the shell, then ``system_powerdown`` with ``vmrun stop`` racing it:
-   the guest powers off through ACPI. It ends the boot, so in a shared boot it runs last.
-   :func:`restore_and_ask` then starts the snapshot with ``vmrun up -d --restore`` (no boot)
-   and asks the restored shell a question.
+   the guest powers off through ACPI.
+   :func:`restore_and_ask` then starts that second snapshot with ``vmrun up -d --restore``
+   (in the background, console on a pty) and asks the restored shell a question.
 3. The ``test_*`` checks read what they recorded: events, the console, exit codes, times.
 
 Verdicts are host-side: the pause is seen as a console that stays silent, the power-off as
@@ -19,7 +19,6 @@ vmrun's exit code 1 and QMP's SHUTDOWN event with ``"guest": true``.
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import subprocess
 import sys
@@ -31,16 +30,12 @@ import pytest
 
 from tests.e2e.harness import (
     BOOT_TIMEOUT,
-    RESTORABLE,
     GuestRun,
-    require_guest_image,
-    tiny_cmdline,
 )
 
-# Written, never yet seen passing on this host (the boot lock queue): make test-pending.
-pytestmark = [pytest.mark.e2e, pytest.mark.e2e_pending]
+pytestmark = pytest.mark.e2e
 
-NAME = "e2e-control"
+NAME = "e2e"        # the default boot's machine (tests/e2e/test_guest.py)
 WATCHER = ("for e in /sys/class/input/event*; do grep -q 'Power Button' $e/device/name && "
            "(dd if=/dev/input/${e##*/} bs=24 count=1 >/dev/null 2>&1; "
            "echo vmrun-e2e: power button pressed; poweroff) & done; "
@@ -191,41 +186,23 @@ def restore_and_ask(machine: Path, snapshot: Path, name: str = NAME) -> RestoreR
     return res
 
 
-def machine_file(path: Path, kernel: Path, initrd: Path) -> Path:
-    cmdline = tiny_cmdline() + RESTORABLE + control_cmdline()
-    path.write_text(f'''name = "{NAME}"
-cpus = 1
-memory = "256M"
-on_reboot = "exit"
-[cpu]
-profile = "compat"
-[boot]
-kernel = "{kernel}"
-initrd = "{initrd}"
-cmdline = {json.dumps(cmdline)}
-[serial.com1]
-backend = "stdio"
-''')
-    return path
-
-
 @pytest.fixture(scope="module")
-def control_boot(tmp_path_factory) -> tuple[GuestRun, ControlResult, RestoreResult]:
-    kernel, initrd = require_guest_image()
+def control_boot(default_boot, tmp_path_factory) -> tuple[GuestRun, ControlResult,
+                                                          RestoreResult]:
+    """The default boot's shell, restored (its command line armed the power-button
+    watcher), driven over QMP; then the snapshot taken here, restored in the background."""
+    if not default_boot.user_space or default_boot.shell is None:
+        pytest.skip("guest user space did not run on this host's KVM (see test_guest.py)")
     d = tmp_path_factory.mktemp("control")
-    machine = machine_file(d / "control.toml", kernel, initrd)
-    run = GuestRun(machine)
+    run = default_boot.shell.restore(d / "guest")
     try:
-        m = run.wait_for(r"vmrun-init: user space is up|Kernel panic[^\n]*")
-        if b"user space is up" not in m.group(0):
-            pytest.fail(f"the guest did not reach user space: {m.group(0)!r}")
-        run.wait_for(r"vmrun-e2e: watcher armed", BOOT_TIMEOUT)
+        run.wait_for_log(r"vmrun: restored from", 120)
         run.send(b"\r")
         run.wait_for(r"[#$] $", BOOT_TIMEOUT)
-        res = drive_control(run, d / "shell.snap")
+        res = drive_control(run, d / "shell.snap", name=NAME)
         restored = RestoreResult()
         if res.snapshot_cli is not None and res.snapshot_cli.returncode == 0:
-            restored = restore_and_ask(machine, d / "shell.snap")
+            restored = restore_and_ask(run.machine, d / "shell.snap", name=NAME)
         print(f"control e2e timings: {res.seconds} restore: {restored.seconds}; "
               f"snapshot: {res.snapshot_cli.stderr if res.snapshot_cli else None}")
         yield run, res, restored
