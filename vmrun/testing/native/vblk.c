@@ -21,38 +21,22 @@
  */
 #define GUEST_NAME "vblk"
 #include "runtime.h"
+#include "virtio.h"
 
 /* Guest-physical work area (identity-mapped): queue, headers, status bytes, data buffers. */
 #define QUEUE_BASE 0x01000000ull
 #define HDR_BASE   0x01100000ull
 #define DATA_BASE  0x02000000ull     /* 1 MiB for sequential, qd x 4 KiB for random */
-#define MAX_QSIZE  256
 #define MAX_QD     64
 
-static u64 common, notify_addr, devcfg;
-static u16 qsize;
-
-/* -- virtio --------------------------------------------------------------------------- */
-enum { COMMON_CFG = 1, NOTIFY_CFG = 2, DEVICE_CFG = 4 };
-/* struct virtio_pci_common_cfg offsets */
-enum {
-	DFSELECT = 0x00, DF = 0x04, GFSELECT = 0x08, GF = 0x0C, NUM_QUEUES = 0x12,
-	STATUS = 0x14, Q_SELECT = 0x16, Q_SIZE = 0x18, Q_MSIX = 0x1A, Q_ENABLE = 0x1C,
-	Q_NOTIFY_OFF = 0x1E, Q_DESC = 0x20, Q_DRIVER = 0x28, Q_DEVICE = 0x30,
-};
-enum { S_ACK = 1, S_DRIVER = 2, S_DRIVER_OK = 4, S_FEATURES_OK = 8 };
-enum { F_NEXT = 1, F_WRITE = 2 };
+/* -- virtio-blk ------------------------------------------------------------------------ */
 enum { T_IN = 0, T_OUT = 1 };
 
-struct desc { u64 addr; u32 len; u16 flags; u16 next; };
 struct req_hdr { u32 type; u32 reserved; u64 sector; };
 
-static volatile struct desc *descs;
-static volatile u16 *avail;      /* flags, idx, ring[qsize] */
-static volatile u16 *used;       /* flags, idx, then {u32 id, u32 len}[qsize] */
-static u16 avail_idx, used_seen;
+static struct vq q;               /* the one request queue */
 
-static void virtio_setup(void)
+static void blk_setup(void)
 {
 	int slot = -1;
 	for (int s = 0; s < 32 && slot < 0; s++) {
@@ -63,59 +47,9 @@ static void virtio_setup(void)
 	if (slot < 0)
 		fail("no virtio-blk on bus 0", 0);
 	pci_enable(slot);
-	u32 mult = 0;
-	for (int p = pci_read(slot, 0x34) & 0xFC, n = 0; p && n < 48; p = pci_read(slot, p + 1) & 0xFC, n++) {
-		if ((pci_read(slot, p) & 0xFF) != 0x09)
-			continue;
-		int type = pci_read(slot, p + 3) & 0xFF;
-		u64 base = bar_address(slot, pci_read(slot, p + 4) & 0xFF) + pci_read(slot, p + 8);
-		if (type == COMMON_CFG && !common)
-			common = base;
-		else if (type == NOTIFY_CFG && !notify_addr) {
-			notify_addr = base;
-			mult = pci_read(slot, p + 16);
-		} else if (type == DEVICE_CFG && !devcfg)
-			devcfg = base;
-	}
-	if (!common || !notify_addr || !devcfg)
-		fail("virtio capabilities missing on slot", (u64)slot);
-
-	wr8(common + STATUS, 0);
-	while (rd8(common + STATUS))
-		cpu_relax();
-	wr8(common + STATUS, S_ACK | S_DRIVER);
-	wr32(common + DFSELECT, 1);
-	if (!(rd32(common + DF) & 1))
-		fail("device does not offer VIRTIO_F_VERSION_1", 0);
-	wr32(common + GFSELECT, 0);
-	wr32(common + GF, 0);
-	wr32(common + GFSELECT, 1);
-	wr32(common + GF, 1);
-	wr8(common + STATUS, S_ACK | S_DRIVER | S_FEATURES_OK);
-	if (!(rd8(common + STATUS) & S_FEATURES_OK))
-		fail("FEATURES_OK refused", rd8(common + STATUS));
-
-	wr16(common + Q_SELECT, 0);
-	qsize = rd16(common + Q_SIZE);
-	if (qsize == 0)
-		fail("queue 0 has size 0", 0);
-	if (qsize > MAX_QSIZE)
-		qsize = MAX_QSIZE;
-	wr16(common + Q_SIZE, qsize);
-	wr16(common + Q_MSIX, 0xFFFF);
-	u64 d = QUEUE_BASE, a = d + 16ull * qsize, u = (a + 6 + 2ull * qsize + 3) & ~3ull;
-	for (u64 p = QUEUE_BASE; p < u + 6 + 8ull * qsize; p += 8)
-		*(volatile u64 *)p = 0;
-	descs = (volatile struct desc *)d;
-	avail = (volatile u16 *)a;
-	used = (volatile u16 *)u;
-	avail[0] = 1;            /* VIRTQ_AVAIL_F_NO_INTERRUPT: we poll the used ring */
-	wr64(common + Q_DESC, d);
-	wr64(common + Q_DRIVER, a);
-	wr64(common + Q_DEVICE, u);
-	notify_addr += (u64)rd16(common + Q_NOTIFY_OFF) * mult;
-	wr16(common + Q_ENABLE, 1);
-	wr8(common + STATUS, S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+	virtio_setup(slot, 0);
+	virtq_setup(&q, 0, QUEUE_BASE);
+	virtio_driver_ok();
 }
 
 /* -- requests --------------------------------------------------------------------------- */
@@ -131,20 +65,12 @@ static void submit(int i, int type, u64 sector, u64 buf, u32 len)
 	h->sector = sector;
 	*status = 0xFF;
 	int d = 3 * i;
-	descs[d] = (struct desc){(u64)(uintptr_t)h, 16, F_NEXT, (u16)(d + 1)};
-	descs[d + 1] = (struct desc){buf, len, (u16)(F_NEXT | (type == T_IN ? F_WRITE : 0)),
+	q.descs[d] = (struct desc){(u64)(uintptr_t)h, 16, F_NEXT, (u16)(d + 1)};
+	q.descs[d + 1] = (struct desc){buf, len, (u16)(F_NEXT | (type == T_IN ? F_WRITE : 0)),
 				     (u16)(d + 2)};
-	descs[d + 2] = (struct desc){(u64)(uintptr_t)status, 1, F_WRITE, 0};
-	avail[2 + avail_idx % qsize] = (u16)d;
-	avail_idx++;
-}
-
-static void kick(void)
-{
-	barrier();
-	avail[1] = avail_idx;
-	barrier();
-	wr16(notify_addr, 0);
+	q.descs[d + 2] = (struct desc){(u64)(uintptr_t)status, 1, F_WRITE, 0};
+	q.avail[2 + q.avail_idx % q.size] = (u16)d;
+	q.avail_idx++;
 }
 
 /* Wait for at least one completion; returns how many, their slots in done[].
@@ -153,25 +79,25 @@ static void kick(void)
 static int reap(int *done)
 {
 	u16 idx;
-	while ((idx = used[1]) == used_seen)
+	while ((idx = q.used[1]) == q.used_seen)
 		cpu_relax();
 	barrier();
-	if ((u16)(idx - used_seen) > MAX_QD) {
+	if ((u16)(idx - q.used_seen) > MAX_QD) {
 		put("vblk: used ring: read idx ");
 		putu(idx);
 		put(" then ");
-		putu(used[1]);
+		putu(q.used[1]);
 		put(", seen ");
-		putu(used_seen);
+		putu(q.used_seen);
 		put(", ring at ");
-		puthex((u64)(uintptr_t)used);
+		puthex((u64)(uintptr_t)q.used);
 		flush_line();
 		fail("used index moved backwards or too far", idx);
 	}
 	int n = 0;
-	volatile u32 *elems = (volatile u32 *)(used + 2);
-	while (used_seen != idx) {
-		u32 id = elems[2 * (used_seen % qsize)];
+	volatile u32 *elems = (volatile u32 *)(q.used + 2);
+	while (q.used_seen != idx) {
+		u32 id = elems[2 * (q.used_seen % q.size)];
 		if (id % 3 || id / 3 >= MAX_QD)
 			fail("used ring names a descriptor we did not post", id);
 		int i = (int)(id / 3);
@@ -179,7 +105,7 @@ static int reap(int *done)
 		if (st != 0)
 			fail("request failed with status", st);
 		done[n++] = i;
-		used_seen++;
+		q.used_seen++;
 	}
 	return n;
 }
@@ -196,7 +122,7 @@ static void sequential(int type, u64 mib)
 		if (type == T_OUT)
 			fill_sectors(DATA_BASE, m * 2048, MiB);
 		submit(0, type, m * 2048, DATA_BASE, MiB);
-		kick();
+		virtq_kick(&q);
 		reap(done);
 		if (type == T_IN && m == 0)
 			first = *(volatile u64 *)DATA_BASE;
@@ -221,7 +147,7 @@ static void random_io(int type, u64 ios, int qd)
 			fill_sectors(DATA_BASE + 4096ull * i, sector, 4096);
 		submit(i, type, sector, DATA_BASE + 4096ull * i, 4096);
 	}
-	kick();
+	virtq_kick(&q);
 	while (completed < issued) {
 		int n = reap(done);
 		completed += (u64)n;
@@ -232,7 +158,7 @@ static void random_io(int type, u64 ios, int qd)
 				fill_sectors(DATA_BASE + 4096ull * i, sector, 4096);
 			submit(i, type, sector, DATA_BASE + 4096ull * i, 4096);
 		}
-		kick();
+		virtq_kick(&q);
 	}
 	end_test(name, "ios", completed, completed * 4096);
 }
@@ -265,14 +191,14 @@ void kernel_main(void)
 	qd = (int)option("qd", 32);
 	if (qd < 1 || qd > MAX_QD)
 		fail("qd must be 1..64", (u64)qd);
-	virtio_setup();
+	blk_setup();
 	capacity = (u64)rd32(devcfg) | (u64)rd32(devcfg + 4) << 32;
-	if ((u64)qd * 3 > qsize)
-		fail("queue too small for qd", qsize);
+	if ((u64)qd * 3 > q.size)
+		fail("queue too small for qd", q.size);
 	put("vblk: capacity=");
 	putu(capacity);
 	put(" qsize=");
-	putu(qsize);
+	putu(q.size);
 	flush_line();
 	run_user(user_main);
 }

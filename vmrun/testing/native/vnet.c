@@ -20,6 +20,7 @@
  */
 #define GUEST_NAME "vnet"
 #include "runtime.h"
+#include "virtio.h"
 
 /* Guest-physical work area (identity-mapped): queue, headers, status bytes, data buffers. */
 #define RXQ_BASE   0x01000000ull
@@ -27,117 +28,26 @@
 #define RXBUF_BASE 0x02000000ull
 #define TXBUF_BASE 0x02100000ull
 #define BUF_SIZE   2048
-#define MAX_QSIZE  256
 
-static u64 common, notify_addr, devcfg;
-
-/* -- virtio --------------------------------------------------------------------------- */
-enum { COMMON_CFG = 1, NOTIFY_CFG = 2, DEVICE_CFG = 4 };
-enum {
-	DFSELECT = 0x00, DF = 0x04, GFSELECT = 0x08, GF = 0x0C, NUM_QUEUES = 0x12,
-	STATUS = 0x14, Q_SELECT = 0x16, Q_SIZE = 0x18, Q_MSIX = 0x1A, Q_ENABLE = 0x1C,
-	Q_NOTIFY_OFF = 0x1E, Q_DESC = 0x20, Q_DRIVER = 0x28, Q_DEVICE = 0x30,
-};
-enum { S_ACK = 1, S_DRIVER = 2, S_DRIVER_OK = 4, S_FEATURES_OK = 8 };
-enum { F_NEXT = 1, F_WRITE = 2 };
+/* -- virtio-net ------------------------------------------------------------------------ */
 #define VNET_F_MAC (1u << 5)
 #define HDR 12
-
-struct desc { u64 addr; u32 len; u16 flags; u16 next; };
-
-struct vq {
-	volatile struct desc *descs;
-	volatile u16 *avail;
-	volatile u16 *used;
-	u64 notify;
-	u16 size, avail_idx, used_seen;
-};
 
 static struct vq rxq, txq;
 static u8 mac[6];
 
-static void queue_setup(struct vq *q, int index, u64 base, u32 mult)
+static void net_setup(void)
 {
-	wr16(common + Q_SELECT, (u16)index);
-	u16 n = rd16(common + Q_SIZE);
-	if (n == 0)
-		fail("queue has size 0", (u64)index);
-	if (n > MAX_QSIZE)
-		n = MAX_QSIZE;
-	wr16(common + Q_SIZE, n);
-	wr16(common + Q_MSIX, 0xFFFF);
-	u64 d = base, a = d + 16ull * n, u = (a + 6 + 2ull * n + 3) & ~3ull;
-	for (u64 p = base; p < u + 6 + 8ull * n; p += 8)
-		*(volatile u64 *)p = 0;
-	q->descs = (volatile struct desc *)d;
-	q->avail = (volatile u16 *)a;
-	q->used = (volatile u16 *)u;
-	q->size = n;
-	q->avail_idx = q->used_seen = 0;
-	q->avail[0] = 1;         /* VIRTQ_AVAIL_F_NO_INTERRUPT: we poll */
-	wr64(common + Q_DESC, d);
-	wr64(common + Q_DRIVER, a);
-	wr64(common + Q_DEVICE, u);
-	q->notify = notify_addr + (u64)rd16(common + Q_NOTIFY_OFF) * mult;
-	wr16(common + Q_ENABLE, 1);
-}
-
-static void virtio_setup(void)
-{
-	int slot = -1;
-	for (int s = 0; s < 32 && slot < 0; s++) {
-		u32 id = pci_read(s, 0);
-		if ((id & 0xFFFF) == 0x1AF4 && (id >> 16) == 0x1041)
-			slot = s;
-	}
+	int slot = pci_find_id(0x1041u << 16 | 0x1AF4);
 	if (slot < 0)
 		fail("no modern virtio-net on bus 0", 0);
 	pci_enable(slot);
-	u32 mult = 0;
-	for (int p = pci_read(slot, 0x34) & 0xFC, n = 0; p && n < 48; p = pci_read(slot, p + 1) & 0xFC, n++) {
-		if ((pci_read(slot, p) & 0xFF) != 0x09)
-			continue;
-		int type = pci_read(slot, p + 3) & 0xFF;
-		u64 base = bar_address(slot, pci_read(slot, p + 4) & 0xFF) + pci_read(slot, p + 8);
-		if (type == COMMON_CFG && !common)
-			common = base;
-		else if (type == NOTIFY_CFG && !notify_addr) {
-			notify_addr = base;
-			mult = pci_read(slot, p + 16);
-		} else if (type == DEVICE_CFG && !devcfg)
-			devcfg = base;
-	}
-	if (!common || !notify_addr || !devcfg)
-		fail("virtio capabilities missing on slot", (u64)slot);
-	wr8(common + STATUS, 0);
-	while (rd8(common + STATUS))
-		cpu_relax();
-	wr8(common + STATUS, S_ACK | S_DRIVER);
-	wr32(common + DFSELECT, 1);
-	if (!(rd32(common + DF) & 1))
-		fail("device does not offer VIRTIO_F_VERSION_1", 0);
-	wr32(common + DFSELECT, 0);
-	u32 want = rd32(common + DF) & VNET_F_MAC;
-	wr32(common + GFSELECT, 0);
-	wr32(common + GF, want);
-	wr32(common + GFSELECT, 1);
-	wr32(common + GF, 1);
-	wr8(common + STATUS, S_ACK | S_DRIVER | S_FEATURES_OK);
-	if (!(rd8(common + STATUS) & S_FEATURES_OK))
-		fail("FEATURES_OK refused", rd8(common + STATUS));
-	queue_setup(&rxq, 0, RXQ_BASE, mult);
-	queue_setup(&txq, 1, TXQ_BASE, mult);
+	u32 want = virtio_setup(slot, VNET_F_MAC);
+	virtq_setup(&rxq, 0, RXQ_BASE);
+	virtq_setup(&txq, 1, TXQ_BASE);
 	for (int i = 0; i < 6; i++)
 		mac[i] = want ? rd8(devcfg + i) : (u8)(i == 0 ? 2 : i);
-	wr8(common + STATUS, S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
-}
-
-static void kick(struct vq *q)
-{
-	barrier();
-	q->avail[1] = q->avail_idx;
-	barrier();
-	wr16(q->notify, 0);
+	virtio_driver_ok();
 }
 
 /* Post receive buffer i (descriptor i). */
@@ -218,7 +128,7 @@ static void tx_test(u64 count, u32 size)
 			tx_queue(TXBUF_BASE + (u64)(txq.avail_idx % txq.size) * BUF_SIZE, HDR + size);
 			sent++;
 		}
-		kick(&txq);
+		virtq_kick(&txq);
 		do {
 			cpu_relax();
 			tx_reap();
@@ -252,9 +162,9 @@ static void rx_test(u64 count, u32 size)
 			bad++;
 		rx_post((u16)id);
 		if ((got & 15) == 0)
-			kick(&rxq);
+			virtq_kick(&rxq);
 	}
-	kick(&rxq);
+	virtq_kick(&rxq);
 	end_test("rx", "frames", got, bytes);
 	if (bad)
 		fail("frames of the wrong length", bad);
@@ -321,7 +231,7 @@ static void echo(void)
 			}
 		}
 		rx_post((u16)id);
-		kick(&rxq);
+		virtq_kick(&rxq);
 		if (reply) {
 			while (tx_inflight == txq.size) {
 				cpu_relax();
@@ -330,7 +240,7 @@ static void echo(void)
 			for (int k = 0; k < HDR; k++)
 				wr8(out + k, 0);
 			tx_queue(out, HDR + n);
-			kick(&txq);
+			virtq_kick(&txq);
 			out = TXBUF_BASE + (u64)(txq.avail_idx % txq.size) * BUF_SIZE;
 		}
 	}
@@ -344,7 +254,7 @@ static void user_main(void)
 	in_user = 1;
 	for (u16 i = 0; i < rxq.size; i++)
 		rx_post(i);
-	kick(&rxq);
+	virtq_kick(&rxq);
 	if (my_ip)
 		echo();
 	if (has_test('t', 0))
@@ -364,7 +274,7 @@ void kernel_main(void)
 	if (size < 60 || size > 1514)
 		fail("size must be 60..1514", size);
 	my_ip = option("echo", 0) ? ip_option("ip") : 0;
-	virtio_setup();
+	net_setup();
 	put("vnet: mac=");
 	for (int i = 0; i < 6; i++)
 		puthex(mac[i]);
