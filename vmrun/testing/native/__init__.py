@@ -8,6 +8,8 @@ and benchmark. Built with the host's gcc and cached outside the repository.
 
 - ``vblk``: a polling virtio-blk driver and benchmark (see ``vblk.c``);
 - ``vahci``: the same for an AHCI controller with NCQ (see ``vahci.c``);
+- ``vnet``: a polling virtio-net driver, benchmark and ping responder (see ``vnet.c``);
+- ``e1000``: the same for an Intel 8254x NIC, legacy rings (see ``e1000.c``);
 - ``vfb``: draws frames into a bochs-display framebuffer (see ``vfb.c``);
 - ``vxhci``: an xHCI doorbell and command benchmark (see ``vxhci.c``);
 - ``ucheck``: does user mode keep its registers, FPU state, FS/GS bases and memory while
@@ -16,8 +18,9 @@ and benchmark. Built with the host's gcc and cached outside the repository.
 
 They share ``runtime.h`` (types, port I/O and MMIO, the debug console and its lines, the exit,
 the default ucall and exception handlers, command-line options, PCI configuration space and BAR
-placement): each ``NAME.c`` defines ``GUEST_NAME`` and includes it, keeping only its device
-logic. Every header here is part of every guest's cache key, so changing one rebuilds them all.
+placement): each ``NAME.c`` defines ``GUEST_NAME`` (its console prefix) and includes it, keeping
+only its device logic; ``vblk`` and ``vnet`` also share ``virtio.h`` (the virtio PCI transport).
+Every header here is part of every guest's cache key, so changing one rebuilds them all.
 
 ``lcheck.c`` is not one of them: it is ucheck's user-mode checks as a static Linux program for
 the default guest (``bench/guest_integrity.py linux`` builds and runs it).

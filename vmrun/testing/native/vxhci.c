@@ -2,7 +2,7 @@
  * vxhci: a bare-metal xHCI driver fragment and benchmark that runs at CPL3.
  *
  * Entered from entry.S in 64-bit user mode with IOPL=3 and the low 4 GiB identity-mapped
- * (see vblk.c for the frame). It finds the first xHCI function (class 0C0330) on PCI bus 0,
+ * (see entry.S and runtime.h). It finds the first xHCI function (class 0C0330) on PCI bus 0,
  * moves BAR 0 below 4 GiB if it is not there, resets the controller, gives it a DCBAA, a
  * command ring and one event ring segment (no interrupts: it polls the event ring) and
  * sets R/S, then runs, each between "begin NAME" and "end NAME ios=N bytes=0" lines on the
