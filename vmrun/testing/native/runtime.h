@@ -22,8 +22,10 @@
  * LINE_SIZE sets the size of a line buffer (160 unless defined first). BAR_PLACE(slot, bar)
  * sets where bar_address() puts a BAR that firmware left unassigned or above 4 GiB.
  *
- * Everything is static (one translation unit per guest); what a guest may not use is marked
- * unused so that -Wall -Wextra stay quiet.
+ * One translation unit per guest: everything here is static but memset/memcpy and the
+ * handlers entry.S calls (ucall_handler, fault_handler); what a guest may not use is marked
+ * unused so that -Wall -Wextra stay quiet. virtio.h (after this header) adds the virtio PCI
+ * transport for the guests that drive a virtio device.
  */
 #ifndef NATIVE_RUNTIME_H
 #define NATIVE_RUNTIME_H
