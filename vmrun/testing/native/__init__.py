@@ -8,11 +8,19 @@ and benchmark. Built with the host's gcc and cached outside the repository.
 
 - ``vblk``: a polling virtio-blk driver and benchmark (see ``vblk.c``);
 - ``vahci``: the same for an AHCI controller with NCQ (see ``vahci.c``);
+- ``vnet``: a polling virtio-net driver, benchmark and ping responder (see ``vnet.c``);
+- ``e1000``: the same for an Intel 8254x NIC, legacy rings (see ``e1000.c``);
 - ``vfb``: draws frames into a bochs-display framebuffer (see ``vfb.c``);
 - ``vxhci``: an xHCI doorbell and command benchmark (see ``vxhci.c``);
 - ``ucheck``: does user mode keep its registers, FPU state, FS/GS bases and memory while
   interrupts, ucalls, system calls (vmrun's syscall fix-up on kvm-pvm), page faults, remaps,
   CR3 switches and TLB shootdowns happen (1 or 2 vCPUs; see ``ucheck.c``, issue 8).
+
+They share ``runtime.h`` (types, port I/O and MMIO, the debug console and its lines, the exit,
+the default ucall and exception handlers, command-line options, PCI configuration space and BAR
+placement): each ``NAME.c`` defines ``GUEST_NAME`` (its console prefix) and includes it, keeping
+only its device logic; ``vblk`` and ``vnet`` also share ``virtio.h`` (the virtio PCI transport).
+Every header here is part of every guest's cache key, so changing one rebuilds them all.
 
 ``lcheck.c`` is not one of them: it is ucheck's user-mode checks as a static Linux program for
 the default guest (``bench/guest_integrity.py linux`` builds and runs it).
@@ -40,6 +48,17 @@ CFLAGS = ["-O2", "-ffreestanding", "-fno-builtin", "-fno-tree-loop-distribute-pa
           "-Wl,--build-id=none", "-Wl,--no-warn-rwx-segments"]
 
 
+def cache_key(name: str) -> str:
+    """What ``build`` names its ELF by: the flags, the guest's sources, the linker script and
+    every header here (``runtime.h``), which any guest may include."""
+    h = hashlib.sha256(" ".join(CFLAGS).encode())
+    headers = sorted(SOURCE_DIR.glob("*.h"))
+    for p in (SOURCE_DIR / "entry.S", SOURCE_DIR / f"{name}.c", SOURCE_DIR / "link.ld", *headers):
+        h.update(p.name.encode() + b"\0")
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def build(name: str) -> Path:
     """The ELF (with a PVH note) of native guest ``name``, built if its sources changed."""
     if name not in GUESTS:
@@ -48,10 +67,7 @@ def build(name: str) -> Path:
         raise VmrunError("gcc is missing: install the Debian package gcc (make deps does)")
     sources = [SOURCE_DIR / "entry.S", SOURCE_DIR / f"{name}.c"]
     script = SOURCE_DIR / "link.ld"
-    h = hashlib.sha256(" ".join(CFLAGS).encode())
-    for p in (*sources, script):
-        h.update(p.read_bytes())
-    out = cache_dir() / "native" / f"{name}-{h.hexdigest()[:16]}.elf"
+    out = cache_dir() / "native" / f"{name}-{cache_key(name)}.elf"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)

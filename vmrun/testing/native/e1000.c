@@ -19,16 +19,8 @@
  * ends through the debug-exit port (0 success, 1 error). The same ELF runs under QEMU
  * (-device e1000), which makes it a like-for-like NIC benchmark.
  */
-#include <stdint.h>
-
-typedef uint8_t u8;
-typedef uint16_t u16;
-typedef uint32_t u32;
-typedef uint64_t u64;
-
-#define DEBUGCON 0xE9
-#define DEBUG_EXIT 0xF4
-#define MiB (1024 * 1024)
+#define GUEST_NAME "e1000"
+#include "runtime.h"
 
 /* Guest-physical work area (identity-mapped): the rings, then the buffers. */
 #define RXQ_BASE   0x01000000ull
@@ -36,175 +28,6 @@ typedef uint64_t u64;
 #define RXBUF_BASE 0x02000000ull
 #define TXBUF_BASE 0x02100000ull
 #define BUF_SIZE   2048
-
-static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port)); }
-static inline void outl(u16 port, u32 v) { __asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port)); }
-static inline u32 inl(u16 port) { u32 v; __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port)); return v; }
-static inline void barrier(void) { __asm__ volatile("" : : : "memory"); }
-static inline void cpu_relax(void) { __asm__ volatile("pause" : : : "memory"); }
-
-static inline u8 rd8(u64 a) { return *(volatile u8 *)a; }
-static inline u16 rd16(u64 a) { return *(volatile u16 *)a; }
-static inline u32 rd32(u64 a) { return *(volatile u32 *)a; }
-static inline void wr8(u64 a, u8 v) { *(volatile u8 *)a = v; }
-static inline void wr16(u64 a, u16 v) { *(volatile u16 *)a = v; }
-static inline void wr32(u64 a, u32 v) { *(volatile u32 *)a = v; }
-static inline void wr64(u64 a, u64 v) { wr32(a, (u32)v); wr32(a + 4, (u32)(v >> 32)); }
-
-/* The compiler may call these for struct copies even when freestanding. */
-void *memset(void *d, int c, unsigned long n)
-{
-	for (unsigned long i = 0; i < n; i++)
-		((volatile u8 *)d)[i] = (u8)c;
-	return d;
-}
-
-void *memcpy(void *d, const void *s, unsigned long n)
-{
-	for (unsigned long i = 0; i < n; i++)
-		((volatile u8 *)d)[i] = ((const u8 *)s)[i];
-	return d;
-}
-
-
-/* -- output: lines on the debug console; from user mode through a ucall ------------ */
-enum { UCALL_PRINT = 1, UCALL_EXIT = 2 };
-static int in_user;
-static char line[160];
-static int line_len;
-
-static void put(const char *s)
-{
-	while (*s && line_len < (int)sizeof(line) - 1)
-		line[line_len++] = *s++;
-}
-
-static void putu(u64 v)
-{
-	char buf[24];
-	int i = 23;
-	buf[i] = 0;
-	do { buf[--i] = (char)('0' + v % 10); v /= 10; } while (v);
-	put(buf + i);
-}
-
-static void puthex(u64 v)
-{
-	char buf[19] = "0x";
-	for (int i = 0; i < 16; i++)
-		buf[2 + i] = "0123456789abcdef"[(v >> (60 - 4 * i)) & 0xF];
-	buf[18] = 0;
-	put(buf);
-}
-
-/* In entry.S: ud2 with op and arg in rdi/rsi, keeping the callee-saved registers in memory
- * across it — returning to user mode from emulated kernel code, kvm-pvm hands back zeroed
- * general-purpose registers (seen under QEMU too), so only memory and RSP survive. */
-extern void ucall(u64 op, u64 arg);
-
-static void console_write(const char *s)
-{
-	while (*s)
-		outb(DEBUGCON, (u8)*s++);
-}
-
-/* Ends the line being built and writes it out. */
-static void flush_line(void)
-{
-	put("\n");
-	line[line_len] = 0;
-	if (in_user)
-		ucall(UCALL_PRINT, (u64)(uintptr_t)line);
-	else
-		console_write(line);
-	line_len = 0;
-}
-
-static void __attribute__((noreturn)) finish(u8 code)
-{
-	if (in_user)
-		ucall(UCALL_EXIT, code);
-	outb(DEBUG_EXIT, code);
-	for (;;)
-		cpu_relax();
-}
-
-static void __attribute__((noreturn)) fail(const char *why, u64 value)
-{
-	put("e1000: error: ");
-	put(why);
-	put(" ");
-	puthex(value);
-	flush_line();
-	finish(1);
-}
-
-/* Saved by ud_entry in entry.S (pushed rax first, so r15 is lowest). */
-struct frame {
-	u64 r15, r14, r13, r12, r11, r10, r9, r8, rbp, rdi, rsi, rdx, rcx, rbx, rax;
-	u64 rip, cs, rflags, rsp, ss;
-};
-
-void ucall_handler(struct frame *f)
-{
-	if (f->rdi == UCALL_PRINT)
-		console_write((const char *)(uintptr_t)f->rsi);
-	else if (f->rdi == UCALL_EXIT)
-		outb(DEBUG_EXIT, (u8)f->rsi);
-	else {
-		console_write("e1000: unexpected #UD\n");
-		outb(DEBUG_EXIT, 1);
-	}
-	f->rip += 2;
-}
-
-void __attribute__((noreturn)) fault_handler(u64 vector, u64 *stack)
-{
-	in_user = 0;
-	put("e1000: exception ");
-	putu(vector);
-	put(" at ");
-	puthex(stack[0]);
-	put(" ");
-	puthex(stack[1]);
-	flush_line();
-	finish(1);
-}
-
-/* -- PCI (mechanism #1) --------------------------------------------------------------- */
-static u32 pci_read(int slot, int off)
-{
-	outl(0xCF8, 0x80000000u | (u32)slot << 11 | (u32)(off & 0xFC));
-	return inl(0xCFC) >> ((off & 3) * 8);
-}
-
-static void pci_write32(int slot, int off, u32 v)
-{
-	outl(0xCF8, 0x80000000u | (u32)slot << 11 | (u32)(off & 0xFC));
-	outl(0xCFC, v);
-}
-
-/* A BAR's address; one left unassigned (0) by firmware is placed as firmware would. */
-static u64 bar_address(int slot, int bar)
-{
-	int off = 0x10 + 4 * bar;
-	u32 lo = pci_read(slot, off);
-	if (lo & 1)
-		fail("register BAR is an I/O BAR", (u64)bar);
-	int is64 = (lo & 6) == 4;
-	u64 addr = lo & ~0xFull;
-	if (is64)
-		addr |= (u64)pci_read(slot, off + 4) << 32;
-	if (addr == 0) {
-		addr = 0xC0000000ull + ((u64)slot << 20) + ((u64)bar << 16);
-		pci_write32(slot, off, (u32)addr | (lo & 0xF));
-		if (is64)
-			pci_write32(slot, off + 4, 0);
-	}
-	if (addr >= (4ull << 30))
-		fail("BAR not below 4 GiB", addr);
-	return addr;
-}
 
 /* -- the 8254x ------------------------------------------------------------------------ */
 enum {
@@ -255,14 +78,11 @@ static u16 eeprom(u32 word)
 
 static void nic_setup(void)
 {
-	int slot = -1;
-	for (int s = 0; s < 32 && slot < 0; s++)
-		if (pci_read(s, 0) == (0x100Fu << 16 | 0x8086))
-			slot = s;
+	int slot = pci_find_id(0x100Fu << 16 | 0x8086);
 	if (slot < 0)
 		fail("no 8086:100F on bus 0", 0);
 	regs = bar_address(slot, 0);
-	pci_write32(slot, 0x04, (pci_read(slot, 0x04) & 0xFFFF) | 0x6);   /* memory, master */
+	pci_enable(slot);                                  /* memory, master */
 	wreg(IMC, 0xFFFFFFFF);
 	wreg(RCTL, 0);
 	wreg(TCTL, TCTL_PSP);
@@ -309,24 +129,6 @@ static void nic_setup(void)
 }
 
 /* -- the tests ------------------------------------------------------------------------ */
-static void begin(const char *name)
-{
-	put("begin ");
-	put(name);
-	flush_line();
-}
-
-static void end(const char *name, u64 frames, u64 bytes)
-{
-	put("end ");
-	put(name);
-	put(" frames=");
-	putu(frames);
-	put(" bytes=");
-	putu(bytes);
-	flush_line();
-}
-
 static void tx_reap(void)
 {
 	while (tx_inflight && (txr[tx_clean].status & DD)) {
@@ -349,7 +151,7 @@ static void tx_test(u64 count, u32 size)
 		for (u32 k = 14; k < size; k++)
 			wr8(b + k, (u8)k);
 	}
-	begin("tx");
+	begin_test("tx");
 	u64 sent = 0;
 	while (sent < count) {
 		while (tx_inflight < RING - 1 && sent < count) {
@@ -372,7 +174,7 @@ static void tx_test(u64 count, u32 size)
 		cpu_relax();
 		tx_reap();
 	}
-	end("tx", count, count * size);
+	end_test("tx", "frames", count, count * size);
 }
 
 static u64 rdt_every = 16;
@@ -389,7 +191,7 @@ static void rx_test(u64 count, u32 size)
 			continue;
 		}
 		if (!started) {
-			begin("rx");      /* timed from the first frame: the host may start late */
+			begin_test("rx");      /* timed from the first frame: the host may start late */
 			started = 1;
 		}
 		got++;
@@ -405,57 +207,20 @@ static void rx_test(u64 count, u32 size)
 		}
 	}
 	wreg(RDT, last);
-	end("rx", got, bytes);
+	end_test("rx", "frames", got, bytes);
 	if (bad)
 		fail("frames of the wrong length", bad);
 }
 
-/* -- command line (PVH start_info) ----------------------------------------------------- */
-extern u32 start_info_paddr;
-static const char *cmdline;
-
-static const char *find(const char *key)
-{
-	for (const char *p = cmdline; p && *p; p++) {
-		const char *k = key, *q = p;
-		while (*k && *q == *k) { k++; q++; }
-		if (*k == 0 && *q == '=' && (p == cmdline || p[-1] == ' '))
-			return q + 1;
-	}
-	return 0;
-}
-
-static u64 option(const char *key, u64 dflt)
-{
-	const char *q = find(key);
-	if (!q)
-		return dflt;
-	u64 v = 0;
-	for (; *q >= '0' && *q <= '9'; q++)
-		v = v * 10 + (u64)(*q - '0');
-	return v;
-}
-
-static int has_test(char t)
-{
-	const char *p = find("tests");
-	for (; p && *p && *p != ' '; p++)
-		if (*p == t)
-			return 1;
-	return 0;
-}
-
 static u64 count;
 static u32 size;
-extern void enter_user(void (*fn)(void), u64 stack_top);
-static u8 user_stack[65536] __attribute__((aligned(16)));
 
 static void user_main(void)
 {
 	in_user = 1;
-	if (has_test('t'))
+	if (has_test('t', 0))
 		tx_test(count, size);
-	if (has_test('r'))
+	if (has_test('r', 0))
 		rx_test(count, size);
 	put("e1000: done");
 	flush_line();
@@ -464,8 +229,7 @@ static void user_main(void)
 
 void kernel_main(void)
 {
-	if (start_info_paddr && rd32(start_info_paddr) == 0x336ec578)
-		cmdline = (const char *)(uintptr_t)*(volatile u64 *)(u64)(start_info_paddr + 24);
+	cmdline_init();
 	count = option("count", 100000);
 	size = (u32)option("size", 64);
 	rdt_every = option("rdt_every", 16);
@@ -480,5 +244,5 @@ void kernel_main(void)
 	put(" ring=");
 	putu(RING);
 	flush_line();
-	enter_user(user_main, (u64)(uintptr_t)(user_stack + sizeof(user_stack)));
+	run_user(user_main);
 }

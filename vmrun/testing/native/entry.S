@@ -6,7 +6,7 @@
  * set-up that needs port I/O, then calls enter_user() to run the program's hot loop at CPL3:
  * on kvm-pvm, where guest kernel code is emulated instruction by instruction, user code runs
  * at native speed (port I/O, which kvm-pvm refuses at CPL3 even with IOPL=3, stays in kernel
- * mode). User code calls back into the kernel with `ud2` (see ucall() in the C file): the #UD
+ * mode). User code calls back into the kernel with `ud2` (see ucall() in runtime.h): the #UD
  * handler runs ucall_handler() on the saved registers and returns past the ud2. Any other
  * exception reports its vector on the debug console and ends the VM.
  */

@@ -43,16 +43,11 @@
  * pvflush=1 fsswitch=1
  * (hz=0: no timer). The clock is vmrun's ACPI PM timer (port 0x608), read through a ucall.
  */
-#include <stdint.h>
+#define GUEST_NAME "ucheck"
+#define RUNTIME_PER_CPU                 /* two vCPUs: a line buffer each, its own handlers */
+#define LINE_SIZE 512
+#include "runtime.h"
 
-typedef uint8_t u8;
-typedef uint16_t u16;
-typedef uint32_t u32;
-typedef uint64_t u64;
-
-#define DEBUGCON 0xE9
-#define DEBUG_EXIT 0xF4
-#define MiB (1024 * 1024ull)
 #define LAPIC 0xFEE00000ull
 #define DATA_BASE 0x01800000ull       /* 64 KiB of known data, 4 KiB guest pages */
 #define DATA_SIZE (64 * 1024)
@@ -77,47 +72,15 @@ typedef uint64_t u64;
 #define ROOT_FRAMES 0x01B00000ull     /* + (cpu * NROOTS + r) * 4 KiB: what ROOT_VA shows */
 #define ROOT_VA 0x01C00000ull         /* + cpu * 4 KiB: one address, a frame per root */
 
-static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port)); }
-static inline void cpu_relax(void) { __asm__ volatile("pause" : : : "memory"); }
-static inline u32 inl(u16 port) { u32 v; __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port)); return v; }
-static inline u32 rd32(u64 a) { return *(volatile u32 *)a; }
-static inline void wr32(u64 a, u32 v) { *(volatile u32 *)a = v; }
-static inline u64 rdmsr(u32 msr)
-{
-	u32 lo, hi;
-	__asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr));
-	return (u64)hi << 32 | lo;
-}
-static inline void wrmsr(u32 msr, u64 v)
-{
-	__asm__ volatile("wrmsr" : : "c"(msr), "a"((u32)v), "d"((u32)(v >> 32)));
-}
-
-void *memset(void *d, int c, unsigned long n)
-{
-	for (unsigned long i = 0; i < n; i++)
-		((volatile u8 *)d)[i] = (u8)c;
-	return d;
-}
-
-void *memcpy(void *d, const void *s, unsigned long n)
-{
-	for (unsigned long i = 0; i < n; i++)
-		((volatile u8 *)d)[i] = ((const u8 *)s)[i];
-	return d;
-}
-
-/* -- output: one line buffer per CPU; from user mode through a ucall ------------------- */
-enum { UCALL_PRINT = 1, UCALL_EXIT = 2, UCALL_NOP = 3, UCALL_KCHECK = 4, UCALL_PIO = 5,
-       UCALL_PMTMR = 6, UCALL_FPUSWAP = 7, UCALL_UNMAP = 8, UCALL_REMAP = 9, UCALL_RCHECK = 10,
+/* -- ucalls: runtime.h's UCALL_PRINT (1) and UCALL_EXIT (2), then ucheck's own ---------- */
+enum { UCALL_NOP = UCALL_FIRST_FREE, UCALL_KCHECK = 4, UCALL_PIO = 5, UCALL_PMTMR = 6,
+       UCALL_FPUSWAP = 7, UCALL_UNMAP = 8, UCALL_REMAP = 9, UCALL_RCHECK = 10,
        UCALL_SHOOT = 11, UCALL_SWITCH = 12 };
 /* reg_window modes that are not ucalls: a real `syscall`, and a user-mode page fault. */
 enum { MODE_SYSCALL = 100, MODE_PF = 101 };
-extern u64 ucall(u64 op, u64 arg);     /* entry.S; RAX comes back as the handler left it */
 
 struct cpu {
-	char line[512];
-	int line_len;
+	struct line out;
 	int in_user;
 	int id;
 	u64 ticks;                 /* timer interrupts taken (cpu 0's clock the run's clock) */
@@ -153,60 +116,12 @@ static volatile u64 pm_elapsed;        /* PM timer counts since the start (cpu 0
 static u32 pm_last;
 static int ncpus;
 
-static void put(struct cpu *c, const char *s)
-{
-	while (*s && c->line_len < (int)sizeof(c->line) - 1)
-		c->line[c->line_len++] = *s++;
-}
-
-static void putu(struct cpu *c, u64 v)
-{
-	char buf[24];
-	int i = 23;
-	buf[i] = 0;
-	do { buf[--i] = (char)('0' + v % 10); v /= 10; } while (v);
-	put(c, buf + i);
-}
-
-static void puthex(struct cpu *c, u64 v)
-{
-	char buf[19] = "0x";
-	for (int i = 0; i < 16; i++)
-		buf[2 + i] = "0123456789abcdef"[(v >> (60 - 4 * i)) & 0xF];
-	buf[18] = 0;
-	put(c, buf);
-}
-
-static volatile int console_lock;
-
-static void console_write(const char *s)
-{
-	while (__atomic_exchange_n(&console_lock, 1, __ATOMIC_ACQUIRE))
-		cpu_relax();
-	while (*s)
-		outb(DEBUGCON, (u8)*s++);
-	__atomic_store_n(&console_lock, 0, __ATOMIC_RELEASE);
-}
-
-static void flush_line(struct cpu *c)
-{
-	put(c, "\n");
-	c->line[c->line_len] = 0;
-	if (c->in_user)
-		ucall(UCALL_PRINT, (u64)(uintptr_t)c->line);
-	else
-		console_write(c->line);
-	c->line_len = 0;
-}
-
-static void __attribute__((noreturn)) finish(struct cpu *c, u8 code)
-{
-	if (c->in_user)
-		ucall(UCALL_EXIT, code);
-	outb(DEBUG_EXIT, code);
-	for (;;)
-		cpu_relax();
-}
+/* Output: a line buffer per CPU (runtime.h's struct line); from user mode through a ucall. */
+static void put(struct cpu *c, const char *s) { line_put(&c->out, s); }
+static void putu(struct cpu *c, u64 v) { line_putu(&c->out, v); }
+static void puthex(struct cpu *c, u64 v) { line_puthex(&c->out, v); }
+static void flush_line(struct cpu *c) { line_flush(&c->out, c->in_user); }
+static void __attribute__((noreturn)) finish(struct cpu *c, u8 code) { exit_vm(c->in_user, code); }
 
 static u32 lapic_id(void) { return rd32(LAPIC + 0x20) >> 24; }
 
@@ -215,12 +130,6 @@ static struct cpu *this_cpu_kernel(void)
 	u32 id = lapic_id();
 	return &cpus[id < MAXCPU ? id : 0];
 }
-
-/* Saved by ud_entry / irq_common in entry.S (pushed rax first, so r15 is lowest). */
-struct frame {
-	u64 r15, r14, r13, r12, r11, r10, r9, r8, rbp, rdi, rsi, rdx, rcx, rbx, rax;
-	u64 rip, cs, rflags, rsp, ss;
-};
 
 static void kcheck_region(struct cpu *c, u64 gen)
 {
@@ -513,7 +422,7 @@ void __attribute__((noreturn)) fault_handler(u64 vector, u64 *stack)
 {
 	struct cpu *c = this_cpu_kernel();
 	c->in_user = 0;
-	c->line_len = 0;
+	c->out.len = 0;
 	put(c, "ucheck: cpu");
 	putu(c, (u64)c->id);
 	put(c, " exception ");
@@ -1080,7 +989,6 @@ static void user_rounds(struct cpu *c)
 }
 
 static u8 user_stack[MAXCPU][65536] __attribute__((aligned(16)));
-extern void enter_user_flags(void (*fn)(void), u64 stack_top, u64 rflags);
 
 static void bsp_user(void)
 {
@@ -1107,24 +1015,6 @@ static void ap_user(void)
 }
 
 /* -- command line and CPU set-up (CPL0) -------------------------------------------------- */
-extern u32 start_info_paddr;
-static const char *cmdline;
-
-static u64 option(const char *key, u64 dflt)
-{
-	for (const char *p = cmdline; p && *p; p++) {
-		const char *k = key, *q = p;
-		while (*k && *q == *k) { k++; q++; }
-		if (*k == 0 && *q == '=' && (p == cmdline || p[-1] == ' ')) {
-			u64 v = 0;
-			for (q++; *q >= '0' && *q <= '9'; q++)
-				v = v * 10 + (u64)(*q - '0');
-			return v;
-		}
-	}
-	return dflt;
-}
-
 static u8 sys_stack[MAXCPU][16384] __attribute__((aligned(16)));
 
 static void cpu_setup(struct cpu *c, int id)
@@ -1299,8 +1189,7 @@ static void start_ap(void)
 
 void kernel_main(void)
 {
-	if (start_info_paddr && rd32(start_info_paddr) == 0x336ec578)
-		cmdline = (const char *)(uintptr_t)*(volatile u64 *)(u64)(start_info_paddr + 24);
+	cmdline_init();
 	u64 secs = option("secs", 10);
 	hz = option("hz", 250);
 	spin = option("spin", 200000);

@@ -18,16 +18,9 @@
  * console (port 0xE9); the VM ends through the debug-exit port (0 success, 1 error). The
  * same ELF runs under QEMU (-kernel), which makes it a like-for-like NIC benchmark.
  */
-#include <stdint.h>
-
-typedef uint8_t u8;
-typedef uint16_t u16;
-typedef uint32_t u32;
-typedef uint64_t u64;
-
-#define DEBUGCON 0xE9
-#define DEBUG_EXIT 0xF4
-#define MiB (1024 * 1024)
+#define GUEST_NAME "vnet"
+#include "runtime.h"
+#include "virtio.h"
 
 /* Guest-physical work area (identity-mapped): queue, headers, status bytes, data buffers. */
 #define RXQ_BASE   0x01000000ull
@@ -35,285 +28,26 @@ typedef uint64_t u64;
 #define RXBUF_BASE 0x02000000ull
 #define TXBUF_BASE 0x02100000ull
 #define BUF_SIZE   2048
-#define MAX_QSIZE  256
 
-static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port)); }
-static inline void outl(u16 port, u32 v) { __asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port)); }
-static inline u32 inl(u16 port) { u32 v; __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port)); return v; }
-static inline void barrier(void) { __asm__ volatile("" : : : "memory"); }
-static inline void cpu_relax(void) { __asm__ volatile("pause" : : : "memory"); }
-
-static inline u8 rd8(u64 a) { return *(volatile u8 *)a; }
-static inline u16 rd16(u64 a) { return *(volatile u16 *)a; }
-static inline u32 rd32(u64 a) { return *(volatile u32 *)a; }
-static inline void wr8(u64 a, u8 v) { *(volatile u8 *)a = v; }
-static inline void wr16(u64 a, u16 v) { *(volatile u16 *)a = v; }
-static inline void wr32(u64 a, u32 v) { *(volatile u32 *)a = v; }
-static inline void wr64(u64 a, u64 v) { wr32(a, (u32)v); wr32(a + 4, (u32)(v >> 32)); }
-
-/* The compiler may call these for struct copies even when freestanding. */
-void *memset(void *d, int c, unsigned long n)
-{
-	for (unsigned long i = 0; i < n; i++)
-		((volatile u8 *)d)[i] = (u8)c;
-	return d;
-}
-
-void *memcpy(void *d, const void *s, unsigned long n)
-{
-	for (unsigned long i = 0; i < n; i++)
-		((volatile u8 *)d)[i] = ((const u8 *)s)[i];
-	return d;
-}
-
-static u64 common, notify_addr, devcfg;
-
-/* -- output: lines on the debug console; from user mode through a ucall ------------ */
-enum { UCALL_PRINT = 1, UCALL_EXIT = 2 };
-static int in_user;
-static char line[160];
-static int line_len;
-
-static void put(const char *s)
-{
-	while (*s && line_len < (int)sizeof(line) - 1)
-		line[line_len++] = *s++;
-}
-
-static void putu(u64 v)
-{
-	char buf[24];
-	int i = 23;
-	buf[i] = 0;
-	do { buf[--i] = (char)('0' + v % 10); v /= 10; } while (v);
-	put(buf + i);
-}
-
-static void puthex(u64 v)
-{
-	char buf[19] = "0x";
-	for (int i = 0; i < 16; i++)
-		buf[2 + i] = "0123456789abcdef"[(v >> (60 - 4 * i)) & 0xF];
-	buf[18] = 0;
-	put(buf);
-}
-
-/* In entry.S: ud2 with op and arg in rdi/rsi, keeping the callee-saved registers in memory
- * across it — returning to user mode from emulated kernel code, kvm-pvm hands back zeroed
- * general-purpose registers (seen under QEMU too), so only memory and RSP survive. */
-extern void ucall(u64 op, u64 arg);
-
-static void console_write(const char *s)
-{
-	while (*s)
-		outb(DEBUGCON, (u8)*s++);
-}
-
-/* Ends the line being built and writes it out. */
-static void flush_line(void)
-{
-	put("\n");
-	line[line_len] = 0;
-	if (in_user)
-		ucall(UCALL_PRINT, (u64)(uintptr_t)line);
-	else
-		console_write(line);
-	line_len = 0;
-}
-
-static void __attribute__((noreturn)) finish(u8 code)
-{
-	if (in_user)
-		ucall(UCALL_EXIT, code);
-	outb(DEBUG_EXIT, code);
-	for (;;)
-		cpu_relax();
-}
-
-static void __attribute__((noreturn)) fail(const char *why, u64 value)
-{
-	put("vnet: error: ");
-	put(why);
-	put(" ");
-	puthex(value);
-	flush_line();
-	finish(1);
-}
-
-/* Saved by ud_entry in entry.S (pushed rax first, so r15 is lowest). */
-struct frame {
-	u64 r15, r14, r13, r12, r11, r10, r9, r8, rbp, rdi, rsi, rdx, rcx, rbx, rax;
-	u64 rip, cs, rflags, rsp, ss;
-};
-
-void ucall_handler(struct frame *f)
-{
-	if (f->rdi == UCALL_PRINT)
-		console_write((const char *)(uintptr_t)f->rsi);
-	else if (f->rdi == UCALL_EXIT)
-		outb(DEBUG_EXIT, (u8)f->rsi);
-	else {
-		console_write("vnet: unexpected #UD\n");
-		outb(DEBUG_EXIT, 1);
-	}
-	f->rip += 2;
-}
-
-void __attribute__((noreturn)) fault_handler(u64 vector, u64 *stack)
-{
-	in_user = 0;
-	put("vnet: exception ");
-	putu(vector);
-	put(" at ");
-	puthex(stack[0]);
-	put(" ");
-	puthex(stack[1]);
-	flush_line();
-	finish(1);
-}
-
-/* -- PCI (mechanism #1) --------------------------------------------------------------- */
-static u32 pci_read(int slot, int off)
-{
-	outl(0xCF8, 0x80000000u | (u32)slot << 11 | (u32)(off & 0xFC));
-	return inl(0xCFC) >> ((off & 3) * 8);
-}
-
-static void pci_write32(int slot, int off, u32 v)
-{
-	outl(0xCF8, 0x80000000u | (u32)slot << 11 | (u32)(off & 0xFC));
-	outl(0xCFC, v);
-}
-
-/* A BAR's address; one left unassigned (0) by firmware is placed as firmware would. */
-static u64 bar_address(int slot, int bar)
-{
-	int off = 0x10 + 4 * bar;
-	u32 lo = pci_read(slot, off);
-	if (lo & 1)
-		fail("virtio capability in an I/O BAR", (u64)bar);
-	int is64 = (lo & 6) == 4;
-	u64 addr = lo & ~0xFull;
-	if (is64)
-		addr |= (u64)pci_read(slot, off + 4) << 32;
-	if (addr == 0) {
-		addr = 0xC0000000ull + ((u64)slot << 20) + ((u64)bar << 16);
-		pci_write32(slot, off, (u32)addr | (lo & 0xF));
-		if (is64)
-			pci_write32(slot, off + 4, 0);
-	}
-	if (addr >= (4ull << 30))
-		fail("BAR not below 4 GiB", addr);
-	return addr;
-}
-
-/* -- virtio --------------------------------------------------------------------------- */
-enum { COMMON_CFG = 1, NOTIFY_CFG = 2, DEVICE_CFG = 4 };
-enum {
-	DFSELECT = 0x00, DF = 0x04, GFSELECT = 0x08, GF = 0x0C, NUM_QUEUES = 0x12,
-	STATUS = 0x14, Q_SELECT = 0x16, Q_SIZE = 0x18, Q_MSIX = 0x1A, Q_ENABLE = 0x1C,
-	Q_NOTIFY_OFF = 0x1E, Q_DESC = 0x20, Q_DRIVER = 0x28, Q_DEVICE = 0x30,
-};
-enum { S_ACK = 1, S_DRIVER = 2, S_DRIVER_OK = 4, S_FEATURES_OK = 8 };
-enum { F_NEXT = 1, F_WRITE = 2 };
+/* -- virtio-net ------------------------------------------------------------------------ */
 #define VNET_F_MAC (1u << 5)
 #define HDR 12
-
-struct desc { u64 addr; u32 len; u16 flags; u16 next; };
-
-struct vq {
-	volatile struct desc *descs;
-	volatile u16 *avail;
-	volatile u16 *used;
-	u64 notify;
-	u16 size, avail_idx, used_seen;
-};
 
 static struct vq rxq, txq;
 static u8 mac[6];
 
-static void queue_setup(struct vq *q, int index, u64 base, u32 mult)
+static void net_setup(void)
 {
-	wr16(common + Q_SELECT, (u16)index);
-	u16 n = rd16(common + Q_SIZE);
-	if (n == 0)
-		fail("queue has size 0", (u64)index);
-	if (n > MAX_QSIZE)
-		n = MAX_QSIZE;
-	wr16(common + Q_SIZE, n);
-	wr16(common + Q_MSIX, 0xFFFF);
-	u64 d = base, a = d + 16ull * n, u = (a + 6 + 2ull * n + 3) & ~3ull;
-	for (u64 p = base; p < u + 6 + 8ull * n; p += 8)
-		*(volatile u64 *)p = 0;
-	q->descs = (volatile struct desc *)d;
-	q->avail = (volatile u16 *)a;
-	q->used = (volatile u16 *)u;
-	q->size = n;
-	q->avail_idx = q->used_seen = 0;
-	q->avail[0] = 1;         /* VIRTQ_AVAIL_F_NO_INTERRUPT: we poll */
-	wr64(common + Q_DESC, d);
-	wr64(common + Q_DRIVER, a);
-	wr64(common + Q_DEVICE, u);
-	q->notify = notify_addr + (u64)rd16(common + Q_NOTIFY_OFF) * mult;
-	wr16(common + Q_ENABLE, 1);
-}
-
-static void virtio_setup(void)
-{
-	int slot = -1;
-	for (int s = 0; s < 32 && slot < 0; s++) {
-		u32 id = pci_read(s, 0);
-		if ((id & 0xFFFF) == 0x1AF4 && (id >> 16) == 0x1041)
-			slot = s;
-	}
+	int slot = pci_find_id(0x1041u << 16 | 0x1AF4);
 	if (slot < 0)
 		fail("no modern virtio-net on bus 0", 0);
-	pci_write32(slot, 0x04, (pci_read(slot, 0x04) & 0xFFFF) | 0x6);
-	u32 mult = 0;
-	for (int p = pci_read(slot, 0x34) & 0xFC, n = 0; p && n < 48; p = pci_read(slot, p + 1) & 0xFC, n++) {
-		if ((pci_read(slot, p) & 0xFF) != 0x09)
-			continue;
-		int type = pci_read(slot, p + 3) & 0xFF;
-		u64 base = bar_address(slot, pci_read(slot, p + 4) & 0xFF) + pci_read(slot, p + 8);
-		if (type == COMMON_CFG && !common)
-			common = base;
-		else if (type == NOTIFY_CFG && !notify_addr) {
-			notify_addr = base;
-			mult = pci_read(slot, p + 16);
-		} else if (type == DEVICE_CFG && !devcfg)
-			devcfg = base;
-	}
-	if (!common || !notify_addr || !devcfg)
-		fail("virtio capabilities missing on slot", (u64)slot);
-	wr8(common + STATUS, 0);
-	while (rd8(common + STATUS))
-		cpu_relax();
-	wr8(common + STATUS, S_ACK | S_DRIVER);
-	wr32(common + DFSELECT, 1);
-	if (!(rd32(common + DF) & 1))
-		fail("device does not offer VIRTIO_F_VERSION_1", 0);
-	wr32(common + DFSELECT, 0);
-	u32 want = rd32(common + DF) & VNET_F_MAC;
-	wr32(common + GFSELECT, 0);
-	wr32(common + GF, want);
-	wr32(common + GFSELECT, 1);
-	wr32(common + GF, 1);
-	wr8(common + STATUS, S_ACK | S_DRIVER | S_FEATURES_OK);
-	if (!(rd8(common + STATUS) & S_FEATURES_OK))
-		fail("FEATURES_OK refused", rd8(common + STATUS));
-	queue_setup(&rxq, 0, RXQ_BASE, mult);
-	queue_setup(&txq, 1, TXQ_BASE, mult);
+	pci_enable(slot);
+	u32 want = virtio_setup(slot, VNET_F_MAC);
+	virtq_setup(&rxq, 0, RXQ_BASE);
+	virtq_setup(&txq, 1, TXQ_BASE);
 	for (int i = 0; i < 6; i++)
 		mac[i] = want ? rd8(devcfg + i) : (u8)(i == 0 ? 2 : i);
-	wr8(common + STATUS, S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
-}
-
-static void kick(struct vq *q)
-{
-	barrier();
-	q->avail[1] = q->avail_idx;
-	barrier();
-	wr16(q->notify, 0);
+	virtio_driver_ok();
 }
 
 /* Post receive buffer i (descriptor i). */
@@ -365,24 +99,6 @@ static void tx_queue(u64 buf, u32 len)
 	tx_inflight++;
 }
 
-static void begin(const char *name)
-{
-	put("begin ");
-	put(name);
-	flush_line();
-}
-
-static void end(const char *name, u64 frames, u64 bytes)
-{
-	put("end ");
-	put(name);
-	put(" frames=");
-	putu(frames);
-	put(" bytes=");
-	putu(bytes);
-	flush_line();
-}
-
 static void copy(u64 dst, u64 src, u32 n)
 {
 	for (u32 i = 0; i < n; i++)
@@ -405,14 +121,14 @@ static void tx_test(u64 count, u32 size)
 		for (u32 k = 14; k < size; k++)
 			wr8(b + HDR + k, (u8)k);
 	}
-	begin("tx");
+	begin_test("tx");
 	u64 sent = 0;
 	while (sent < count) {
 		while (tx_inflight < txq.size && sent < count) {
 			tx_queue(TXBUF_BASE + (u64)(txq.avail_idx % txq.size) * BUF_SIZE, HDR + size);
 			sent++;
 		}
-		kick(&txq);
+		virtq_kick(&txq);
 		do {
 			cpu_relax();
 			tx_reap();
@@ -422,7 +138,7 @@ static void tx_test(u64 count, u32 size)
 		cpu_relax();
 		tx_reap();
 	}
-	end("tx", count, count * size);
+	end_test("tx", "frames", count, count * size);
 }
 
 static void rx_test(u64 count, u32 size)
@@ -437,7 +153,7 @@ static void rx_test(u64 count, u32 size)
 			continue;
 		}
 		if (!started) {
-			begin("rx");      /* timed from the first frame: the host may start late */
+			begin_test("rx");      /* timed from the first frame: the host may start late */
 			started = 1;
 		}
 		got++;
@@ -446,10 +162,10 @@ static void rx_test(u64 count, u32 size)
 			bad++;
 		rx_post((u16)id);
 		if ((got & 15) == 0)
-			kick(&rxq);
+			virtq_kick(&rxq);
 	}
-	kick(&rxq);
-	end("rx", got, bytes);
+	virtq_kick(&rxq);
+	end_test("rx", "frames", got, bytes);
 	if (bad)
 		fail("frames of the wrong length", bad);
 }
@@ -515,7 +231,7 @@ static void echo(void)
 			}
 		}
 		rx_post((u16)id);
-		kick(&rxq);
+		virtq_kick(&rxq);
 		if (reply) {
 			while (tx_inflight == txq.size) {
 				cpu_relax();
@@ -524,79 +240,26 @@ static void echo(void)
 			for (int k = 0; k < HDR; k++)
 				wr8(out + k, 0);
 			tx_queue(out, HDR + n);
-			kick(&txq);
+			virtq_kick(&txq);
 			out = TXBUF_BASE + (u64)(txq.avail_idx % txq.size) * BUF_SIZE;
 		}
 	}
 }
 
-/* -- command line (PVH start_info) ----------------------------------------------------- */
-extern u32 start_info_paddr;
-static const char *cmdline;
-
-static const char *find(const char *key)
-{
-	for (const char *p = cmdline; p && *p; p++) {
-		const char *k = key, *q = p;
-		while (*k && *q == *k) { k++; q++; }
-		if (*k == 0 && *q == '=' && (p == cmdline || p[-1] == ' '))
-			return q + 1;
-	}
-	return 0;
-}
-
-static u64 option(const char *key, u64 dflt)
-{
-	const char *q = find(key);
-	if (!q)
-		return dflt;
-	u64 v = 0;
-	for (; *q >= '0' && *q <= '9'; q++)
-		v = v * 10 + (u64)(*q - '0');
-	return v;
-}
-
-static u32 ip_option(const char *key)
-{
-	const char *q = find(key);
-	u32 ip = 0, part = 0;
-	if (!q)
-		return 0;
-	for (; (*q >= '0' && *q <= '9') || *q == '.'; q++) {
-		if (*q == '.') {
-			ip = ip << 8 | (part & 0xFF);
-			part = 0;
-		} else
-			part = part * 10 + (u32)(*q - '0');
-	}
-	return ip << 8 | (part & 0xFF);
-}
-
-static int has_test(char t)
-{
-	const char *p = find("tests");
-	for (; p && *p && *p != ' '; p++)
-		if (*p == t)
-			return 1;
-	return 0;
-}
-
 static u64 count;
 static u32 size;
-extern void enter_user(void (*fn)(void), u64 stack_top);
-static u8 user_stack[65536] __attribute__((aligned(16)));
 
 static void user_main(void)
 {
 	in_user = 1;
 	for (u16 i = 0; i < rxq.size; i++)
 		rx_post(i);
-	kick(&rxq);
+	virtq_kick(&rxq);
 	if (my_ip)
 		echo();
-	if (has_test('t'))
+	if (has_test('t', 0))
 		tx_test(count, size);
-	if (has_test('r'))
+	if (has_test('r', 0))
 		rx_test(count, size);
 	put("vnet: done");
 	flush_line();
@@ -605,19 +268,18 @@ static void user_main(void)
 
 void kernel_main(void)
 {
-	if (start_info_paddr && rd32(start_info_paddr) == 0x336ec578)
-		cmdline = (const char *)(uintptr_t)*(volatile u64 *)(u64)(start_info_paddr + 24);
+	cmdline_init();
 	count = option("count", 100000);
 	size = (u32)option("size", 64);
 	if (size < 60 || size > 1514)
 		fail("size must be 60..1514", size);
 	my_ip = option("echo", 0) ? ip_option("ip") : 0;
-	virtio_setup();
+	net_setup();
 	put("vnet: mac=");
 	for (int i = 0; i < 6; i++)
 		puthex(mac[i]);
 	put(" qsize=");
 	putu(rxq.size);
 	flush_line();
-	enter_user(user_main, (u64)(uintptr_t)(user_stack + sizeof(user_stack)));
+	run_user(user_main);
 }

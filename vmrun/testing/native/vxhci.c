@@ -2,7 +2,7 @@
  * vxhci: a bare-metal xHCI driver fragment and benchmark that runs at CPL3.
  *
  * Entered from entry.S in 64-bit user mode with IOPL=3 and the low 4 GiB identity-mapped
- * (see vblk.c for the frame). It finds the first xHCI function (class 0C0330) on PCI bus 0,
+ * (see entry.S and runtime.h). It finds the first xHCI function (class 0C0330) on PCI bus 0,
  * moves BAR 0 below 4 GiB if it is not there, resets the controller, gives it a DCBAA, a
  * command ring and one event ring segment (no interrupts: it polls the event ring) and
  * sets R/S, then runs, each between "begin NAME" and "end NAME ios=N bytes=0" lines on the
@@ -23,16 +23,10 @@
  * and ends the VM through the debug-exit port (0xF4): 0 on success, 1 on an error.
  * Options come from the PVH command line: n=N. The same ELF runs under QEMU (qemu-xhci).
  */
-#include <stdint.h>
-
-typedef uint8_t u8;
-typedef uint16_t u16;
-typedef uint32_t u32;
-typedef uint64_t u64;
-
-#define DEBUGCON 0xE9
-#define DEBUG_EXIT 0xF4
-#define MiB (1024 * 1024)
+#define GUEST_NAME "vxhci"
+/* BAR 0 goes here when firmware left it unassigned or above 4 GiB (2 MiB pages in entry.S). */
+#define BAR_PLACE(slot, bar) 0xD0000000ull
+#include "runtime.h"
 
 /* Guest-physical work area (identity-mapped): DCBAA, command ring, ERST, event ring. */
 #define DCBAA_BASE 0x01000000ull
@@ -49,177 +43,7 @@ typedef uint64_t u64;
 #define CMD_TRBS   64
 #define EVT_TRBS   256
 
-static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port)); }
-static inline void outl(u16 port, u32 v) { __asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port)); }
-static inline u32 inl(u16 port) { u32 v; __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port)); return v; }
-static inline void barrier(void) { __asm__ volatile("" : : : "memory"); }
-static inline void cpu_relax(void) { __asm__ volatile("pause" : : : "memory"); }
-
-static inline u8 rd8(u64 a) { return *(volatile u8 *)a; }
-static inline u16 rd16(u64 a) { return *(volatile u16 *)a; }
-static inline u32 rd32(u64 a) { return *(volatile u32 *)a; }
-static inline void wr8(u64 a, u8 v) { *(volatile u8 *)a = v; }
-static inline void wr16(u64 a, u16 v) { *(volatile u16 *)a = v; }
-static inline void wr32(u64 a, u32 v) { *(volatile u32 *)a = v; }
-static inline void wr64(u64 a, u64 v) { wr32(a, (u32)v); wr32(a + 4, (u32)(v >> 32)); }
-static inline u64 rd64q(u64 a) { return (u64)rd32(a) | (u64)rd32(a + 4) << 32; }
-
-/* The compiler may call these for struct copies even when freestanding. */
-void *memset(void *d, int c, unsigned long n)
-{
-	for (unsigned long i = 0; i < n; i++)
-		((volatile u8 *)d)[i] = (u8)c;
-	return d;
-}
-
-void *memcpy(void *d, const void *s, unsigned long n)
-{
-	for (unsigned long i = 0; i < n; i++)
-		((volatile u8 *)d)[i] = ((const u8 *)s)[i];
-	return d;
-}
-
 static u64 regs, op, rt, db;
-
-/* -- output: lines on the debug console; from user mode through a ucall ------------ */
-enum { UCALL_PRINT = 1, UCALL_EXIT = 2 };
-static int in_user;
-static char line[160];
-static int line_len;
-
-static void put(const char *s)
-{
-	while (*s && line_len < (int)sizeof(line) - 1)
-		line[line_len++] = *s++;
-}
-
-static void putu(u64 v)
-{
-	char buf[24];
-	int i = 23;
-	buf[i] = 0;
-	do { buf[--i] = (char)('0' + v % 10); v /= 10; } while (v);
-	put(buf + i);
-}
-
-static void puthex(u64 v)
-{
-	char buf[19] = "0x";
-	for (int i = 0; i < 16; i++)
-		buf[2 + i] = "0123456789abcdef"[(v >> (60 - 4 * i)) & 0xF];
-	buf[18] = 0;
-	put(buf);
-}
-
-/* In entry.S: ud2 with op and arg in rdi/rsi, keeping the callee-saved registers in memory
- * across it — returning to user mode from emulated kernel code, kvm-pvm hands back zeroed
- * general-purpose registers (seen under QEMU too), so only memory and RSP survive. */
-extern void ucall(u64 op, u64 arg);
-
-static void console_write(const char *s)
-{
-	while (*s)
-		outb(DEBUGCON, (u8)*s++);
-}
-
-/* Ends the line being built and writes it out. */
-static void flush_line(void)
-{
-	put("\n");
-	line[line_len] = 0;
-	if (in_user)
-		ucall(UCALL_PRINT, (u64)(uintptr_t)line);
-	else
-		console_write(line);
-	line_len = 0;
-}
-
-static void __attribute__((noreturn)) finish(u8 code)
-{
-	if (in_user)
-		ucall(UCALL_EXIT, code);
-	outb(DEBUG_EXIT, code);
-	for (;;)
-		cpu_relax();
-}
-
-static void __attribute__((noreturn)) fail(const char *why, u64 value)
-{
-	put("vxhci: error: ");
-	put(why);
-	put(" ");
-	puthex(value);
-	flush_line();
-	finish(1);
-}
-
-/* Saved by ud_entry in entry.S (pushed rax first, so r15 is lowest). */
-struct frame {
-	u64 r15, r14, r13, r12, r11, r10, r9, r8, rbp, rdi, rsi, rdx, rcx, rbx, rax;
-	u64 rip, cs, rflags, rsp, ss;
-};
-
-void ucall_handler(struct frame *f)
-{
-	if (f->rdi == UCALL_PRINT)
-		console_write((const char *)(uintptr_t)f->rsi);
-	else if (f->rdi == UCALL_EXIT)
-		outb(DEBUG_EXIT, (u8)f->rsi);
-	else {
-		console_write("vxhci: unexpected #UD\n");
-		outb(DEBUG_EXIT, 1);
-	}
-	f->rip += 2;
-}
-
-void __attribute__((noreturn)) fault_handler(u64 vector, u64 *stack)
-{
-	in_user = 0;
-	put("vxhci: exception ");
-	putu(vector);
-	put(" at ");
-	puthex(stack[0]);
-	put(" ");
-	puthex(stack[1]);
-	flush_line();
-	finish(1);
-}
-
-/* -- PCI (mechanism #1) --------------------------------------------------------------- */
-static u32 pci_read(int slot, int off)
-{
-	outl(0xCF8, 0x80000000u | (u32)slot << 11 | (u32)(off & 0xFC));
-	return inl(0xCFC) >> ((off & 3) * 8);
-}
-
-static void pci_write32(int slot, int off, u32 v)
-{
-	outl(0xCF8, 0x80000000u | (u32)slot << 11 | (u32)(off & 0xFC));
-	outl(0xCFC, v);
-}
-
-/* A BAR's address; one left unassigned (0) by firmware is placed as firmware would. */
-static u64 bar_address(int slot, int bar)
-{
-	int off = 0x10 + 4 * bar;
-	u32 lo = pci_read(slot, off);
-	if (lo & 1)
-		fail("I/O BAR", (u64)bar);
-	int is64 = (lo & 6) == 4;
-	u64 addr = lo & ~0xFull;
-	if (is64)
-		addr |= (u64)pci_read(slot, off + 4) << 32;
-	if (addr == 0 || addr >= (4ull << 30)) {
-		addr = 0xD0000000ull;
-		pci_write32(slot, off, (u32)addr | (lo & 0xF));
-		if (is64)
-			pci_write32(slot, off + 4, 0);
-	}
-	if (addr >= (4ull << 30))
-		fail("BAR not below 4 GiB", addr);
-	return addr;
-}
-
 
 /* -- xHCI ------------------------------------------------------------------------------ */
 static u32 evt_idx, evt_cycle = 1, cmd_idx, cmd_cycle = 1;
@@ -234,14 +58,11 @@ static void put_trb(u64 at, u64 param, u32 status, u32 control)
 
 static void xhci_setup(void)
 {
-	int slot = -1;
-	for (int s = 0; s < 32 && slot < 0; s++)
-		if (pci_read(s, 0) != 0xFFFFFFFFu && pci_read(s, 8) >> 8 == 0x0C0330)
-			slot = s;
+	int slot = pci_find_class(0x0C0330);
 	if (slot < 0)
 		fail("no xHCI controller on bus 0", 0);
 	regs = bar_address(slot, 0);
-	pci_write32(slot, 4, pci_read(slot, 4) | 6);       /* memory decoding, bus master */
+	pci_enable(slot);                                   /* memory decoding, bus master */
 	op = regs + (rd32(regs) & 0xFF);
 	rt = regs + (rd32(regs + 0x18) & ~0x1Fu);
 	db = regs + (rd32(regs + 0x14) & ~0x3u);
@@ -282,7 +103,7 @@ static void noop_command(void)
 	u64 ev = EVT_BASE + 16ull * evt_idx;
 	while ((rd32(ev + 12) & 1) != evt_cycle)
 		cpu_relax();
-	if ((rd32(ev + 12) >> 10 & 0x3F) != 33 || rd32(ev + 8) >> 24 != 1 || rd64q(ev) != at)
+	if ((rd32(ev + 12) >> 10 & 0x3F) != 33 || rd32(ev + 8) >> 24 != 1 || rd64(ev) != at)
 		fail("unexpected event", rd32(ev + 12));
 	if (++evt_idx == EVT_TRBS) {
 		evt_idx = 0;
@@ -292,8 +113,6 @@ static void noop_command(void)
 }
 
 /* -- latency: a tiny HID driver ---------------------------------------------------------- */
-static void begin(const char *name);
-static void end(const char *name, u64 ios);
 struct ring { u64 base; u32 idx, cycle; };
 static struct ring ep0 = { EP0_RING, 0, 1 }, ep1 = { EP1_RING, 0, 1 };
 static u32 csz = 32, slot_id;
@@ -318,7 +137,7 @@ static u64 next_event(u32 *control, u32 *status)
 		cpu_relax();
 	*control = rd32(ev + 12);
 	*status = rd32(ev + 8);
-	u64 param = rd64q(ev);
+	u64 param = rd64(ev);
 	if (++evt_idx == EVT_TRBS) {
 		evt_idx = 0;
 		evt_cycle ^= 1;
@@ -410,58 +229,20 @@ static void enumerate(void)
 
 static void latency(u64 rounds)
 {
-	begin("latency");
+	begin_test("latency");
 	for (u64 i = 0; i < rounds; i++) {
 		u64 at = ring_put(&ep1, DATA_BASE, 8, 1 << 10 | 1 << 2 | 1 << 5);
 		wr32(db + 4 * slot_id, 3);
 		wr64(STATE, i + 1);                          /* ready: the TD is posted */
 		u32 ctl;
 		wait_trb(at, &ctl);
-		wr64(STATE + 16, rd64q(DATA_BASE));
+		wr64(STATE + 16, rd64(DATA_BASE));
 		wr64(STATE + 8, i + 1);                      /* count: the report is in memory */
 	}
-	end("latency", rounds);
+	end_test("latency", "ios", rounds, 0);
 }
 
-static void begin(const char *name)
-{
-	put("begin ");
-	put(name);
-	flush_line();
-}
-
-static void end(const char *name, u64 ios)
-{
-	put("end ");
-	put(name);
-	put(" ios=");
-	putu(ios);
-	put(" bytes=0");
-	flush_line();
-}
-
-/* -- command line (PVH start_info) ----------------------------------------------------- */
-extern u32 start_info_paddr;
-
-static u64 option(const char *cmdline, const char *key, u64 dflt)
-{
-	for (const char *p = cmdline; p && *p; p++) {
-		const char *k = key, *q = p;
-		while (*k && *q == *k) { k++; q++; }
-		if (*k == 0 && *q == '=' && (p == cmdline || p[-1] == ' ')) {
-			u64 v = 0;
-			for (q++; *q >= '0' && *q <= '9'; q++)
-				v = v * 10 + (u64)(*q - '0');
-			return v;
-		}
-	}
-	return dflt;
-}
-
-static const char *cmdline;
 static u64 n, lat;
-extern void enter_user(void (*fn)(void), u64 stack_top);
-static u8 user_stack[65536] __attribute__((aligned(16)));
 
 static void user_main(void)
 {
@@ -473,18 +254,18 @@ static void user_main(void)
 		flush_line();
 		finish(0);
 	}
-	begin("bell");
+	begin_test("bell");
 	for (u64 i = 0; i < n; i++)
 		wr32(db + 4, 3);
-	end("bell", n);
-	begin("exit");
+	end_test("bell", "ios", n, 0);
+	begin_test("exit");
 	for (u64 i = 0; i < n; i++)
 		wr32(db + 4, 0x10);
-	end("exit", n);
-	begin("noop");
+	end_test("exit", "ios", n, 0);
+	begin_test("noop");
 	for (u64 i = 0; i < n; i++)
 		noop_command();
-	end("noop", n);
+	end_test("noop", "ios", n, 0);
 	put("vxhci: done");
 	flush_line();
 	finish(0);
@@ -492,14 +273,13 @@ static void user_main(void)
 
 void kernel_main(void)
 {
-	if (start_info_paddr && rd32(start_info_paddr) == 0x336ec578)
-		cmdline = (const char *)(uintptr_t)*(volatile u64 *)(u64)(start_info_paddr + 24);
-	n = option(cmdline, "n", 20000);
-	lat = option(cmdline, "lat", 0);
+	cmdline_init();
+	n = option("n", 20000);
+	lat = option("lat", 0);
 	memset((void *)STATE, 0, 64);
 	xhci_setup();
 	put("vxhci: running, caplength ");
 	putu(rd32(regs) & 0xFF);
 	flush_line();
-	enter_user(user_main, (u64)(uintptr_t)(user_stack + sizeof(user_stack)));
+	run_user(user_main);
 }
