@@ -5,8 +5,12 @@
 set -u
 PY=${PY:-.venv/bin/python}
 LOG=${VMRUN_UNITS_LOG:-.test-units.log}
+# Job control on: without it bash starts a background job with SIGINT ignored, and the tests
+# that interrupt a conversion as Ctrl-C would (SIGINT to vmrun) would see nothing happen.
+set -m
 "$PY" -m pytest -q -ra -p no:cacheprovider -m "not e2e and not e2e_pending" "$@" >"$LOG" 2>&1 &
 units_pid=$!
+set +m
 trap 'kill "$units_pid" 2>/dev/null' INT TERM
 echo "==> unit and KVM tests running beside the end-to-end boots (their report follows)"
 "$PY" -m pytest -ra -m "e2e and not e2e_pending" --durations=15 "$@"
