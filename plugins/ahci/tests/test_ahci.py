@@ -713,6 +713,18 @@ def test_snapshot_keeps_the_cd_tray_lock_and_media_event(vm: FakeVm, iso: Path) 
         b.close()
 
 
+def test_snapshot_of_an_empty_cd_drive(vm: FakeVm, iso: Path) -> None:
+    """An ahci-cd without media (the shared e2e boot's) saves and restores: its queue is
+    the no-medium stand-in, drained like a real one (it raised TypeError before)."""
+    hba, drv = controller(vm, cd(None))
+    b, _ = moved(vm, drv, lambda: [cd(None)])
+    try:
+        r, _ = drv.packet(0, bytes(12))                    # TEST UNIT READY: no medium
+        assert r.is_ & IS_TFES and r.error >> 4 == 2
+    finally:
+        b.close()
+
+
 def test_a_state_of_another_version_is_refused(vm: FakeVm, image: Path) -> None:
     hba, _ = controller(vm, disk(image))
     state = hba.device_state()

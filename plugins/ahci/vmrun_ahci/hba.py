@@ -746,7 +746,7 @@ class _NoMedium:
     def submit(self) -> None:
         pass
 
-    def drain(self) -> bool:
+    def drain(self, timeout: float = 60.0) -> bool:
         return True
 
     def close(self) -> None:
