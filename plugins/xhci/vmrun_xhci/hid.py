@@ -26,7 +26,10 @@ HID_GET_REPORT, HID_GET_IDLE, HID_GET_PROTOCOL = 1, 2, 3
 HID_SET_REPORT, HID_SET_IDLE, HID_SET_PROTOCOL = 9, 10, 11
 REPORT_INPUT, REPORT_OUTPUT = 1, 2
 VENDOR, PRODUCT = 0x0627, 0x0001           # QEMU's HID devices' IDs, which guests know
-QUEUE = 16
+QUEUE = 16                  # pointer reports held for a guest that is not reading
+#: Keyboard reports held: each press and release must reach the guest (a VNC client types a
+#: command faster than an emulated guest kernel polls; folding would lose keystrokes).
+KEY_QUEUE = 1024
 
 # QEMU's usb-tablet report descriptor (74 bytes).
 TABLET_REPORT_DESCRIPTOR = bytes([
@@ -147,6 +150,8 @@ class HidDevice(UsbDevice):
             self.idle = 0
             self.protocol = 1
 
+    queue_limit = QUEUE
+
     def push(self, report: bytes, fold: bool = False) -> None:
         """Queue a report (any thread) and tell the controller; ``fold``: it may replace the
         last queued one (a move that only changes the position)."""
@@ -154,7 +159,7 @@ class HidDevice(UsbDevice):
             if not self.configuration:
                 return
             q = self.queue
-            if q and (fold or len(q) >= QUEUE):
+            if q and (fold or len(q) >= self.queue_limit):
                 q[-1] = report
             else:
                 q.append(report)
@@ -264,6 +269,7 @@ class HidKeyboard(HidDevice):
     device_descriptor = _device(PRODUCT)
     config_descriptor = _config(1, 1, len(KEYBOARD_REPORT_DESCRIPTOR), 8, 4)
     strings = ("vmrun", "USB Keyboard", "1", "HID Keyboard")
+    queue_limit = KEY_QUEUE
     LED_NUM, LED_CAPS, LED_SCROLL = 1, 2, 4
 
     def __init__(self) -> None:
