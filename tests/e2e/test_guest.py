@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import re
 import subprocess
@@ -74,7 +75,7 @@ profile = "compat"
 [boot]
 kernel = "{kernel}"
 {f'initrd = "{initrd}"' if initrd else ""}
-cmdline = "{cmdline}"
+cmdline = {json.dumps(cmdline)}
 [serial.com1]
 backend = "stdio"
 {devices}
