@@ -54,8 +54,11 @@ def drive_xhci(run: GuestRun) -> None:
     run.send(b'grep -E "^(N|B: ABS|B: EV)" /proc/bus/input/devices | sed "s/^/INPUTDEV /";'
              b' echo XHCI-INPUT-E\'\'ND\r')
     run.wait_for(r"XHCI-INPUT-END\s", TOKEN_TIMEOUT)
-    run.send(b'for r in /sys/bus/hid/devices/*/report_descriptor; do '
-             b'echo "RDESC $(od -An -v -tx1 $r | tr -d \' \\n\')"; done; echo XHCI-RDESC-E\'\'ND\r')
+    # Twice: a program in guest user space on kvm-pvm sometimes crashes (issue 8), which
+    # leaves an empty answer; the check wants the answers it got to agree.
+    run.send(b'for i in 1 2; do for r in /sys/bus/hid/devices/*/report_descriptor; do '
+             b'echo "RDESC $(od -An -v -tx1 $r | tr -d \' \\n\')"; done; done; '
+             b'echo XHCI-RDESC-E\'\'ND\r')
     run.wait_for(r"XHCI-RDESC-END\s", TOKEN_TIMEOUT)
     run.send(b'grep xhci /proc/interrupts | sed "s/^/XHCIIRQ /"; '
              b'for f in /sys/bus/pci/devices/' + PCI.encode() + b'/msi_irqs/*; do '
@@ -92,8 +95,6 @@ def test_xhci_hcd_binds_and_registers_both_root_hubs(usb_boot: GuestRun) -> None
     assert "Host System Error" not in text and "xHCI host controller not responding" not in text
 
 
-# The hid-generic console line did not match in the shared boot; not yet seen passing.
-@pytest.mark.e2e_pending
 def test_tablet_and_keyboard_enumerate_at_high_speed(usb_boot: GuestRun) -> None:
     text = usb_boot.text
     assert re.search(r"usb 1-1: new high-speed USB device number \d+ using xhci_hcd", text)
@@ -102,10 +103,10 @@ def test_tablet_and_keyboard_enumerate_at_high_speed(usb_boot: GuestRun) -> None
                      text)
     assert re.search(r"input: vmrun USB Keyboard as /devices/pci0000:00/" + PCI_RE + r"/usb1/1-2/",
                      text)
-    assert re.search(r"hid-generic 0003:0627:0001\.\d+: input,hidraw\d: USB HID v1\.11 Pointer "
-                     r"\[vmrun USB Tablet\]", text)        # "Pointer": the application collection
-    assert re.search(r"hid-generic 0003:0627:0001\.\d+: input,hidraw\d: USB HID v1\.11 Keyboard "
-                     r"\[vmrun USB Keyboard\]", text)
+    # (",hidraw0" after "input" where the kernel has CONFIG_HIDRAW; this one does not.)
+    hid = r"hid-generic 0003:0627:0001\.\d+: input(?:,hidraw\d+)?: USB HID v1\.11 "
+    assert re.search(hid + r"Pointer \[vmrun USB Tablet\]", text)  # the application collection
+    assert re.search(hid + r"Keyboard \[vmrun USB Keyboard\]", text)
 
 
 def test_sysfs_has_the_usb_descriptors(usb_boot: GuestRun) -> None:
@@ -127,9 +128,9 @@ def test_tablet_is_an_absolute_pointer_with_our_report_descriptor(usb_boot: Gues
     i = inputs.index('N: Name="vmrun USB Tablet"')
     assert "B: ABS=3" in inputs[i + 1:i + 4], inputs          # ABS_X and ABS_Y
     assert 'N: Name="vmrun USB Keyboard"' in inputs, inputs
-    rdesc = _lines(usb_boot, "RDESC")
-    assert TABLET_REPORT_DESCRIPTOR.hex() in rdesc, rdesc
-    assert KEYBOARD_REPORT_DESCRIPTOR.hex() in rdesc, rdesc
+    rdesc = [line for line in _lines(usb_boot, "RDESC") if line]   # empty: od crashed
+    assert set(rdesc) == {TABLET_REPORT_DESCRIPTOR.hex(), KEYBOARD_REPORT_DESCRIPTOR.hex()}, \
+        rdesc
 
 
 def test_controller_interrupts_through_msix(usb_boot: GuestRun) -> None:
