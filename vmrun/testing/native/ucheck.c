@@ -71,6 +71,7 @@
 #define ROOT_TABLES 0x01A00000ull     /* + (cpu * NROOTS + r) * 16 KiB: PML4, PDPT, PD, PT */
 #define ROOT_FRAMES 0x01B00000ull     /* + (cpu * NROOTS + r) * 4 KiB: what ROOT_VA shows */
 #define ROOT_VA 0x01C00000ull         /* + cpu * 4 KiB: one address, a frame per root */
+#define PF_FRAMES 0x01D00000ull       /* + (cpu * 2 + f) * 4 KiB: the demand page's frames */
 
 /* -- ucalls: runtime.h's UCALL_PRINT (1) and UCALL_EXIT (2), then ucheck's own ---------- */
 enum { UCALL_NOP = UCALL_FIRST_FREE, UCALL_KCHECK = 4, UCALL_PIO = 5, UCALL_PMTMR = 6,
@@ -93,6 +94,7 @@ struct cpu {
 	u64 shoot_bad_ipi, shoot_bad_pv;   /* cpu 1: stale reads of SHARED_VA, by flush path */
 	u64 shoot_reads, shoots_ipi, shoots_pv, seen_preempted;
 	u64 syscalls, pfs;         /* handled at CPL0 */
+	u64 pf_frame, pf_value;    /* the demand page's frame now, and what the kernel put there */
 	u64 kgs[2];                /* KERNEL_GS_BASE: syscall_entry's scratch and kernel stack */
 	u64 first_reported;        /* bit per kind: first mismatch already described */
 	u64 region;
@@ -295,8 +297,16 @@ void pf_handler(struct frame *f)
 	u64 cr2;
 	__asm__ volatile("mov %%cr2, %0" : "=r"(cr2));
 	if ((cr2 & ~0xFFFull) == GS_PAGES + (u64)c->id * 0x2000 + 0x1000) {
+		/* A fresh frame each time, filled here before it is mapped, as Linux maps a new
+		   zeroed page: the faulting write must land in it (seen lost in Linux guests). */
+		volatile u64 *pte = demand_pte_ptr(c);
+		u64 frame = PF_FRAMES + ((u64)c->id * 2 + (c->pfs & 1)) * 0x1000;
 		c->pfs++;
-		demand_pte(c, 1);
+		c->pf_value = 0x5046000000000000ull + c->pfs;
+		*(volatile u64 *)(uintptr_t)frame = c->pf_value;
+		*pte = (*pte & (0xFFFull | (1ull << 63))) | frame | 1;
+		__asm__ volatile("invlpg (%0)" : : "r"(cr2 & ~0xFFFull) : "memory");
+		c->pf_frame = frame;
 		return;
 	}
 	fault_handler(14, &f->rip + 1);               /* past the error code */
@@ -648,6 +658,23 @@ static void check_regs(struct cpu *c, u64 mode)
 		c->xmm_bad++;
 }
 
+/* The `incq %gs:0x1000` that page-faulted: redone after the kernel mapped the fresh frame,
+   it must have turned the kernel's value into value + 1, in that frame. */
+static void check_pf_write(struct cpu *c)
+{
+	u64 got = *(volatile u64 *)(uintptr_t)(GS_PAGES + (u64)c->id * 0x2000 + 0x1000);
+	if (got != c->pf_value + 1) {
+		if (first(c, K_PF)) {
+			put(c, "pf write lost: demand page holds ");
+			puthex(c, got);
+			put(c, ", want ");
+			puthex(c, c->pf_value + 1);
+			flush_line(c);
+		}
+		c->pf_bad++;
+	}
+}
+
 static u64 fnv(const volatile u8 *p, u64 n)
 {
 	u64 h = 0xcbf29ce484222325ull;
@@ -963,6 +990,7 @@ static void user_rounds(struct cpu *c)
 				check_fsswitch(c);
 				ucall(UCALL_UNMAP, 0);
 				check_regs(c, MODE_PF);
+				check_pf_write(c);
 			}
 		}
 		check_sum(c);
