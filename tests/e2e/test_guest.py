@@ -93,8 +93,6 @@ def sysrq(run: GuestRun, key: str) -> None:
 def boot_default(tmp_path_factory) -> Boot:
     """The default boot (the session fixture ``default_boot`` in conftest.py: the control
     checks restore its shell too)."""
-    from tests.e2e.test_control import control_cmdline
-
     kernel, initrd = require_guest_image()
     d = tmp_path_factory.mktemp("default")
     make_ext4(d / "data.img", 64, {"hello.txt": b"hello\n"}, "data")
@@ -146,7 +144,7 @@ runcmd = ["echo from-vmrun"]
     # One vCPU: guest user space under the syscall fix-up has crashed with two vCPUs under
     # heavy host load (issue 8); SMP is checked by the smp-root boot (e2e_pending).
     m = machine_file(d / "default.toml", kernel=kernel, initrd=initrd,
-                     cmdline=tiny_cmdline() + RESTORABLE + " panic=1 reboot=k" + control_cmdline(),
+                     cmdline=tiny_cmdline() + RESTORABLE + " panic=1 reboot=k",
                      devices=devices, cpus=1)
 
     def env_for(where: Path) -> dict[str, str]:
