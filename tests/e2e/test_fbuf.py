@@ -245,8 +245,7 @@ def test_guest_pattern_is_captured_pixel_for_pixel(fbuf_boot: FbufRun) -> None:
     assert above != b"\xff\x00\x00" * WIDTH
 
 
-# Keys typed over VNC did not reach tty1 once a USB keyboard was in the machine.
-@pytest.mark.e2e_pending
+# Keys typed over VNC reach tty1 through the USB keyboard (its queue once lost them).
 def test_keys_typed_over_vnc_run_a_command_on_tty1(fbuf_boot: FbufRun) -> None:
     if not fbuf_boot.user_space:
         pytest.skip("guest user space did not run on this host's KVM (see test_guest.py)")
@@ -257,8 +256,6 @@ def test_keys_typed_over_vnc_run_a_command_on_tty1(fbuf_boot: FbufRun) -> None:
     assert before != after
 
 
-# Its console lines (the PS/2 mouse's) were not seen in the shared boot with a USB tablet.
-@pytest.mark.e2e_pending
 def test_key_and_pointer_events_reach_the_guest_input_layer(fbuf_boot: FbufRun) -> None:
     text = fbuf_boot.run.text
     assert re.search(r"input: AT Translated Set 2 keyboard", text)
