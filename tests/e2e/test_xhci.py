@@ -60,7 +60,7 @@ def drive_xhci(run: GuestRun) -> None:
              b'echo "RDESC $(od -An -v -tx1 $r | tr -d \' \\n\')"; done; done; '
              b'echo XHCI-RDESC-E\'\'ND\r')
     run.wait_for(r"XHCI-RDESC-END\s", TOKEN_TIMEOUT)
-    run.send(b'grep xhci /proc/interrupts | sed "s/^/XHCIIRQ /"; '
+    run.send(b'for i in 1 2; do grep xhci /proc/interrupts | sed "s/^/XHCIIRQ /"; done; '
              b'for f in /sys/bus/pci/devices/' + PCI.encode() + b'/msi_irqs/*; do '
              b'echo "XHCIMSI $(cat $f)"; done; echo XHCI-IRQ-E\'\'ND\r')
     run.wait_for(r"XHCI-IRQ-END\s", TOKEN_TIMEOUT)
@@ -118,8 +118,6 @@ def test_sysfs_has_the_usb_descriptors(usb_boot: GuestRun) -> None:
     assert any(d.startswith("usb2 1d6b:0003 5000") for d in devs), devs
 
 
-# The hid-generic console line did not match in the shared boot; not yet seen passing.
-@pytest.mark.e2e_pending
 def test_tablet_is_an_absolute_pointer_with_our_report_descriptor(usb_boot: GuestRun) -> None:
     _need_shell(usb_boot)
     from vmrun_xhci.hid import KEYBOARD_REPORT_DESCRIPTOR, TABLET_REPORT_DESCRIPTOR
@@ -143,7 +141,9 @@ def test_controller_interrupts_through_msix(usb_boot: GuestRun) -> None:
     assert usb_boot.returncode == 1, usb_boot.log[-2000:]
 
 
-@pytest.mark.e2e_pending  # not yet seen passing (the USB keyboard path, see test_fbuf)
+# Not yet seen passing: the guest's grep/sed pipelines that report the tablet's last
+# coordinates crashed in both asks in this session's boot (issue 8).
+@pytest.mark.e2e_pending
 def test_a_vnc_clients_pointer_and_keys_arrive_through_usb(devices_boot) -> None:
     """vncdotool moved to (200, 150) on the 640x480 display and typed a command: the tablet
     reported that position (scaled to 0..0x7fff) and the USB keyboard its keys."""
