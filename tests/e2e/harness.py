@@ -199,8 +199,11 @@ def tiny_cmdline() -> str:
     return m.group(1)
 
 
-def make_ext4(path: Path, size_mib: int, files: dict[str, bytes], label: str) -> None:
-    """An ext4 image made on the host with mkfs.ext4 -d (no mount, no root needed)."""
+def make_ext4(path: Path, size_mib: int, files: dict[str, bytes], label: str,
+              block_size: int | None = None) -> None:
+    """An ext4 image made on the host with mkfs.ext4 -d (no mount, no root needed). A disk
+    with 4096-byte sectors needs ``block_size=4096`` (mkfs picks 1 KiB blocks for small
+    file systems, and Linux mounts no block smaller than the sector)."""
     root = path.with_suffix(".d")
     if root.exists():
         shutil.rmtree(root)
@@ -211,7 +214,8 @@ def make_ext4(path: Path, size_mib: int, files: dict[str, bytes], label: str) ->
         p.chmod(0o755)
     for d in ("dev", "proc", "sys", "tmp"):
         (root / d).mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", label, "-d", str(root), str(path),
+    bs = ["-b", str(block_size)] if block_size else []
+    subprocess.run(["mkfs.ext4", "-q", "-F", *bs, "-L", label, "-d", str(root), str(path),
                     f"{size_mib}M"], check=True)
 
 

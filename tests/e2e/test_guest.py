@@ -95,7 +95,8 @@ def boot_default(tmp_path_factory) -> Boot:
     checks restore its shell too)."""
     kernel, initrd = require_guest_image()
     d = tmp_path_factory.mktemp("default")
-    make_ext4(d / "data.img", 64, {"hello.txt": b"hello\n"}, "data")
+    # 4 KiB blocks: the same file system goes on the sparse disk with 4K sectors.
+    make_ext4(d / "data.img", 64, {"hello.txt": b"hello\n"}, "data", block_size=4096)
     subprocess.run([*VMRUN, "image", "convert", str(d / "data.img"), str(d / "sparse.img"),
                     "--to", "sparse", "--split", "16M", "--sectorsize", "4096"], check=True)
     make_ext4(d / "ro.img", 16, {"x": b"x"}, "ro")
