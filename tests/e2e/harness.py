@@ -94,40 +94,29 @@ class GuestRun:
             else:
                 self.stderr += data
 
-    def wait_for(self, pattern: str | bytes, timeout: float = BOOT_TIMEOUT) -> re.Match:
+    def wait_for(self, pattern: str | bytes, timeout: float = BOOT_TIMEOUT,
+                 stream: str = "console") -> re.Match:
+        """The first match of ``pattern`` in the guest's console (``stream="console"``) or in
+        what vmrun itself writes (``"stderr"``), waiting up to ``timeout`` seconds."""
         pat = re.compile(pattern.encode() if isinstance(pattern, str) else pattern)
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            m = pat.search(self.console)
-            if m:
+            if m := pat.search(getattr(self, stream)):
                 return m
             if self.proc.poll() is not None:
                 self._pump(0.2)
-                m = pat.search(self.console)
-                if m:
+                if m := pat.search(getattr(self, stream)):
                     return m
                 raise AssertionError(f"vmrun exited ({self.proc.returncode}) before "
-                                     f"{pattern!r}; console tail:\n{self.tail()}")
+                                     f"{pattern!r}; console tail:\n{self.tail()}\n"
+                                     f"vmrun: {self.log[-2000:]}")
             self._pump(0.5)
-        raise AssertionError(f"no {pattern!r} within {timeout}s; console tail:\n{self.tail()}")
+        raise AssertionError(f"no {pattern!r} within {timeout}s; console tail:\n{self.tail()}"
+                             f"\nvmrun: {self.log[-2000:]}")
 
     def wait_for_log(self, pattern: str, timeout: float = BOOT_TIMEOUT) -> re.Match:
-        """Like :meth:`wait_for`, on what vmrun itself writes (stderr)."""
-        pat = re.compile(pattern.encode())
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            m = pat.search(self.stderr)
-            if m:
-                return m
-            if self.proc.poll() is not None:
-                self._pump(0.2)
-                if m := pat.search(self.stderr):
-                    return m
-                raise AssertionError(f"vmrun exited ({self.proc.returncode}) before "
-                                     f"{pattern!r}: {self.log[-2000:]}")
-            self._pump(0.5)
-        raise AssertionError(f"vmrun did not say {pattern!r} within {timeout}s: "
-                             f"{self.log[-2000:]}")
+        """:meth:`wait_for` on what vmrun itself writes (stderr)."""
+        return self.wait_for(pattern, timeout, stream="stderr")
 
     def send(self, data: bytes) -> None:
         os.write(self.master, data)
