@@ -367,6 +367,31 @@ def test_missing_passt_is_one_error(loop, monkeypatch) -> None:
         UserBackend(loop, [])
 
 
+def _fake_passt(tmp_path: Path, body: str) -> str:
+    fake = tmp_path / "passt"
+    fake.write_text("#!/usr/bin/env python3\nimport sys, time\n" + body)
+    fake.chmod(0o755)
+    return str(fake)
+
+
+def test_passt_that_dies_before_it_listens_is_one_error(loop, tmp_path: Path) -> None:
+    fake = _fake_passt(tmp_path, "print('fake passt: no ports today', file=sys.stderr)\n"
+                                 "sys.exit(2)\n")
+    with pytest.raises(VmrunError, match=r"passt exited with 2 before it listened "
+                                         r"\(fake passt: no ports today\)"):
+        UserBackend(loop, [parse_forward("tcp:127.0.0.1:auto:22")], passt=fake)
+
+
+def test_passt_that_never_listens_is_one_error(loop, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(UserBackend, "LISTEN_TIMEOUT", 0.3)
+    fake = _fake_passt(tmp_path, "time.sleep(30)\n")
+    t0 = time.monotonic()
+    with pytest.raises(VmrunError, match=r"passt did not listen on tcp host port "
+                                         r"127\.0\.0\.1:\d+ within 0\.3s"):
+        UserBackend(loop, [parse_forward("tcp:127.0.0.1:auto:22")], passt=fake)
+    assert time.monotonic() - t0 < 5          # and the fake was killed, not waited for
+
+
 def test_fake_passt_dying_takes_the_link_down(loop, tmp_path: Path) -> None:
     """A stand-in passt (a script that speaks one frame, then exits 3 with a message)."""
     fake = tmp_path / "passt"

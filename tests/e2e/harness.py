@@ -78,6 +78,12 @@ class GuestRun:
         self.console = b""
         self.stderr = b""
         self.returncode: int | None = None
+        #: (seconds since start, what was awaited or sent): where a slow run spent its time,
+        #: written beside the machine file as ``*.timeline.txt``.
+        self.timeline: list[tuple[float, str]] = []
+
+    def mark(self, what: str) -> None:
+        self.timeline.append((time.monotonic() - self.t0, what))
 
     def _pump(self, timeout: float) -> None:
         fds = [self.master]
@@ -102,6 +108,7 @@ class GuestRun:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if m := pat.search(getattr(self, stream)):
+                self.mark(f"seen {pattern!r}")
                 return m
             if self.proc.poll() is not None:
                 self._pump(0.2)
@@ -119,6 +126,7 @@ class GuestRun:
         return self.wait_for(pattern, timeout, stream="stderr")
 
     def send(self, data: bytes) -> None:
+        self.mark(f"sent {data[:60]!r}")
         os.write(self.master, data)
 
     def wait_exit(self, timeout: float = BOOT_TIMEOUT) -> int:
@@ -152,6 +160,8 @@ class GuestRun:
         try:
             self.machine.with_suffix(".console.log").write_bytes(self.console)
             self.machine.with_suffix(".vmrun.log").write_bytes(self.stderr)
+            self.machine.with_suffix(".timeline.txt").write_text(
+                "".join(f"{t:8.1f}s  {what}\n" for t, what in self.timeline))
         except OSError:
             pass
         if self._locked:

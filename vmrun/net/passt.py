@@ -19,6 +19,7 @@ import os
 import shutil
 import socket
 import subprocess
+import time
 from dataclasses import dataclass
 
 from vmrun.core.eventloop import EventLoop, Source
@@ -89,6 +90,18 @@ def check_forwards(forwards: list[Forward]) -> None:
             s.close()
 
 
+def _port_taken(f: Forward) -> bool:
+    """Whether someone is bound to ``f``'s host port: a bind without SO_REUSEADDR fails on a
+    listening TCP socket and on any bound UDP one."""
+    kind = socket.SOCK_STREAM if f.proto == "tcp" else socket.SOCK_DGRAM
+    with socket.socket(socket.AF_INET, kind) as s:
+        try:
+            s.bind((f.addr or "0.0.0.0", f.host_port))
+        except OSError:
+            return True
+    return False
+
+
 def resolve_auto(forwards: list[Forward]) -> list[Forward]:
     """Give each ``auto`` forward a free host port (asked of the kernel: bind to port 0)."""
     out = []
@@ -112,6 +125,9 @@ def find_passt() -> str:
 
 class UserBackend(StreamLink):
     """passt on the other end of a socket pair."""
+
+    #: How long passt may take to bind the forwarded host ports.
+    LISTEN_TIMEOUT = 10.0
 
     def __init__(self, loop: EventLoop, forwards: list[Forward], mtu: int = 1500,
                  passt: str | None = None) -> None:
@@ -141,10 +157,39 @@ class UserBackend(StreamLink):
         theirs.close()
         assert self.proc.stderr is not None
         os.set_blocking(self.proc.stderr.fileno(), False)
+        try:
+            self._await_listening(forwards)
+        except VmrunError:
+            ours.close()
+            self.proc.kill()
+            self.proc.wait()
+            self.proc.stderr.close()
+            raise
         self.exited = False
         self.pidfd = os.pidfd_open(self.proc.pid)
         self.pid_src: Source | None = loop.add(self.pidfd, self._died, owner=self)
         self._connected(ours)
+
+    def _await_listening(self, forwards: list[Forward]) -> None:
+        """Return once passt listens on every forwarded host port (it binds them after it
+        starts): a user who connects as soon as the VM is up must not be refused, as with
+        QEMU's hostfwd, which binds before the guest runs."""
+        waiting = list(forwards)
+        timeout = self.LISTEN_TIMEOUT
+        end = time.monotonic() + timeout
+        while waiting:
+            waiting = [f for f in waiting if not _port_taken(f)]
+            if not waiting:
+                return
+            if self.proc.poll() is not None:
+                words = self._last_words()
+                raise VmrunError(f"user network: passt exited with {self.proc.returncode} "
+                                 f"before it listened{f' ({words})' if words else ''}")
+            if time.monotonic() > end:
+                f = waiting[0]
+                raise VmrunError(f"user network: passt did not listen on {f.proto} host port "
+                                 f"{f.addr or '*'}:{f.host_port} within {timeout:g}s")
+            time.sleep(0.01)
 
     def _last_words(self) -> str:
         try:
