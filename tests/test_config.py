@@ -64,7 +64,7 @@ def image_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     tiny = cache / "vmrun" / "images" / "tiny"
     tiny.mkdir(parents=True)
     (tiny / "vmlinux").write_bytes(kernels.pvh_elf())
-    (tiny / "initramfs.cpio.gz").write_bytes(b"\x1f\x8b fake")
+    (tiny / "initramfs.cpio").write_bytes(b"070701 fake")
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
     return tiny
 
@@ -97,7 +97,7 @@ def test_reference_loads_with_the_documented_defaults(image_cache: Path) -> None
     assert (cfg.rtc, cfg.on_reboot, cfg.on_unhandled_io) == ("utc", "restart", "ignore")
     assert cfg.cpu.profile == "host" and cfg.cpu.features == {}
     assert cfg.boot.kernel == image_cache / "vmlinux"
-    assert cfg.boot.initrd == image_cache / "initramfs.cpio.gz"
+    assert cfg.boot.initrd == image_cache / "initramfs.cpio"
     assert cfg.serial == {"com1": SerialConfig("stdio")}
     assert list(cfg.devices) == ["rng"]
 
@@ -107,7 +107,7 @@ def test_tiny_loads(image_cache: Path) -> None:
     assert (cfg.name, cfg.cpus, cfg.memory) == ("tiny", 2, 128 * MiB)
     assert cfg.cpu.profile == "compat"
     assert cfg.boot.kernel == image_cache / "vmlinux"
-    assert cfg.boot.initrd == image_cache / "initramfs.cpio.gz"
+    assert cfg.boot.initrd == image_cache / "initramfs.cpio"
     assert cfg.boot.cmdline.startswith("console=ttyS0 ")
     assert cfg.serial == {"com1": SerialConfig("stdio")}
 
@@ -373,9 +373,9 @@ def test_absolute_paths_and_images(tmp_path: Path, image_cache: Path) -> None:
     other.mkdir()
     (other / "k").write_bytes(KERNEL)
     cfg = load_raw(machine(tmp_path, f'[boot]\nkernel = "{other / "k"}"\n'
-                                     'initrd = "image:tiny/initramfs.cpio.gz"\n'))
+                                     'initrd = "image:tiny/initramfs.cpio"\n'))
     assert cfg.boot.kernel == other / "k"
-    assert cfg.boot.initrd == image_cache / "initramfs.cpio.gz"
+    assert cfg.boot.initrd == image_cache / "initramfs.cpio"
 
 
 def test_missing_image_says_how_to_build_it(tmp_path: Path, image_cache: Path) -> None:

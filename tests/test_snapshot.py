@@ -16,7 +16,7 @@ from collections import deque
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vmrun import instances
@@ -283,11 +283,9 @@ def test_a_machine_with_virtio_devices_snapshots_and_restores(tmp_path: Path) ->
     assert "another machine: pci is" in bad.stderr, bad.stderr
 
 
-@kvm_only
-def test_a_machine_with_every_device_plugin_snapshots_and_restores(tmp_path: Path) -> None:
-    """virtio-net and e1000 (socket backends), AHCI disk and CD, the fbuf display and the
-    xHCI controller with a tablet and a keyboard: saved (the RAM file also holds the 16 MiB
-    framebuffer after guest RAM) and restored; the guest answers on its console."""
+def every_device_machine(tmp_path: Path, name: str) -> Path:
+    """A machine with every device plugin: virtio-net and e1000 (socket backends), AHCI disk
+    and CD, the fbuf display, the xHCI controller with a tablet and a keyboard."""
     disk = tmp_path / "d.img"
     disk.write_bytes(bytes(1 << 20))
     iso = tmp_path / "c.iso"
@@ -299,7 +297,14 @@ def test_a_machine_with_every_device_plugin_snapshots_and_restores(tmp_path: Pat
              f'[devices.cd]\nmodel = "ahci-cd"\npath = "{iso}"\n'
              f'[devices.fb]\nmodel = "fbuf"\nlisten = "127.0.0.1:0"\n'
              f'[devices.usb]\nmodel = "xhci"\ndevices = ["tablet", "keyboard"]\n')
-    f = machine(tmp_path, "snap3", extra=extra)
+    return machine(tmp_path, name, extra=extra)
+
+
+@kvm_only
+def test_a_machine_with_every_device_plugin_snapshots_and_restores(tmp_path: Path) -> None:
+    """Every device plugin saved (the RAM file also holds the 16 MiB framebuffer after guest
+    RAM) and restored; the guest answers on its console."""
+    f = every_device_machine(tmp_path, "snap3")
     out = vmrun("up", "-d", str(f))
     assert out.returncode == 0, out.stderr
     snap = tmp_path / "s.snap"
@@ -316,6 +321,83 @@ def test_a_machine_with_every_device_plugin_snapshots_and_restores(tmp_path: Pat
         assert pty_exchange(vm.console[4:], b"ok", b"OK") == b"OK"
     finally:
         vmrun("kill", "snap3")
+
+
+@pytest.fixture(scope="module")
+def saved_every_device(tmp_path_factory) -> tuple[Path, Path, dict]:
+    """The every-device machine saved once: (machine file, snapshot, its parsed header)."""
+    import json
+
+    if not KVM:
+        pytest.skip("no /dev/kvm")
+    d = tmp_path_factory.mktemp("fuzzsnap")
+    f = every_device_machine(d, "snapfuzz")
+    out = vmrun("up", "-d", str(f))
+    assert out.returncode == 0, out.stderr
+    snap = d / "s.snap"
+    try:
+        out = vmrun("snapshot", "snapfuzz", str(snap))
+        assert out.returncode == 0, out.stderr
+    finally:
+        vmrun("kill", "snapfuzz")
+    return f, snap, json.loads(snap.read_text())
+
+
+def _leaves(node, path=()):
+    """Every (path, value) in a JSON tree, containers included."""
+    yield path, node
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _leaves(v, (*path, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _leaves(v, (*path, i))
+
+
+_junk = (st.integers(-(1 << 70), 1 << 70) | st.sampled_from([-1, 0, 1 << 32, 1 << 64, 65536])
+         | st.text(max_size=6) | st.none() | st.booleans() | st.floats(allow_nan=False)
+         | st.lists(st.integers(-1, 300), max_size=4) | st.just({}) | st.just({"b64": "!!"})
+         | st.just({"b64": 3}) | st.just({"deque": 1}) | st.just({"a": 1, "b": 2}))
+
+
+@kvm_only
+@settings(max_examples=int(os.environ.get("VMRUN_FUZZ_EXAMPLES", "30")), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_a_damaged_snapshot_is_one_error_or_restores(saved_every_device, data) -> None:
+    """A snapshot file is input: any one value of it replaced (or a key deleted) by junk is
+    either restored or refused with one VmrunError, never another exception from vmrun."""
+    import json
+    import tempfile
+
+    from vmrun.config import load_machine
+    from vmrun.errors import VmrunError
+    from vmrun.machine import Machine
+    from vmrun.snapshot import restore
+
+    f, snap, header = saved_every_device
+    header = json.loads(json.dumps(header))
+    paths = [p for p, _ in _leaves(header) if p and p[0] in ("state", "machine")]
+    where = data.draw(st.sampled_from(paths), label="path")
+    parent = header
+    for k in where[:-1]:
+        parent = parent[k]
+    if isinstance(parent, dict) and data.draw(st.booleans(), label="delete"):
+        del parent[where[-1]]
+    else:
+        parent[where[-1]] = data.draw(_junk, label="value")
+    with tempfile.TemporaryDirectory() as tmp:
+        bad = Path(tmp) / "bad.snap"
+        bad.write_text(json.dumps(header))
+        os.symlink(f"{snap}.ram", f"{bad}.ram")
+        cfg = load_machine(f)
+        m = Machine(cfg, {})
+        try:
+            restore(cfg, m, bad)
+        except VmrunError as e:
+            assert "\n" not in str(e)
+        finally:
+            m.close()
 
 
 def test_virtio_rnd_state_moves_to_a_fresh_transport() -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -145,6 +146,9 @@ def load_header(path: Path) -> dict[str, Any]:
     if header.get("version") != VERSION:
         raise VmrunError(f"{path}: snapshot version {header.get('version')!r}, this vmrun "
                          f"reads {VERSION}")
+    for key in ("machine", "state"):
+        if not isinstance(header.get(key), dict):
+            raise VmrunError(f"{path}: damaged snapshot: {key!r} is not a table")
     return header
 
 
@@ -162,5 +166,10 @@ def restore(cfg: MachineConfig, machine: Machine, path: Path,
     _read_ram(machine, ram_path(path))
     try:
         return machine.load_state(header["state"])
-    except (ValueError, KeyError, TypeError, SnapshotUnsupported) as e:
+    except KeyError as e:
+        raise VmrunError(f"{path}: damaged snapshot: no {e} in its state") from None
+    except (ValueError, TypeError, IndexError, OverflowError, struct.error,
+            SnapshotUnsupported) as e:
+        # A damaged or hand-edited file (the file is input, as a machine file is): one
+        # line; the machine was built for this restore only and is not started.
         raise VmrunError(f"{path}: cannot restore: {e}") from None

@@ -25,16 +25,20 @@ from vmrun.image import resolve_image_path
 
 REPO = Path(__file__).resolve().parents[2]
 BOOT_TIMEOUT = float(os.environ.get("VMRUN_E2E_BOOT_TIMEOUT", "900"))
-# Boots of the default guest are CPU-bound for minutes where KVM emulates guest kernel code:
-# two test sessions booting at once (several checkouts on one host) would each time out. A
-# host-wide lock, held while any GuestRun of this process is alive, runs them one at a time.
 #: Added to the command line of a guest that is snapshotted: it keeps time by kvm-clock,
 #: not the TSC. This host's KVM ignores a write of the guest's TSC, so a guest restored later
 #: sees its TSC (and, with tsc as clocksource, its clock) jump by the time since the
 #: snapshot, and a periodic-tick kernel then replays every missed tick in emulated kernel
 #: code (minutes). KVM_SET_CLOCK restores kvm-clock exactly.
 RESTORABLE = " clocksource=kvm-clock"
+# Boots of the default guest are CPU-bound for minutes where KVM emulates guest kernel code
+# (one vCPU: one host CPU): more of them at once than the host has CPUs would each time out.
+# Host-wide lock slots (``VMRUN_E2E_LOCK.0``, ``.1``, ...; ``VMRUN_E2E_SLOTS`` of them, by
+# default one per host CPU) are held while any GuestRun of this process is alive, so the
+# test sessions on one host (make test runs two beside each other, other checkouts may run
+# theirs) never run more guests than that.
 LOCK_PATH = os.environ.get("VMRUN_E2E_LOCK", "/tmp/vmrun-e2e.lock")
+SLOTS = int(os.environ.get("VMRUN_E2E_SLOTS", str(os.cpu_count() or 1)))
 _lock_fd: int | None = None
 _lock_users = 0
 
@@ -42,9 +46,18 @@ _lock_users = 0
 def _acquire_boot_lock() -> None:
     global _lock_fd, _lock_users
     if _lock_users == 0:
-        fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT, 0o666)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        _lock_fd = fd
+        while _lock_fd is None:
+            for i in range(max(1, SLOTS)):
+                fd = os.open(f"{LOCK_PATH}.{i}", os.O_RDWR | os.O_CREAT, 0o666)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    continue
+                _lock_fd = fd
+                break
+            else:
+                time.sleep(0.5)
     _lock_users += 1
 
 
@@ -184,7 +197,7 @@ def require_guest_image() -> tuple[Path, Path]:
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         pytest.skip("no /dev/kvm on this host")
     kernel = resolve_image_path("image:tiny/vmlinux")
-    initrd = resolve_image_path("image:tiny/initramfs.cpio.gz")
+    initrd = resolve_image_path("image:tiny/initramfs.cpio")
     if not kernel.exists() or not initrd.exists():
         pytest.fail("the default guest is not built: run `vmrun image build tiny` "
                     "(make test does it first)")

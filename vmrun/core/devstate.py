@@ -58,11 +58,17 @@ def decode(value: Any) -> Any:
     if isinstance(value, list):
         return [decode(v) for v in value]
     if isinstance(value, dict):
+        if len(value) != 1:
+            raise ValueError(f"an encoded value has one key, not {sorted(value)}")
         (kind, inner), = value.items()
+        if kind in ("bytearray", "b64") and not isinstance(inner, str):
+            raise ValueError(f"{kind}: {type(inner).__name__}, not base64 text")
+        if kind in ("deque", "tuple") and not isinstance(inner, list):
+            raise ValueError(f"{kind}: {type(inner).__name__}, not a list")
         if kind == "bytearray":
-            return bytearray(base64.b64decode(inner))
+            return bytearray(base64.b64decode(inner, validate=True))
         if kind == "b64":
-            return base64.b64decode(inner)
+            return base64.b64decode(inner, validate=True)
         if kind == "deque":
             return deque(decode(v) for v in inner)
         if kind == "tuple":
@@ -91,10 +97,25 @@ def load_fields(obj: Any, fields: dict[str, Any]) -> None:
             raise ValueError(f"{type(obj).__name__} has no attribute {k!r}")
         value = decode(v)
         old = current[k]
-        if isinstance(old, bytearray) and isinstance(value, bytearray) and len(old) == len(value):
+        check_type(f"{type(obj).__name__}.{k}", old, value)
+        if isinstance(old, bytearray):
             old[:] = value          # keep the object: views and aliases stay valid
         else:
             setattr(obj, k, value)
+
+
+def check_type(name: str, old: Any, value: Any) -> None:
+    """A snapshot file is input: a saved field must be of the type the device holds there
+    (an int register stays an int, a register file keeps its length), so that a damaged or
+    hand-edited file is one error at restore, not a crash of the running VMM later. None
+    stands for "not set" on either side (optional fields)."""
+    if old is None or value is None:
+        return
+    if type(old) is not type(value) and not (isinstance(old, float) and type(value) is int):
+        raise ValueError(f"{name}: saved as {type(value).__name__}, the device holds "
+                         f"{type(old).__name__}")
+    if isinstance(old, bytearray) and len(old) != len(value):
+        raise ValueError(f"{name}: {len(value)} bytes saved, the device holds {len(old)}")
 
 
 def versioned(version: int, fields: dict[str, Any]) -> dict[str, Any]:

@@ -331,7 +331,13 @@ class PciDevice:
         """Config space back (the root then re-decodes the BARs), then the device's own."""
         from vmrun.core.devstate import decode
 
-        self.config.data[:] = decode(state["config"])
+        config = decode(state["config"])
+        if not isinstance(config, bytes) or len(config) != len(self.config.data):
+            raise ValueError(f"{self.name}: config space of {len(config)} bytes saved, the "
+                             f"function has {len(self.config.data)}"
+                             if isinstance(config, bytes) else
+                             f"{self.name}: config space saved as {type(config).__name__}")
+        self.config.data[:] = config
         if self.irq is not None:
             self.irq.load_state(state.get("irq", {}))
         self.load_device_state(state["device"])
