@@ -370,7 +370,9 @@ def test_a_damaged_snapshot_is_one_error_or_restores(saved_every_device, data) -
     import json
     import tempfile
 
+    from vmrun.chardev import NullBackend
     from vmrun.config import load_machine
+    from vmrun.core.host import HostContext
     from vmrun.errors import VmrunError
     from vmrun.machine import Machine
     from vmrun.snapshot import restore
@@ -391,13 +393,16 @@ def test_a_damaged_snapshot_is_one_error_or_restores(saved_every_device, data) -
         bad.write_text(json.dumps(header))
         os.symlink(f"{snap}.ram", f"{bad}.ram")
         cfg = load_machine(f)
-        m = Machine(cfg, {})
+        host = HostContext()
+        host.start()
+        m = Machine(cfg, {"com1": NullBackend(host.loop)}, host=host)
         try:
             restore(cfg, m, bad)
         except VmrunError as e:
             assert "\n" not in str(e)
         finally:
             m.close()
+            host.close()
 
 
 def test_virtio_rnd_state_moves_to_a_fresh_transport() -> None:
