@@ -340,7 +340,17 @@ def saved_every_device(tmp_path_factory) -> tuple[Path, Path, dict]:
         assert out.returncode == 0, out.stderr
     finally:
         vmrun("kill", "snapfuzz")
-    return f, snap, json.loads(snap.read_text())
+    return _Saved(f, snap, json.loads(snap.read_text()))
+
+
+class _Saved(tuple):
+    """(machine file, snapshot, header) with a short repr (hypothesis prints its input)."""
+
+    def __new__(cls, *items):
+        return super().__new__(cls, items)
+
+    def __repr__(self) -> str:
+        return f"<saved {self[1]}>"
 
 
 def _leaves(node, path=()):
@@ -379,8 +389,14 @@ def test_a_damaged_snapshot_is_one_error_or_restores(saved_every_device, data) -
 
     f, snap, header = saved_every_device
     header = json.loads(json.dumps(header))
-    paths = [p for p, _ in _leaves(header) if p and p[0] in ("state", "machine")]
-    where = data.draw(st.sampled_from(paths), label="path")
+    # A part first (the machine's identity, a device: PCI functions by slot, the UART...),
+    # then a value in it: the e1000's register file alone has 32 768 leaves.
+    parts: dict[tuple, list[tuple]] = {}
+    for p, _ in _leaves(header):
+        if p and p[0] in ("state", "machine"):
+            parts.setdefault(p[:3] if p[:2] == ("state", "pci") else p[:2], []).append(p)
+    part = data.draw(st.sampled_from(sorted(parts, key=str)), label="part")
+    where = data.draw(st.sampled_from(parts[part]), label="path")
     parent = header
     for k in where[:-1]:
         parent = parent[k]
@@ -400,6 +416,11 @@ def test_a_damaged_snapshot_is_one_error_or_restores(saved_every_device, data) -
             restore(cfg, m, bad)
         except VmrunError as e:
             assert "\n" not in str(e)
+        else:
+            try:                    # what it took is state the devices can work with: a
+                m.save_state()      # device it left stuck may refuse, in one line
+            except VmrunError as e:
+                assert "\n" not in str(e)
         finally:
             m.close()
             host.close()

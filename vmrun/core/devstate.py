@@ -116,6 +116,48 @@ def check_type(name: str, old: Any, value: Any) -> None:
                          f"{type(old).__name__}")
     if isinstance(old, bytearray) and len(old) != len(value):
         raise ValueError(f"{name}: {len(value)} bytes saved, the device holds {len(old)}")
+    if isinstance(old, list | tuple | deque) and old:
+        if len(old) == len(value):          # a register file: each entry keeps its type
+            for i, (o, v) in enumerate(zip(old, value, strict=True)):
+                check_type(f"{name}[{i}]", o, v)
+        elif all(type(o) is type(old[0]) for o in old):     # a queue of one kind of entry
+            for i, v in enumerate(value):
+                check_type(f"{name}[{i}]", old[0], v)
+
+
+def check_like(name: str, template: Any, saved: Any) -> None:
+    """``saved`` (a device's state from a snapshot file, encoded as saved) has the shape of
+    ``template`` (the same device's state as a fresh one saves it): the same keys at every
+    level and values of the same types (:func:`check_type`). A device with its own state
+    shape is checked this way before it reads a field, so a damaged file is a ValueError
+    naming the field, never a crash of the VMM later."""
+    if isinstance(template, dict) and not _is_encoded(template):
+        if not isinstance(saved, dict) or _is_encoded(saved):
+            raise ValueError(f"{name}: saved as {type(saved).__name__}, not a table")
+        if set(saved) != set(template):
+            missing, extra = set(template) - set(saved), set(saved) - set(template)
+            raise ValueError(f"{name}: " + "; ".join(
+                ([f"missing {sorted(missing)}"] if missing else []) +
+                ([f"unknown {sorted(extra)}"] if extra else [])))
+        for k, v in template.items():
+            check_like(f"{name}.{k}", v, saved[k])
+        return
+    if isinstance(template, list) and any(isinstance(t, dict) and not _is_encoded(t)
+                                          for t in template):
+        if not isinstance(saved, list):     # a list of tables (a transport's queues)
+            raise ValueError(f"{name}: saved as {type(saved).__name__}, not a list")
+        if len(saved) == len(template):
+            for i, (t, v) in enumerate(zip(template, saved, strict=True)):
+                check_like(f"{name}[{i}]", t, v)
+        else:
+            for i, v in enumerate(saved):
+                check_like(f"{name}[{i}]", template[0], v)
+        return
+    check_type(name, decode(template), decode(saved))
+
+
+def _is_encoded(value: dict) -> bool:
+    return len(value) == 1 and next(iter(value)) in ("b64", "bytearray", "deque", "tuple")
 
 
 def versioned(version: int, fields: dict[str, Any]) -> dict[str, Any]:
@@ -129,7 +171,10 @@ def check_version(name: str, state: dict[str, Any], version: int) -> dict[str, A
     if not isinstance(state, dict) or state.get("version") != version:
         got = state.get("version") if isinstance(state, dict) else None
         raise ValueError(f"{name}: state version {got!r}, this vmrun has {version}")
-    return {k: decode(v) for k, v in state.get("fields", {}).items()}
+    fields = state.get("fields", {})
+    if not isinstance(fields, dict):
+        raise ValueError(f"{name}: fields saved as {type(fields).__name__}, not a table")
+    return {k: decode(v) for k, v in fields.items()}
 
 
 class PlainState:
@@ -145,4 +190,4 @@ class PlainState:
 
     def load_state(self, state: dict[str, Any]) -> None:
         check_version(type(self).__name__, state, self.state_version)
-        load_fields(self, state.get("fields", {}))
+        load_fields(self, state["fields"] if "fields" in state else {})

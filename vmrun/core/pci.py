@@ -328,8 +328,9 @@ class PciDevice:
                 "irq": self.irq.save_state() if self.irq is not None else {}}
 
     def load_state(self, state: dict) -> None:
-        """Config space back (the root then re-decodes the BARs), then the device's own."""
-        from vmrun.core.devstate import decode
+        """Config space back (the root then re-decodes the BARs), then the device's own,
+        once it has the shape of what this device saves (a snapshot file is input)."""
+        from vmrun.core.devstate import SnapshotUnsupported, check_like, decode
 
         config = decode(state["config"])
         if not isinstance(config, bytes) or len(config) != len(self.config.data):
@@ -337,10 +338,17 @@ class PciDevice:
                              f"function has {len(self.config.data)}"
                              if isinstance(config, bytes) else
                              f"{self.name}: config space saved as {type(config).__name__}")
+        device = state["device"]
+        try:
+            template = self.device_state()      # the shape this device, fresh, saves
+        except SnapshotUnsupported:
+            template = None                     # load_device_state says so
+        if template is not None and device:
+            check_like(self.name, template, device)
         self.config.data[:] = config
         if self.irq is not None:
             self.irq.load_state(state.get("irq", {}))
-        self.load_device_state(state["device"])
+        self.load_device_state(device)
 
     def device_state(self) -> dict:
         """The device's own guest-visible state (registers, queues), plain data, with the
