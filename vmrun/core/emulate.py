@@ -6,7 +6,8 @@ finishes the job where that is safe:
 
 - ``int3``: inject #BP (Linux runs an INT3 self-test at boot);
 - ``clac``/``stac``: flip RFLAGS.AC;
-- ``fnclex``/``fclex``, ``emms``, ``fwait``: x87 state changes done through KVM_GET/SET_FPU;
+- ``fnclex``/``fclex``, ``emms``: x87 state changes done through KVM_GET/SET_FPU; ``fwait``
+  (no x87 exception is ever pending here) only advances RIP;
 
 and for anything else ends the VM with the instruction bytes and registers, never hanging.
 """
@@ -104,7 +105,9 @@ def emulate(vcpu: Vcpu, mnemonic: str, length: int, regs) -> None:
             regs.rflags &= ~RFLAGS_AC
         else:
             regs.rflags |= RFLAGS_AC
-    elif mnemonic in ("fnclex", "fclex", "emms", "fwait"):
+    elif mnemonic in ("fnclex", "fclex", "emms"):
+        # (fwait, which waits for pending x87 exceptions vmrun never raises, only advances
+        # RIP: no FPU state round trip through KVM for it.)
         fpu = ffi.new("struct kvm_fpu *")
         kvm.ioctl(vcpu.fd, kvm.KVM_GET_FPU, fpu)
         if mnemonic in ("fnclex", "fclex"):
