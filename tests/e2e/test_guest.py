@@ -36,6 +36,7 @@ import pytest
 
 from tests.e2e.harness import (
     RESTORABLE,
+    RESTORABLE_DONE,
     GuestRun,
     ShellSnapshot,
     ext4_mount_count,
@@ -145,7 +146,7 @@ runcmd = ["echo from-vmrun"]
     # One vCPU: guest user space under the syscall fix-up has crashed with two vCPUs under
     # heavy host load (issue 8); SMP is checked by the smp-root boot (e2e_pending).
     m = machine_file(d / "default.toml", kernel=kernel, initrd=initrd,
-                     cmdline=tiny_cmdline() + RESTORABLE + " panic=1 reboot=k",
+                     cmdline=tiny_cmdline() + " panic=1 reboot=k",
                      devices=devices, cpus=1)
 
     def env_for(where: Path) -> dict[str, str]:
@@ -169,6 +170,8 @@ runcmd = ["echo from-vmrun"]
             run.send(b"dd if=/dev/hwrng bs=16 count=1 2>/dev/null | wc -c\r")
             run.wait_for(r"\b16\b", 60)
             # Saved at the shell: the checks below each restore their own copy of it.
+            run.send(RESTORABLE.encode() + b"\r")
+            run.wait_for(RESTORABLE_DONE, 120)
             t0 = time.monotonic()
             shell.take()
             seen["snapshot_s"] = time.monotonic() - t0
