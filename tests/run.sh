@@ -12,6 +12,9 @@ DEVLOG=${VMRUN_DEVICES_LOG:-.test-e2e-devices.log}
 DEVICES=(tests/e2e/test_ahci.py tests/e2e/test_fbuf.py tests/e2e/test_net.py
          tests/e2e/test_xhci.py)
 E2E=(-ra -m "e2e and not e2e_pending" --durations=15)
+# Each end-to-end run keeps its guests' consoles, vmrun's messages and timelines here (beside
+# their machine files) until the next make test, for a post-mortem.
+TMP=${VMRUN_E2E_TMP:-${TMPDIR:-/tmp}/vmrun-e2e-$(id -u)}
 # Job control on: without it bash starts a background job with SIGINT ignored, and the tests
 # that interrupt a conversion as Ctrl-C would (SIGINT to vmrun) would see nothing happen.
 set -m
@@ -19,7 +22,8 @@ set -m
 units_pid=$!
 devices_pid=
 if [ $# -eq 0 ]; then
-    "$PY" -m pytest -p no:cacheprovider "${E2E[@]}" "${DEVICES[@]}" >"$DEVLOG" 2>&1 &
+    "$PY" -m pytest -p no:cacheprovider "${E2E[@]}" --basetemp "$TMP/devices" "${DEVICES[@]}" \
+        >"$DEVLOG" 2>&1 &
     devices_pid=$!
 fi
 set +m
@@ -29,10 +33,10 @@ if [ -n "$devices_pid" ]; then
          "(their reports follow)"
     deselect=()
     for m in "${DEVICES[@]}"; do deselect+=(--ignore "$m"); done
-    "$PY" -m pytest "${E2E[@]}" tests/e2e "${deselect[@]}"
+    "$PY" -m pytest "${E2E[@]}" --basetemp "$TMP/main" tests/e2e "${deselect[@]}"
 else
     echo "==> the unit and KVM tests run beside the end-to-end boots (their report follows)"
-    "$PY" -m pytest "${E2E[@]}" "$@"
+    "$PY" -m pytest "${E2E[@]}" --basetemp "$TMP/main" "$@"
 fi
 e2e=$?
 devices=0
