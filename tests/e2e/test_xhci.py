@@ -47,9 +47,12 @@ def drive_xhci(run: GuestRun) -> None:
     command line spells differently (E''ND), so the shell's echo of it cannot match."""
     run.wait_for(r"input: vmrun USB Keyboard", 600)
     run.wait_for(r"input: vmrun USB Tablet", 60)
-    run.send(b'for d in /sys/bus/usb/devices/*; do [ -f $d/idVendor ] && '
-             b'echo "USBDEV $(basename $d) $(cat $d/idVendor):$(cat $d/idProduct) '
-             b'$(cat $d/speed) [$(cat $d/product)]"; done; echo XHCI-SYSFS-E\'\'ND\r')
+    # sysfs read by the shell itself: a program per value costs seconds of emulated kernel
+    # code here.
+    run.send(b'for d in /sys/bus/usb/devices/*; do [ -f $d/idVendor ] && { v=; p=; s=; n=; '
+             b'read v <$d/idVendor; read p <$d/idProduct; read s <$d/speed; '
+             b'read n <$d/product; echo "USBDEV ${d##*/} $v:$p $s [$n]"; } 2>/dev/null; done; '
+             b'echo XHCI-SYSFS-E\'\'ND\r')
     run.wait_for(r"XHCI-SYSFS-END\s", TOKEN_TIMEOUT)
     run.send(b'grep -E "^(N|B: ABS|B: EV)" /proc/bus/input/devices | sed "s/^/INPUTDEV /";'
              b' echo XHCI-INPUT-E\'\'ND\r')
