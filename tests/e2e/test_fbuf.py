@@ -117,13 +117,10 @@ def drive_fbuf(run: GuestRun, port: int, d: Path, user_space: bool,
     # that stays within one scanline (drm_fb_helper_memory_range_to_clip: x2 = 0 when it ends
     # at the end of the line), so a dd from a pipe, whose last write is such a piece, leaves
     # that piece out of the framebuffer (seen on the first run: row 415 from x=512 on).
-    # The pixels from three programs ("abc\n" repeated, mapped to B, G, R, X): each program
-    # started costs seconds of emulated kernel code here.
     band = BAND_ROWS * WIDTH * 4
-    # A program that crashed at its start (issue 8) leaves the file short: made again then.
-    run.send(f"for t in 1 2 3; do yes abc | head -c {band} | "
-             f"tr 'abc\\n' '\\000\\000\\377\\000' >/tmp/band; "
-             f"[ \"$(wc -c </tmp/band)\" = {band} ] && break; done; "
+    run.send(f"printf '\\000\\000\\377\\000' >/tmp/p; for i in 1 2 3 4 5 6 7 8 9; do "
+             f"cat /tmp/p /tmp/p >/tmp/q; mv /tmp/q /tmp/p; done; for i in $(seq {BAND_ROWS}); "
+             f"do cat /tmp/p /tmp/p; done | head -c {band} >/tmp/band; "
              f"dd if=/tmp/band of=/dev/fb0 bs={band} seek={BAND_ROW * WIDTH * 4 // band} "
              f"2>/dev/null; echo band-$((1+1))done\r".encode())
     run.wait_for(r"band-2done", SHELL_TIMEOUT)   # the shell's answer, not the echoed command
