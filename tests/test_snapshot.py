@@ -300,19 +300,25 @@ def every_device_machine(tmp_path: Path, name: str) -> Path:
     return machine(tmp_path, name, extra=extra)
 
 
+def save_running(f: Path, name: str, snap: Path) -> Path:
+    """Start machine file ``f`` in the background, snapshot it to ``snap`` (one line, exit
+    0), kill it."""
+    out = vmrun("up", "-d", str(f))
+    assert out.returncode == 0, out.stderr
+    try:
+        out = vmrun("snapshot", name, str(snap))
+        assert out.returncode == 0 and out.stderr.count("\n") == 1, out.stderr
+    finally:
+        vmrun("kill", name)
+    return snap
+
+
 @kvm_only
 def test_a_machine_with_every_device_plugin_snapshots_and_restores(tmp_path: Path) -> None:
     """Every device plugin saved (the RAM file also holds the 16 MiB framebuffer after guest
     RAM) and restored; the guest answers on its console."""
     f = every_device_machine(tmp_path, "snap3")
-    out = vmrun("up", "-d", str(f))
-    assert out.returncode == 0, out.stderr
-    snap = tmp_path / "s.snap"
-    try:
-        out = vmrun("snapshot", "snap3", str(snap))
-        assert out.returncode == 0 and out.stderr.count("\n") == 1, out.stderr
-    finally:
-        vmrun("kill", "snap3")
+    snap = save_running(f, "snap3", tmp_path / "s.snap")
     assert Path(f"{snap}.ram").stat().st_size == (64 << 20) + (16 << 20)
     out = vmrun("up", "-d", "--console", "pty", "--restore", str(snap), str(f))
     assert out.returncode == 0, out.stderr
@@ -332,14 +338,7 @@ def saved_every_device(tmp_path_factory) -> tuple[Path, Path, dict]:
         pytest.skip("no /dev/kvm")
     d = tmp_path_factory.mktemp("fuzzsnap")
     f = every_device_machine(d, "snapfuzz")
-    out = vmrun("up", "-d", str(f))
-    assert out.returncode == 0, out.stderr
-    snap = d / "s.snap"
-    try:
-        out = vmrun("snapshot", "snapfuzz", str(snap))
-        assert out.returncode == 0, out.stderr
-    finally:
-        vmrun("kill", "snapfuzz")
+    snap = save_running(f, "snapfuzz", d / "s.snap")
     return _Saved(f, snap, json.loads(snap.read_text()))
 
 
