@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.harness import BOOT_TIMEOUT, GuestRun, require_guest_image
+from tests.e2e.harness import BOOT_TIMEOUT, POWEROFF, GuestRun, require_guest_image
 
 
 @dataclass
@@ -108,7 +108,10 @@ backend = "stdio"
         if "fbuf-drive" in boot.failed:       # the checks whose step did not run say why
             boot.parts["fbuf"].vnc_log.append(boot.failed["fbuf-drive"])
         if boot.user_space:
-            run.send(b"poweroff\r")
+            if boot.failed:                   # a step that timed out may still be running
+                run.send(b"\x03")
+                time.sleep(2)
+            run.send(POWEROFF)
         try:
             boot.returncode = run.wait_exit(300)
         except AssertionError as e:     # the checks that need the exit code say so

@@ -36,6 +36,10 @@ BOOT_TIMEOUT = float(os.environ.get("VMRUN_E2E_BOOT_TIMEOUT", "900"))
 RESTORABLE = ("echo kvm-clock >/sys/devices/system/clocksource/clocksource0/current_clocksource;"
               " sed 's/^/CS=/' /sys/devices/system/clocksource/clocksource0/current_clocksource")
 RESTORABLE_DONE = r"CS=kvm-clock"
+#: How a test powers the guest off from its shell. ``poweroff`` only signals init, which then
+#: shuts down by itself; the short-lived ``poweroff`` process is what issue 8's crashes (a
+#: fresh process that dies at its first TLS access) can hit, so a crashed one is run again.
+POWEROFF = b"until poweroff; do sleep 1; done\r"
 # Boots of the default guest are CPU-bound for minutes where KVM emulates guest kernel code
 # (one vCPU: one host CPU): more of them at once than the host has CPUs would each time out.
 # Host-wide lock slots (``VMRUN_E2E_LOCK.0``, ``.1``, ...; ``VMRUN_E2E_SLOTS`` of them, by

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import GuestRun, make_ext4
+from tests.e2e.harness import POWEROFF, GuestRun, make_ext4
 
 pytestmark = pytest.mark.e2e
 
@@ -115,7 +115,7 @@ def drive_ahci_shell(run: GuestRun, poweroff: bool = True) -> list[str]:
          "echo EXT4-RC=$?", r"EXT4-RC=\d+")
     step("umount /mnt/cd; sync; echo SYNC-$((9*7))", r"SYNC-63\s")
     if poweroff:
-        run.send(b"poweroff\r")
+        run.send(POWEROFF)
     return missed
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import GuestRun, require_guest_image, tiny_cmdline
+from tests.e2e.harness import POWEROFF, GuestRun, require_guest_image, tiny_cmdline
 
 pytestmark = pytest.mark.e2e
 BLOB_SIZE = 192 * 1024
@@ -169,7 +169,7 @@ backend = "stdio"
         if boot.user_space:
             time.sleep(2)
             boot.results = e1000_drive(run, host)
-            run.send(b"poweroff\r")
+            run.send(POWEROFF)
         boot.returncode = run.wait_exit(300)
         return boot
     finally:

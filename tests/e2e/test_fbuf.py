@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import GuestRun, tiny_cmdline
+from tests.e2e.harness import POWEROFF, GuestRun, tiny_cmdline
 
 pytestmark = pytest.mark.e2e
 
@@ -170,7 +170,7 @@ def drive_fbuf(run: GuestRun, port: int, d: Path, user_space: bool,
     except AssertionError:
         pass
     if poweroff:
-        run.send(b"poweroff\r")
+        run.send(POWEROFF)
     return out
 
 

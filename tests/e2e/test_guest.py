@@ -35,6 +35,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.harness import (
+    POWEROFF,
     RESTORABLE,
     RESTORABLE_DONE,
     GuestRun,
@@ -175,7 +176,7 @@ runcmd = ["echo from-vmrun"]
             t0 = time.monotonic()
             shell.take()
             seen["snapshot_s"] = time.monotonic() - t0
-            run.send(b"poweroff\r")
+            run.send(POWEROFF)
         else:
             fm = re.search(r"init\[1\]: segfault[^\r\n]*|Attempted to kill init[^\r\n]*",
                            run.text)
@@ -208,7 +209,7 @@ def in_restored_shell(boot: Boot, where: Path, command: bytes, done: str,
         run.send(command + b"\r")
         run.wait_for(done, timeout)
         seconds = time.monotonic() - t0
-        run.send(b"poweroff\r")
+        run.send(POWEROFF)
         code = run.wait_exit(300)
     finally:
         run.close()

@@ -45,6 +45,11 @@ class MockVirtqueue:
         self.desc = alloc.alloc(16 * size, 16)
         self.avail = alloc.alloc(6 + 2 * size, 2)
         self.used = alloc.alloc(6 + 8 * size, 4)
+        # Fresh rings are zeroed, as Linux's are: a reset driver that reuses the memory must
+        # not read the last run's used entries as new ones (a test raced on that).
+        for addr, n in ((self.desc, 16 * size), (self.avail, 6 + 2 * size),
+                        (self.used, 6 + 8 * size)):
+            mem.write(addr, bytes(n))
         self.free = 0
         self.avail_idx = 0
         self.last_used = 0
