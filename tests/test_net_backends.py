@@ -29,7 +29,7 @@ from vmrun.net.options import (
     parse_mac,
 )
 from vmrun.net.passt import UserBackend, parse_forward
-from vmrun.net.stream import MAX_FRAME, SocketBackend, StreamLink, parse_endpoint
+from vmrun.net.stream import MAX_FRAME, SocketBackend, StreamLink, parse_endpoint, unpadded
 from vmrun.plugins.registry import DeviceType, OptionError, validate_options
 from vmrun.testing.nic import LoopbackBackend, ethernet, loopback_pair
 
@@ -570,3 +570,120 @@ def test_backend_is_made_once_per_run_and_closed_with_it(tmp_path: Path) -> None
     assert a is b and (tmp_path / "l.sock").exists()
     host.close()
     assert not (tmp_path / "l.sock").exists()
+
+
+def _tcp_frame(src_mac: bytes, dst_mac: bytes, src: bytes, dst: bytes, sport: int,
+               dport: int, seq: int, ack: int, flags: int, payload: bytes = b"",
+               options: bytes = b"") -> bytes:
+    """An Ethernet/IPv4/TCP frame with both checksums right (no padding)."""
+    doff = (20 + len(options)) // 4
+    tcp = struct.pack(">HHIIBBHHH", sport, dport, seq, ack, doff << 4, flags, 64240, 0, 0)
+    tcp += options + payload
+    pseudo = src + dst + struct.pack(">BBH", 0, 6, len(tcp))
+    c = _csum(pseudo + tcp)
+    tcp = tcp[:16] + struct.pack(">H", c) + tcp[18:]
+    ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 1, 0x4000, 64, 6, 0, src, dst)
+    ip = ip[:10] + struct.pack(">H", _csum(ip)) + ip[12:]
+    return ethernet(dst_mac, src_mac, 0x0800, ip + tcp)
+
+
+@needs_passt
+def test_passt_ignores_ethernet_padding_on_short_tcp_segments(loop) -> None:
+    """Linux's e1000 driver pads every frame to 60 bytes itself. passt (Debian 12's) reads
+    such padding as TCP payload: the pure ACKs that complete a handshake or acknowledge data
+    were ignored (the e1000 boot's 192 KiB download ended in a reset). The user backend
+    sends short frames without their padding."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    srv.settimeout(10)
+    port = srv.getsockname()[1]
+    be = UserBackend(loop, [])
+    try:
+        nic = Nic(be)
+        assert send_on_loop(loop, be, [dhcp_discover(GUEST_MAC)])
+        assert nic.wait(lambda: any(f[12:14] == b"\x08\x00" and f[23] == 17
+                                    for f in nic.frames), 10), nic.frames
+        offer = next(f for f in nic.frames if f[12:14] == b"\x08\x00" and f[23] == 17)
+        me = bytes(offer[14 + 20 + 8 + 16:14 + 20 + 8 + 20])
+        gw = me[:3] + b"\x01"
+        gw_mac = bytes(offer[6:12])
+        nic.frames.clear()
+
+        def pad(f: bytes) -> bytes:
+            return f.ljust(60, b"\0")
+
+        def seg(flags: int, seq: int, ack: int, payload: bytes = b"", opts: bytes = b""):
+            return _tcp_frame(GUEST_MAC, gw_mac, me, gw, 40000, port, seq, ack, flags,
+                              payload, opts)
+
+        def from_passt(flags: int):
+            def found() -> bool:
+                return any(f[12:14] == b"\x08\x00" and f[23] == 6 and f[47] & flags == flags
+                           for f in nic.frames)
+            assert nic.wait(found, 10), nic.frames
+            return next(f for f in nic.frames if f[12:14] == b"\x08\x00" and f[23] == 6
+                        and f[47] & flags == flags)
+
+        isn = 1000
+        assert send_on_loop(loop, be, [seg(0x02, isn, 0, opts=b"\x02\x04\x05\xb4")])  # SYN
+        synack = from_passt(0x12)
+        server_isn = struct.unpack(">I", synack[38:42])[0]
+        conn, _ = srv.accept()
+        conn.settimeout(10)
+        # the ACK that completes the handshake, and three bytes of data: both padded
+        assert send_on_loop(loop, be, [pad(seg(0x10, isn + 1, server_isn + 1))])
+        assert send_on_loop(loop, be, [pad(seg(0x18, isn + 1, server_isn + 1, b"abc"))])
+        got = b""
+        while len(got) < 3:
+            chunk = conn.recv(100)
+            assert chunk, "the connection was closed"
+            got += chunk
+        assert got == b"abc"
+        conn.close()
+    finally:
+        be.close()
+        srv.close()
+
+
+def test_padding_is_stripped_only_where_asked_and_only_after_ip_packets(loop) -> None:
+    """``unpadded`` cuts a short IPv4/IPv6 frame to its IP length and leaves anything else;
+    a ``strip_padding`` link does it in ``send`` and ``send_many``, others never."""
+    ack = _tcp_frame(GUEST_MAC, BCAST, bytes(4), bytes(4), 1, 2, 3, 4, 0x10)    # 54 bytes
+    assert unpadded([ack.ljust(60, b"\0")], 60) == ([ack], 54)
+    assert unpadded([ack[:20], memoryview(ack[20:] + bytes(6))], 60) == ([ack], 54)
+    v6 = ethernet(BCAST, GUEST_MAC, 0x86DD, struct.pack(">IHBB", 6 << 28, 2, 17, 64)
+                  + bytes(32) + b"hi")
+    assert unpadded([v6.ljust(60, b"\0")], 60) == ([v6], len(v6))
+    arp = arp_request(GUEST_MAC, bytes(4), bytes(4)).ljust(60, b"\0")
+    assert unpadded([arp], 60) == ([arp], 60)
+    lying = bytearray(ack.ljust(60, b"\0"))
+    lying[16:18] = (70).to_bytes(2, "big")                  # longer than the frame
+    assert unpadded([bytes(lying)], 60) == ([bytes(lying)], 60)
+    lying[16:18] = (3).to_bytes(2, "big")                   # shorter than an IP header
+    assert unpadded([bytes(lying)], 60) == ([bytes(lying)], 60)
+
+    ours, peer = socket.socketpair()
+    be = _Pair(loop, ours)
+    be.strip_padding = True
+    padded = ack.ljust(60, b"\0")
+    assert send_on_loop(loop, be, [padded])
+    out: list = []
+    loop.call_soon(lambda: out.append(be.send_many([[padded], [arp]])))
+    loop.sync()
+    assert out == [2]
+    want = b"".join(struct.pack(">I", len(f)) + f for f in (ack, ack, arp))
+    got = b""
+    peer.settimeout(5)
+    while len(got) < len(want):
+        got += peer.recv(4096)
+    assert got == want
+    be.close()
+    ours2, peer2 = socket.socketpair()
+    plain = _Pair(loop, ours2)                              # a socket link keeps padding
+    assert send_on_loop(loop, plain, [padded])
+    peer2.settimeout(5)
+    assert peer2.recv(4096) == struct.pack(">I", 60) + padded
+    plain.close()
+    peer.close()
+    peer2.close()

@@ -208,9 +208,6 @@ def test_guest_fetches_a_file_from_the_host(e1000_boot: Boot) -> None:
     assert host.body in e1000_boot.results["wget"]
 
 
-# Failed again in this session's boot: the guest's wget saw "Connection reset by peer" on
-# the 192 KiB download or the POST (not yet traced).
-@pytest.mark.e2e_pending
 def test_blob_round_trip_through_the_device(e1000_boot: Boot) -> None:
     """192 KiB host -> guest (receive ring, checksum offload), then guest -> host in a POST
     (TSO and checksum offload done by the device): the host compares the bytes."""
@@ -225,7 +222,6 @@ def test_blob_round_trip_through_the_device(e1000_boot: Boot) -> None:
 
 
 # Needs the POST of test_blob_round_trip_through_the_device.
-@pytest.mark.e2e_pending
 def test_capture_shows_wire_sized_frames_from_the_guest(e1000_boot: Boot) -> None:
     _need_user_space(e1000_boot)
     out = subprocess.run(["tcpdump", "-n", "-e", "-r", str(e1000_boot.host.pcap), "tcp"],

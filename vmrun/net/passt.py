@@ -126,6 +126,8 @@ def find_passt() -> str:
 class UserBackend(StreamLink):
     """passt on the other end of a socket pair."""
 
+    strip_padding = True        # passt reads a short frame's padding as TCP payload
+
     #: How long passt may take to bind the forwarded host ports.
     LISTEN_TIMEOUT = 10.0
 

@@ -10,7 +10,9 @@ non-blocking socket, on the event loop:
   broken peer: the connection is closed and the link goes down;
 - ``send`` gathers the length and the frame's pieces in one ``sendmsg``; a frame the socket
   takes only in part is finished from a small pending buffer before anything else goes out
-  (``send`` answers False meanwhile, and the NIC hears ``writable`` when it is through).
+  (``send`` answers False meanwhile, and the NIC hears ``writable`` when it is through);
+- with ``strip_padding`` (passt), a frame of at most 60 bytes goes out without the Ethernet
+  padding after its IP packet (:func:`unpadded`).
 
 :class:`SocketBackend` listens on or connects to a unix path or a loopback TCP port: a
 listener takes one peer at a time (the link is up while one is connected), a connector tries
@@ -38,11 +40,36 @@ RBUF_SIZE = 4 * MAX_FRAME
 _LEN = struct.Struct(">I")
 IOV_BATCH = 1024                            # pieces per sendmsg (the kernel's UIO_MAXIOV)
 EPOLLRDHUP = getattr(select, "EPOLLRDHUP", 0x2000)
+ETH_ZLEN = 60                               # frames are padded up to this on a wire
+
+
+def unpadded(frame: Sequence[memoryview | bytes], n: int) -> tuple[list[bytes], int]:
+    """A short IPv4/IPv6 frame (``n`` bytes, up to 60) cut to its IP packet's length.
+
+    Ethernet pads frames to 60 bytes, and some guest drivers do so themselves (Linux's
+    e1000 does, for every frame). A receiver must take the IP header's length, but passt
+    (Debian 12's) reads the padding of a pure TCP ACK as payload and ignores the ACK, then
+    resets the connection. Anything else (ARP, VLAN tags, odd lengths) is left as it is."""
+    data = b"".join(bytes(p) for p in frame)
+    if n >= 14 + 20:
+        ethertype = data[12] << 8 | data[13]
+        if ethertype == 0x0800:
+            real = 14 + (data[16] << 8 | data[17])
+        elif ethertype == 0x86DD and n >= 14 + 40:
+            real = 14 + 40 + (data[18] << 8 | data[19])
+        else:
+            real = n
+        if 14 + 20 <= real < n:
+            return [data[:real]], real
+    return [data], n
 
 
 class StreamLink(NetBackend):
     """One end of a framed stream. Subclasses find the socket (``_connected``) and say what
     happens when it goes away (``_disconnected``)."""
+
+    #: Send short frames without their Ethernet padding (see :func:`unpadded`).
+    strip_padding = False
 
     def __init__(self, loop: EventLoop, kind: str, mtu: int = 1500) -> None:
         super().__init__(kind=kind, mtu=mtu, link_up=False)
@@ -156,6 +183,8 @@ class StreamLink(NetBackend):
         if total > MAX_FRAME:
             self.tx_dropped += 1
             return True
+        if total <= ETH_ZLEN and self.strip_padding:
+            frame, total = unpadded(frame, total)
         hdr = _LEN.pack(total)
         try:
             sent = sock.sendmsg([hdr, *frame])
@@ -198,6 +227,8 @@ class StreamLink(NetBackend):
                 if n > MAX_FRAME:
                     self.tx_dropped += 1
                     n = -1
+                elif n <= ETH_ZLEN and self.strip_padding:
+                    frame, n = unpadded(frame, n)
                 if n >= 0:
                     iov.append(_LEN.pack(n))
                     iov.extend(frame)

@@ -1016,8 +1016,9 @@ class E1000(PciDevice):
 
     def _finish(self, buf: bytearray, vlan: int | None, hdr: bytes = VNET_NONE) -> list:
         """VLAN tag insertion, then the pieces to send. Short frames go out as they are
-        (TCTL.PSP pads on a wire, not on a virtual link): the receiving NIC pads them, and
-        passt takes Ethernet padding for TCP data (it resets the connection)."""
+        (TCTL.PSP pads on a wire, not on a virtual link): the receiving NIC pads them. (Linux's
+        driver pads every frame itself; the ``user`` backend strips that padding, which passt
+        would take for TCP payload.)"""
         if vlan is not None:
             buf[12:12] = struct.pack(">HH", self.r[I_VET] & 0xFFFF, vlan)
         return [hdr, buf] if self.vnet else [buf]
