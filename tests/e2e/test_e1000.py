@@ -70,7 +70,9 @@ def e1000_setup(d: Path, slot: int = 6) -> tuple[str, E1000Host]:
     """The ``[devices.e1000]`` table and the host's HTTP server (on 127.0.0.1)."""
     token = "tok-" + secrets.token_hex(4)
     body = "e1000-body-" + secrets.token_hex(4)
-    blob = os.urandom(BLOB_SIZE)
+    # Random, but without NUL bytes: busybox wget sends a --post-file up to its first NUL
+    # (it takes the file for a string); every other byte value is there.
+    blob = os.urandom(BLOB_SIZE).replace(b"\0", b"\x01")
     host: E1000Host
 
     class Handler(http.server.BaseHTTPRequestHandler):
