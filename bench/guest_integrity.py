@@ -43,7 +43,7 @@ DATA_SIZE = 64 * 1024
 ARITH = 3000          # the shell loop's count
 # ucheck's mismatch counters (its other numbers count work done)
 NATIVE_KINDS = ("regs", "xmm", "ucall", "pio", "fpu", "fx", "sys", "pf", "fsswitch", "roots",
-                "remap", "shoot_ipi", "shoot_pv", "sum", "fsgs", "mem_k", "mem_u")
+                "remap", "shoot_ipi", "shoot_pv", "sum", "fsgs", "mem_k", "mem_u", "b_xmm")
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """KVM tests with the ``ucheck`` native guest: guest user mode keeps its registers, FPU state,
 FS/GS bases and memory while timer interrupts, ucalls (with and without exits to vmrun),
-context-switch-like fxsave/fxrstor, page remaps, real ``syscall``s and user-mode page faults
+context-switch-like fxsave/fxrstor, preemption between two user tasks (by the tick and from
+a user #PF's return, as Linux switches two runnable processes), page remaps, real ``syscall``s and user-mode page faults
 arrive, with 1 and 2 vCPUs (issue 8).
 
 On kvm-pvm the ``syscall``s go through vmrun's syscall fix-up (a SYSCALL stays at CPL3 and
@@ -28,7 +29,7 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not installed"),
 ]
 KINDS = ("regs", "xmm", "ucall", "pio", "fpu", "fx", "sys", "pf", "fsswitch", "roots", "remap",
-         "shoot_ipi", "shoot_pv", "sum", "fsgs", "mem_k", "mem_u")
+         "shoot_ipi", "shoot_pv", "sum", "fsgs", "mem_k", "mem_u", "b_xmm")
 
 
 def run_ucheck(tmp_path: Path, cpus: int, secs: int) -> tuple[int, str]:
@@ -63,4 +64,7 @@ def test_user_mode_state_survives_what_the_kernel_side_does(tmp_path: Path, cpus
         assert int(counts["rounds"]) > 5
         assert int(counts["syscalls"]) > 0 and int(counts["pfs"]) > 0   # both paths ran
         assert int(counts["irqs_user"]) > 0                               # IRQs hit user mode
+        # two user tasks were switched by the tick and from a #PF's return, and both ran
+        assert int(counts["preempts"]) > 0 and int(counts["pf_preempts"]) > 0
+        assert int(counts["b_rounds"]) > 0
     assert rc == 0, text[-3000:]

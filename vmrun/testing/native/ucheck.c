@@ -21,6 +21,13 @@
  *   fsswitch the timer IRQ switches "tasks" (a new FS base by wrmsr, as Linux's context
  *            switch does) and user mode's %fs:0 must follow (fsswitch=0: fixed bases, and
  *            the fsgs check instead)
+ *   preempt  every timer tick that arrives in user mode switches between this program
+ *            ("task A", all the checks above) and a second user-mode task B, as Linux
+ *            switches two runnable processes: the tick's frame is saved, fxsave64 of the
+ *            running task's FPU, fxrstor64 of the other's, its FS base by wrmsr, and iretq
+ *            into the other task where it was preempted. B spins with its own XMM0-15
+ *            values and checks them (b_xmm); A's spins check theirs (regs/xmm). This is
+ *            what broke fresh Linux processes beside a busy loop (README, issue 8).
  *   roots    16 page-table roots per CPU that map one address to 16 frames; user mode
  *            switches root (CR3 write) and must see its root's frame (see roots_setup())
  *   remap    the kernel points a user page at the other of two frames (invlpg, or a CR3
@@ -40,7 +47,7 @@
  * (INIT/SIPI), which runs the same rounds on its own region (mem uses region + 16 MiB).
  *
  * Options (PVH command line): secs=10 hz=250 spin=200000 huge=0 kcheck=500 cpus=1 ucalls=1 pio=8
- * pvflush=1 fsswitch=1
+ * pvflush=1 fsswitch=1 preempt=1
  * (hz=0: no timer). The clock is vmrun's ACPI PM timer (port 0x608), read through a ucall.
  */
 #define GUEST_NAME "ucheck"
@@ -108,6 +115,9 @@ struct cpu {
 	u64 kcheck_bad;
 	u64 kcheck_first;          /* first page the kernel found wrong, + 1 */
 	u64 kcheck_word;
+	u64 preempts, pf_preempts, b_rounds, b_bad;     /* preempt: switches, task B's windows and misses */
+	u64 b_first_got, b_first_want;     /* B's first wrong XMM lane (B cannot print) */
+	int in_b;                          /* task B is the one running in user mode */
 } __attribute__((aligned(64)));
 
 static struct cpu cpus[MAXCPU];
@@ -290,6 +300,28 @@ static void demand_pte(struct cpu *c, int present)
 	__asm__ volatile("invlpg (%0)" : : "r"(va) : "memory");
 }
 
+static u64 preempt;
+static void preempt_switch(struct cpu *c, struct frame *f);
+
+/* preempt from the #PF's return, as Linux schedules on its way back to user mode after a
+   fault: pf_entry's frame has the error code between the GPRs and the iretq frame. */
+static void preempt_from_pf(struct cpu *c, struct frame *f)
+{
+	u64 *raw = (u64 *)f;
+	struct frame t;
+	u64 *tr = (u64 *)&t;
+	for (int i = 0; i < 15; i++)
+		tr[i] = raw[i];
+	for (int i = 0; i < 5; i++)
+		tr[15 + i] = raw[16 + i];
+	preempt_switch(c, &t);
+	for (int i = 0; i < 15; i++)
+		raw[i] = tr[i];
+	for (int i = 0; i < 5; i++)
+		raw[16 + i] = tr[15 + i];
+	c->pf_preempts++;
+}
+
 /* #PF (from pf_entry): the demand page is mapped back; anything else is a real fault. */
 void pf_handler(struct frame *f)
 {
@@ -307,6 +339,8 @@ void pf_handler(struct frame *f)
 		*pte = (*pte & (0xFFFull | (1ull << 63))) | frame | 1;
 		__asm__ volatile("invlpg (%0)" : : "r"(cr2 & ~0xFFFull) : "memory");
 		c->pf_frame = frame;
+		if (preempt && !stop && !c->in_b)
+			preempt_from_pf(c, f);
 		return;
 	}
 	fault_handler(14, &f->rip + 1);               /* past the error code */
@@ -403,10 +437,53 @@ static void shoot(struct cpu *c)
 	shoot_done = gen;
 }
 
+/*
+ * preempt: two user-mode tasks on one CPU, switched by the timer tick as Linux switches
+ * two runnable processes (the frame of the preempted one kept, its FPU saved with
+ * fxsave64 and the other's restored with fxrstor64, FS base by wrmsr). B's XMM0-15 start
+ * from an fxrstor64 of a saved image whose XMM area is zero, as a fresh process's do.
+ */
+static u8 pfx[MAXCPU][2][512] __attribute__((aligned(16)));
+static struct frame task_frame[MAXCPU][2];
+static u8 b_stack[MAXCPU][16384] __attribute__((aligned(16)));
+static u64 b_fs[MAXCPU][8];
+static void __attribute__((noreturn)) b_task(struct cpu *c);
+
+static void preempt_setup(struct cpu *c)
+{
+	u8 *b = pfx[c->id][1];
+	__asm__ volatile("fxsave64 %0" : "=m"(*(u8 (*)[512])b));
+	for (int i = 160; i < 416; i++)
+		b[i] = 0;
+	struct frame *f = &task_frame[c->id][1];
+	f->rip = (u64)(uintptr_t)b_task;
+	f->cs = 0x1b;
+	f->rflags = 0x202;
+	f->rsp = (u64)(uintptr_t)(b_stack[c->id] + sizeof(b_stack[c->id])) - 8;
+	f->ss = 0x23;
+	f->rdi = (u64)(uintptr_t)c;
+	b_fs[c->id][0] = 0xb0b0000000000000ull | (u64)c->id;
+}
+
+static void preempt_switch(struct cpu *c, struct frame *f)
+{
+	/* (also from pf_handler: the #PF of the demand page, in task A) */
+	int from = c->in_b, to = !from;
+	u8 *save = pfx[c->id][from], *load = pfx[c->id][to];
+	task_frame[c->id][from] = *f;
+	__asm__ volatile("fxsave64 %0" : "=m"(*(u8 (*)[512])save));
+	__asm__ volatile("fxrstor64 %0" : : "m"(*(u8 (*)[512])load));
+	wrmsr(0xC0000100, to ? (u64)(uintptr_t)b_fs[c->id]
+		: fsswitch ? (u64)(uintptr_t)c->task_fs[c->task] : (u64)(uintptr_t)c->fs_marker);
+	*f = task_frame[c->id][to];
+	c->in_b = to;
+	c->preempts++;
+}
+
 void irq_handler(u64 vector, struct frame *f)
 {
 	struct cpu *c = this_cpu_kernel();
-	if (vector == 0x20 && (f->cs & 3) == 3 && fsswitch) {
+	if (vector == 0x20 && (f->cs & 3) == 3 && fsswitch && !c->in_b) {
 		/* a scheduler tick that switches tasks: the next task's FS base, as Linux's
 		   __switch_to writes it (wrmsr; fsgsbase is off in the guest), then iretq */
 		u64 t = c->task ^ 1;
@@ -423,6 +500,8 @@ void irq_handler(u64 vector, struct frame *f)
 		c->ticks++;
 		if ((f->cs & 3) == 3)
 			c->irqs_user++;
+		if ((f->cs & 3) == 3 && preempt && !stop)
+			preempt_switch(c, f);
 	}
 	if (vector != 0xFF)
 		wr32(LAPIC + 0xB0, 0);                 /* EOI */
@@ -656,6 +735,63 @@ static void check_regs(struct cpu *c, u64 mode)
 	}
 	if (xbad && kind != K_FPU)
 		c->xmm_bad++;
+}
+
+/*
+ * Task B (preempt): b_window(iters, in, out) loads XMM0-15 from in[0..31], adds XMM15 to
+ * XMM0-14 `iters` times and stores them to out[0..31]: the tick preempts it in that loop.
+ */
+extern void b_window(u64 iters, const u64 *in, u64 *out);
+__asm__(
+	".text\n"
+	".globl b_window\n"
+	"b_window:\n"
+	"	movdqu 0(%rsi), %xmm0\n movdqu 16(%rsi), %xmm1\n movdqu 32(%rsi), %xmm2\n"
+	"	movdqu 48(%rsi), %xmm3\n movdqu 64(%rsi), %xmm4\n movdqu 80(%rsi), %xmm5\n"
+	"	movdqu 96(%rsi), %xmm6\n movdqu 112(%rsi), %xmm7\n movdqu 128(%rsi), %xmm8\n"
+	"	movdqu 144(%rsi), %xmm9\n movdqu 160(%rsi), %xmm10\n movdqu 176(%rsi), %xmm11\n"
+	"	movdqu 192(%rsi), %xmm12\n movdqu 208(%rsi), %xmm13\n movdqu 224(%rsi), %xmm14\n"
+	"	movdqu 240(%rsi), %xmm15\n"
+	"1:	paddq %xmm15, %xmm0\n paddq %xmm15, %xmm1\n paddq %xmm15, %xmm2\n"
+	"	paddq %xmm15, %xmm3\n paddq %xmm15, %xmm4\n paddq %xmm15, %xmm5\n"
+	"	paddq %xmm15, %xmm6\n paddq %xmm15, %xmm7\n paddq %xmm15, %xmm8\n"
+	"	paddq %xmm15, %xmm9\n paddq %xmm15, %xmm10\n paddq %xmm15, %xmm11\n"
+	"	paddq %xmm15, %xmm12\n paddq %xmm15, %xmm13\n paddq %xmm15, %xmm14\n"
+	"	dec %rdi\n"
+	"	jnz 1b\n"
+	"	movdqu %xmm0, 0(%rdx)\n movdqu %xmm1, 16(%rdx)\n movdqu %xmm2, 32(%rdx)\n"
+	"	movdqu %xmm3, 48(%rdx)\n movdqu %xmm4, 64(%rdx)\n movdqu %xmm5, 80(%rdx)\n"
+	"	movdqu %xmm6, 96(%rdx)\n movdqu %xmm7, 112(%rdx)\n movdqu %xmm8, 128(%rdx)\n"
+	"	movdqu %xmm9, 144(%rdx)\n movdqu %xmm10, 160(%rdx)\n movdqu %xmm11, 176(%rdx)\n"
+	"	movdqu %xmm12, 192(%rdx)\n movdqu %xmm13, 208(%rdx)\n movdqu %xmm14, 224(%rdx)\n"
+	"	movdqu %xmm15, 240(%rdx)\n"
+	"	ret\n");
+
+/* Task B's loop, in user mode (entered by the first preempting tick, never returns): the
+   values differ in every window, and B cannot print (A's line may be half written), so it
+   counts and keeps its first wrong lane for A's report. */
+static void __attribute__((noreturn)) b_task(struct cpu *c)
+{
+	u64 in[32], out[32];
+	for (;;) {
+		u64 n = ++c->b_rounds, iters = spin / 4 + (n % 1024);
+		for (int i = 0; i < 30; i++)
+			in[i] = 0xb1b2b3b4b5b6b7b8ull ^ ((u64)i * 0x0101010101010101ull) ^ (n << 20);
+		in[30] = 1 + n % 7;
+		in[31] = 3 + n % 5;
+		b_window(iters, in, out);
+		for (int i = 0; i < 32; i++) {
+			u64 want = in[i] + (i < 30 ? iters * in[30 + (i & 1)] : 0);
+			if (out[i] != want) {
+				if (!c->b_bad) {
+					c->b_first_got = out[i];
+					c->b_first_want = want;
+				}
+				c->b_bad++;
+				break;
+			}
+		}
+	}
 }
 
 /* The `incq %gs:0x1000` that page-faulted: redone after the kernel mapped the fresh frame,
@@ -956,13 +1092,30 @@ static void report(struct cpu *out, struct cpu *c, const char *tag)
 	putu(o, c->ticks);
 	put(o, " irqs_user=");
 	putu(o, c->irqs_user);
+	put(o, " b_xmm=");
+	putu(o, c->b_bad);
+	put(o, " preempts=");
+	putu(o, c->preempts);
+	put(o, " b_rounds=");
+	putu(o, c->b_rounds);
+	put(o, " pf_preempts=");
+	putu(o, c->pf_preempts);
 	flush_line(o);
+	if (c->b_bad) {
+		put(o, "ucheck: cpu");
+		putu(o, (u64)c->id);
+		put(o, " first b_xmm mismatch: ");
+		puthex(o, c->b_first_got);
+		put(o, " want ");
+		puthex(o, c->b_first_want);
+		flush_line(o);
+	}
 }
 
 static u64 bad_total(struct cpu *c)
 {
 	return c->regs_bad + c->xmm_bad + c->ucall_bad + c->pio_bad + c->roots_bad + c->fsswitch_bad + c->remap_bad + c->shoot_bad_ipi + c->shoot_bad_pv + c->sys_bad + c->pf_bad + c->fpu_bad + c->fx_bad + c->sum_bad + c->fsgs_bad +
-		c->mem_k_bad + c->mem_u_bad;
+		c->mem_k_bad + c->mem_u_bad + c->b_bad;
 }
 
 static void user_rounds(struct cpu *c)
@@ -1069,6 +1222,7 @@ static void cpu_setup(struct cpu *c, int id)
 	wrmsr(0xC0000084, 0x47700);                          /* SFMASK: TF DF IF IOPL AC NT, as Linux */
 	c->region = (option("huge", 0) ? REGION_HUGE : REGION_SMALL) + (u64)id * REGION_SIZE;
 	roots_setup(c);
+	preempt_setup(c);
 	if (pv_tlb_flush)
 		wrmsr(0x4b564d03, (STEAL_TIME + 64 * (u64)id) | 1);   /* MSR_KVM_STEAL_TIME */
 	wr32(LAPIC + 0xF0, 0x1FF);                   /* software enable, spurious vector 0xFF */
@@ -1238,6 +1392,7 @@ void kernel_main(void)
 	__asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(cc), "=d"(dd) : "a"(0x40000001), "c"(0));
 	/* KVM_FEATURE_STEAL_TIME and PV_TLB_FLUSH, unless pvflush=0 */
 	fsswitch = option("fsswitch", 1);
+	preempt = option("preempt", 1);
 	pv_tlb_flush = option("pvflush", 1) && (a & (1 << 5)) && (a & (1 << 9));
 	gdt_setup();
 	idt_setup();
