@@ -15,6 +15,7 @@ E2E=(-ra -m "e2e and not e2e_pending" --durations=15)
 # Each end-to-end run keeps its guests' consoles, vmrun's messages and timelines here (beside
 # their machine files) until the next make test, for a post-mortem.
 TMP=${VMRUN_E2E_TMP:-${TMPDIR:-/tmp}/vmrun-e2e-$(id -u)}
+mkdir -p "$TMP"     # pytest makes --basetemp but not its parent (a fresh machine has none)
 # Job control on: without it bash starts a background job with SIGINT ignored, and the tests
 # that interrupt a conversion as Ctrl-C would (SIGINT to vmrun) would see nothing happen.
 set -m
