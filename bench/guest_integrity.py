@@ -15,6 +15,14 @@ every few seconds: page migration is what a busy host does to guest RAM):
     the wrong ones against the digest it computed itself. Holds every slot of the
     host-wide boot lock (``/tmp/vmrun-e2e.lock.N``, tests/e2e/harness.py): it boots alone.
 
+``preempt``
+    The default guest starts fresh programs one after another, ``--starts`` times each, first
+    alone and then beside a busy loop (``(while :; do :; done) &``): ``fstart``
+    (``vmrun/testing/native/fstart.c``, glibc's start-up copy into a fresh heap page, by SSE,
+    ``rep movsb`` or general registers) and busybox ``cat``. Counts the failed starts per
+    phase and copy, and the kernel's segfault lines (issue 8: beside a busy loop nearly every
+    fresh busybox died at start-up).
+
 Example: ``python bench/guest_integrity.py linux --cpus 2 --secs 90 [--load]`` (one boot, so
 one hold of the lock; keep it under ~6 minutes: boot ~3-4 minutes + ``--secs``). The last line
 is a summary: ``RESULT guest=... cpus=... load=... samples=N wrong=K rate=...``.
@@ -126,29 +134,22 @@ exit
 """
 
 
-def build_lcheck(d: Path) -> bytes:
-    """``vmrun/testing/native/lcheck.c`` as a static Linux program (no libc)."""
-    out = d / "lcheck"
+def build_lcheck(d: Path, name: str = "lcheck") -> bytes:
+    """``vmrun/testing/native/NAME.c`` as a static Linux program (no libc)."""
+    out = d / name
     subprocess.run(["gcc", "-O2", "-static", "-nostdlib", "-ffreestanding", "-fno-builtin",
                     "-fno-stack-protector", "-fcf-protection=none", "-mgeneral-regs-only",
                     "-fno-pic", "-no-pie", "-Wl,--build-id=none", "-o", str(out),
-                    str(REPO / "vmrun" / "testing" / "native" / "lcheck.c")], check=True)
+                    str(REPO / "vmrun" / "testing" / "native" / f"{name}.c")], check=True)
     return out.read_bytes()
 
 
 LCHECK_KINDS = ("regs", "sys", "fs", "mem", "cow")
 
 
-def run_linux(args: argparse.Namespace, d: Path) -> tuple[int, int, str]:
-    data = hashlib.shake_256(b"vmrun guest integrity").digest(DATA_SIZE)
-    digest = hashlib.md5(data).hexdigest()
-    lcheck = build_lcheck(d)
-    lblocks = -(-len(lcheck) // 4096)
-    script = SCRIPT.format(secs=args.secs, blocks=DATA_SIZE // 4096, arith=ARITH, same=SAME,
-                           lskip=1 + DATA_SIZE // 4096, lblocks=lblocks).encode()
-    assert len(script) < 4096
-    (d / "scratch.img").write_bytes(script.ljust(4096, b"\n") + data +
-                                    lcheck.ljust(lblocks * 4096, b"\0"))
+def boot_linux(args: argparse.Namespace, d: Path) -> str:
+    """Boot the default guest with ``d / "scratch.img"`` as /dev/vda, whose first block is the
+    script vmrun-init runs; holds every e2e lock slot; returns the console's text."""
     tiny = (REPO / "machines" / "tiny.toml").read_text()
     tiny = re.sub(r"(?m)^cpus = \d+", f"cpus = {args.cpus}", tiny)
     tiny = re.sub(r'(?m)^(cmdline = ".*)"$', r'\1 run=\"sh /dev/vda\""', tiny)
@@ -188,7 +189,20 @@ def run_linux(args: argparse.Namespace, d: Path) -> tuple[int, int, str]:
                     proc.kill()
                     proc.wait()
         print(f"boot + run: {time.monotonic() - t0:.0f} s", file=sys.stderr)
-    text = console.read_text(errors="replace") if console.exists() else ""
+    return console.read_text(errors="replace") if console.exists() else ""
+
+
+def run_linux(args: argparse.Namespace, d: Path) -> tuple[int, int, str]:
+    data = hashlib.shake_256(b"vmrun guest integrity").digest(DATA_SIZE)
+    digest = hashlib.md5(data).hexdigest()
+    lcheck = build_lcheck(d)
+    lblocks = -(-len(lcheck) // 4096)
+    script = SCRIPT.format(secs=args.secs, blocks=DATA_SIZE // 4096, arith=ARITH, same=SAME,
+                           lskip=1 + DATA_SIZE // 4096, lblocks=lblocks).encode()
+    assert len(script) < 4096
+    (d / "scratch.img").write_bytes(script.ljust(4096, b"\n") + data +
+                                    lcheck.ljust(lblocks * 4096, b"\0"))
+    text = boot_linux(args, d)
     samples = wrong = 0
     kinds = {k: [0, 0] for k in ("file", "pipe", "arith", "same")}   # samples, wrong
     kinds["lcheck"] = [0, 0]
@@ -237,9 +251,53 @@ def run_linux(args: argparse.Namespace, d: Path) -> tuple[int, int, str]:
     return samples, wrong, text
 
 
+# preempt: fresh programs started alone, then beside a busy loop; each start's exit status
+# (139: SIGSEGV) printed by the long-running shell, the kernel's segfault lines counted too.
+PREEMPT_SCRIPT = """\
+dd if=/dev/vda of=/tmp/f bs=4096 skip=1 count={blocks} 2>/dev/null; chmod +x /tmp/f
+phase() {{ for v in s r g c; do i=0; while [ $i -lt {starts} ]; do i=$((i+1))
+if [ $v = c ]; then /bin/cat /dev/null; else /tmp/f $v; fi; echo "P $1 $v $i $?"; done; done; }}
+phase alone
+(while :; do :; done) &
+phase busy
+kill $!
+echo "DONE 1"
+poweroff -f
+exit
+"""
+PREEMPT_VARIANTS = {"s": "fstart SSE copy", "r": "fstart rep movsb", "g": "fstart GPR copy",
+                    "c": "busybox cat"}
+
+
+def run_preempt(args: argparse.Namespace, d: Path) -> tuple[int, int, str]:
+    """Fresh programs alone and beside a busy loop: fstart's three copies and busybox."""
+    prog = build_lcheck(d, "fstart")
+    blocks = -(-len(prog) // 4096)
+    script = PREEMPT_SCRIPT.format(blocks=blocks, starts=args.starts).encode()
+    (d / "scratch.img").write_bytes(script.ljust(4096, b"\n") + prog.ljust(blocks * 4096, b"\0"))
+    text = boot_linux(args, d)
+    counts: dict[tuple[str, str], list[int]] = {}
+    for m in re.finditer(r"(?m)^P (alone|busy) ([srgc]) \d+ (\d+)\s*$", text):
+        c = counts.setdefault((m.group(1), m.group(2)), [0, 0])
+        c[0] += 1
+        c[1] += m.group(3) != "0"
+    for (phase, v), (n, bad) in sorted(counts.items()):
+        print(f"{phase:5} {PREEMPT_VARIANTS[v]:17} failed {bad}/{n}", file=sys.stderr)
+    print(f"kernel segfault lines: {text.count('segfault at')}, fstart BAD lines: "
+          f"{text.count('F BAD')}", file=sys.stderr)
+    for line in text.splitlines():
+        if "F BAD" in line or "segfault at" in line:
+            print("  " + line.strip()[:160], file=sys.stderr)
+    if "DONE " not in text:
+        print("the guest did not finish; console tail:\n" + text[-1500:], file=sys.stderr)
+    return (sum(n for n, _ in counts.values()), sum(b for _, b in counts.values()), text)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("guest", choices=("native", "linux"))
+    p.add_argument("guest", choices=("native", "linux", "preempt"))
+    p.add_argument("--starts", type=int, default=25,
+                   help="preempt: starts of each program per phase")
     p.add_argument("--cpus", type=int, default=1, choices=(1, 2))
     p.add_argument("--secs", type=int, default=60)
     p.add_argument("--load", action="store_true", help="stress-ng on every core + compaction")
@@ -253,8 +311,8 @@ def main() -> None:
                    help="linux: seconds to reach user space before the boot is stopped")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="vmrun-integrity-") as tmp:
-        samples, wrong, text = (run_native if args.guest == "native" else run_linux)(
-            args, Path(tmp))
+        run = {"native": run_native, "linux": run_linux, "preempt": run_preempt}[args.guest]
+        samples, wrong, text = run(args, Path(tmp))
     lines = text.splitlines()
     print("\n".join(lines if args.keep else [ln for ln in lines if "first" in ln
                                               or "done" in ln or "exception" in ln][:20]))

@@ -1,8 +1,8 @@
 """KVM tests with the ``ucheck`` native guest: guest user mode keeps its registers, FPU state,
 FS/GS bases and memory while timer interrupts, ucalls (with and without exits to vmrun),
 context-switch-like fxsave/fxrstor, preemption between two user tasks (by the tick and from
-a user #PF's return, as Linux switches two runnable processes), page remaps, real ``syscall``s and user-mode page faults
-arrive, with 1 and 2 vCPUs (issue 8).
+a user #PF's return, as Linux switches two runnable processes), page remaps, real
+``syscall``s and user-mode page faults arrive, with 1 and 2 vCPUs (issue 8).
 
 On kvm-pvm the ``syscall``s go through vmrun's syscall fix-up (a SYSCALL stays at CPL3 and
 faults on the supervisor-only LSTAR page; vmrun finishes it) and every user-mode #PF through

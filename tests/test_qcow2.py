@@ -344,11 +344,11 @@ WRITER = textwrap.dedent("""
         mirror[off:off + n] = data
     disk.flush()
     open(path + ".flushed", "wb").write(mirror)
-    print("flushed", flush=True)
+    os.write(1, b"flushed\\n")
     while more:   # unflushed allocating writes until the kill, each announced first
         n = rnd.choice((512, 65536))
         off = rnd.randrange(0, (disk.size - n) // 512) * 512
-        print(off, n, flush=True)
+        os.write(1, f"{off} {n}\\n".encode())    # one write(2): never half a line at the kill
         disk.writev(off, [memoryview(rnd.randbytes(n))])
     time.sleep(60)
 """)
@@ -376,8 +376,10 @@ def test_sigkill_after_flush_loses_nothing(d: Path, more: bool) -> None:
     got = bytearray(as_raw(p))
     want = bytearray(_overlay((d / "k.qcow2.flushed").read_bytes(), b"\x5a"))
     # Whatever was written after the flush may or may not be there; everything else must.
-    for line in proc.stdout.read().split(b"\n") if more else []:
+    proc_out = proc.stdout.read()
+    for line in proc_out.split(b"\n") if more else []:
         if line.strip():
+            assert len(line.split()) == 2, proc_out    # every announcement whole
             off, n = map(int, line.split())
             got[off:off + n] = want[off:off + n]
     assert got == want

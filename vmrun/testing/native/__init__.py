@@ -22,8 +22,10 @@ placement): each ``NAME.c`` defines ``GUEST_NAME`` (its console prefix) and incl
 only its device logic; ``vblk`` and ``vnet`` also share ``virtio.h`` (the virtio PCI transport).
 Every header here is part of every guest's cache key, so changing one rebuilds them all.
 
-``lcheck.c`` is not one of them: it is ucheck's user-mode checks as a static Linux program for
-the default guest (``bench/guest_integrity.py linux`` builds and runs it).
+``lcheck.c`` and ``fstart.c`` are not among them: they are static Linux programs for the
+default guest (``lcheck``: ucheck's user-mode checks; ``fstart``: glibc's start-up copy into a
+fresh heap page), which ``bench/guest_integrity.py`` builds and runs (modes ``linux``,
+``preempt``).
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ from vmrun.image import cache_dir
 
 SOURCE_DIR = Path(__file__).parent
 # Every ``NAME.c`` here is a guest (built with entry.S): adding one needs no edit here.
-#: (``lcheck.c`` is a Linux program, not a native guest.)
-LINUX_PROGRAMS = ("lcheck",)
+#: (``lcheck.c`` and ``fstart.c`` are Linux programs, not native guests.)
+LINUX_PROGRAMS = ("lcheck", "fstart")
 GUESTS = tuple(sorted(p.stem for p in SOURCE_DIR.glob("*.c") if p.stem not in LINUX_PROGRAMS))
 CFLAGS = ["-O2", "-ffreestanding", "-fno-builtin", "-fno-tree-loop-distribute-patterns",
           "-fno-pic", "-no-pie", "-nostdlib", "-static", "-mgeneral-regs-only", "-mno-red-zone",
