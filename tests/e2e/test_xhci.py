@@ -145,9 +145,6 @@ def test_controller_interrupts_through_msix(usb_boot: GuestRun) -> None:
     assert usb_boot.returncode == 1, usb_boot.log[-2000:]
 
 
-# Not yet seen passing: the guest's grep/sed pipelines that report the tablet's last
-# coordinates crashed in both asks in this session's boot (issue 8).
-@pytest.mark.e2e_pending
 def test_a_vnc_clients_pointer_and_keys_arrive_through_usb(devices_boot) -> None:
     """vncdotool moved to (200, 150) on the 640x480 display and typed a command: the tablet
     reported that position (scaled to 0..0x7fff) and the USB keyboard its keys."""
