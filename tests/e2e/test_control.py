@@ -41,13 +41,18 @@ NAME = "e2e"        # the default boot's machine (tests/e2e/test_guest.py)
 #: at their start now and then on this host's KVM (issue 8): the device's name is read by the
 #: shell itself (``read``, no program that could crash and leave no watcher, as a ``grep``
 #: here once did), and a reader or a ``poweroff`` that crashed is started again. "armed" is
-#: printed for each watcher actually started. Its messages are spelled with '' on the command
-#: line, so that the shell's echo of the command cannot pass for them.
+#: printed by each watcher once it holds the device open (the subshell opens it with ``exec``,
+#: a builtin, and each ``dd`` reads from that descriptor): a press before the open is lost.
+#: ("armed" used to come before the reader had started; CI once saw a press ignored for good
+#: on a loaded host, which a reader still starting when the button came would explain.) Its
+#: messages are spelled with '' on the command line, so that the shell's echo of the command
+#: cannot pass for them.
 WATCHER = ("for e in /sys/class/input/event*; do read n <$e/device/name; "
-           "[ \"$n\" = 'Power Button' ] && { "
-           "(until dd if=/dev/input/${e##*/} bs=24 count=1 >/dev/null 2>&1; do sleep 1; done; "
+           "[ \"$n\" = 'Power Button' ] && "
+           "(exec 3</dev/input/${e##*/} && echo vmrun-e2e: watcher ar''med; "
+           "until dd bs=24 count=1 <&3 >/dev/null 2>&1; do sleep 1; done; "
            "echo vmrun-e2e: power button pre''ssed; until poweroff; do sleep 2; done) & "
-           "echo vmrun-e2e: watcher ar''med; }; done")
+           "done")
 #: How long the guest has, after the power button, to power off (seconds of guest shell
 #: work where kernel code is emulated; a guest that ignores the button fails in this time).
 POWEROFF_TIMEOUT = 300.0
