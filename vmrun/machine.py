@@ -123,7 +123,8 @@ class Machine:
         self.ps2_input = Ps2InputSink(self.i8042)
         self.host.input.attach(self.ps2_input)
         pio.insert(self.i8042, layout.I8042_DATA_PORT, 5)
-        self.pm = AcpiPm(vm.irq_line(layout.SCI_IRQ), on_power_off=self._guest_power_off)
+        self.pm = AcpiPm(vm.irq_line(layout.SCI_IRQ, level_triggered=True),
+                         on_power_off=self._guest_power_off)
         pio.insert(self.pm.event_block, layout.PM1A_EVT_PORT, layout.PM1A_EVT_LEN)
         pio.insert(self.pm.control_block, layout.PM1A_CNT_PORT, layout.PM1A_CNT_LEN)
         pio.insert(self.pm.timer, layout.PM_TMR_PORT, layout.PM_TMR_LEN)
@@ -231,7 +232,7 @@ class Machine:
         return {"uarts": {name: u.save_state() for name, u in self.uarts.items()},
                 "rtc": self.rtc.save_state(), "pm": self.pm.save_state(),
                 "i8042": self.i8042.save_state(), "pci": self.pci.save_state(),
-                "kvm": kvm_state.save(self.vm)}
+                "irq_lines": self.vm.irq_lines.save_state(), "kvm": kvm_state.save(self.vm)}
 
     def load_state(self, state: dict) -> list[str]:
         """Put a saved state into this freshly built (not started) machine; returns what
@@ -241,14 +242,16 @@ class Machine:
         if set(state["uarts"]) != set(self.uarts):
             raise ValueError(f"serial ports {sorted(state['uarts'])} saved, the machine has "
                              f"{sorted(self.uarts)}")
-        for name, uart in self.uarts.items():
-            uart.load_state(state["uarts"][name])
-        self.rtc.load_state(state["rtc"])
-        self.pm.load_state(state["pm"])
-        self.i8042.load_state(state["i8042"])
-        self.pci.load_state(state["pci"])
         kvm_state = KvmState()
-        kvm_state.restore(self.vm, state["kvm"])
+        # The devices' interrupt lines take their saved levels once the irqchip is back.
+        with self.vm.irq_lines.restoring(state["irq_lines"]):
+            for name, uart in self.uarts.items():
+                uart.load_state(state["uarts"][name])
+            self.rtc.load_state(state["rtc"])
+            self.pm.load_state(state["pm"])
+            self.i8042.load_state(state["i8042"])
+            self.pci.load_state(state["pci"])
+            kvm_state.restore(self.vm, state["kvm"])
         return kvm_state.refused + [f"MSR {m:#x}" for m in kvm_state.skipped_msrs]
 
     def close(self) -> None:

@@ -55,6 +55,22 @@ for _name, _value in list(globals().items()):
     if _name.startswith("KVM_") and isinstance(_value, int):
         kvm._IOCTL_NAMES.setdefault(_value, _name)
 
+
+
+def get_clock(vm_fd: int) -> int:
+    """The guest's kvmclock now, in nanoseconds (``KVM_GET_CLOCK``)."""
+    clock = ffi.new("struct kvm_clock_data *")
+    kvm.ioctl(vm_fd, KVM_GET_CLOCK, clock)
+    return clock.clock
+
+
+def set_clock(vm_fd: int, ns: int) -> None:
+    """Set the guest's kvmclock (``KVM_SET_CLOCK``): it goes on from ``ns``."""
+    clock = ffi.new("struct kvm_clock_data *")
+    clock.clock = ns
+    kvm.ioctl(vm_fd, KVM_SET_CLOCK, clock)
+
+
 KVM_VCPUEVENT_VALID_NMI_PENDING = 0x1
 KVM_VCPUEVENT_VALID_SIPI_VECTOR = 0x2
 KVM_VCPUEVENT_VALID_SHADOW = 0x4
@@ -172,10 +188,9 @@ class KvmState:
             pit = self._get(vm.fd, "pit", "struct kvm_pit_state2", KVM_GET_PIT2)
             if pit is not None:
                 state["pit"] = pit
-        clock = ffi.new("struct kvm_clock_data *")
         try:
-            kvm.ioctl(vm.fd, KVM_GET_CLOCK, clock)
-            state["clock"] = clock.clock
+            state["clock"] = vm.paused_clock if vm.paused_clock is not None else \
+                get_clock(vm.fd)
         except OSError as e:
             self.refused.append(f"clock: {e}")
         state["vcpus"] = [self.save_vcpu(v, indices) for v in vm.vcpus]
@@ -253,10 +268,8 @@ class KvmState:
             if "pit" in state:
                 self._set(vm.fd, "pit", "struct kvm_pit_state2", KVM_SET_PIT2, state["pit"])
         if "clock" in state:
-            clock = ffi.new("struct kvm_clock_data *")
-            clock.clock = state["clock"]
             try:
-                kvm.ioctl(vm.fd, KVM_SET_CLOCK, clock)
+                set_clock(vm.fd, state["clock"])
             except OSError as e:
                 self.refused.append(f"clock: {e}")
         for vcpu, vstate in zip(vm.vcpus, state["vcpus"], strict=True):

@@ -560,7 +560,7 @@ class PciRoot:
         if dev.interrupt_pin:
             gsi = intx_gsi(slot, dev.interrupt_pin)
             dev.config.data[INTERRUPT_LINE] = gsi
-            dev.intx = self.vm.irq_line(gsi)
+            dev.intx = self.vm.irq_line(gsi, level_triggered=True)
         # Function 0 says "multi-function" when any other function of its slot exists.
         if (slot, 0) in self.devices and any(s == slot and f for s, f in self.devices):
             self.devices[(slot, 0)].config.data[HEADER_TYPE] |= 0x80

@@ -9,6 +9,7 @@ and :meth:`Vm.wait` returns the exit code.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -19,7 +20,8 @@ from vmrun.core import kvm
 from vmrun.core.bus import MmioBus, PortBus
 from vmrun.core.cpuid import feature_settings, shape_cpuid, supported_cpuid
 from vmrun.core.exits import ExitCode, VmExit
-from vmrun.core.irq import CallbackIrqLine
+from vmrun.core.irq import BoardIrqLine, IrqLines
+from vmrun.core.kvmstate import get_clock, set_clock
 from vmrun.core.memory import GuestMemory
 from vmrun.core.vcpu import Vcpu
 
@@ -27,6 +29,7 @@ TSS_ADDR = 0xFFFB_D000
 # KVM memory slot numbers for device RAM (RAM-backed PCI BARs): above guest RAM's slots.
 RAM_BAR_SLOTS_START, RAM_BAR_SLOTS_END = 16, 32
 IDENTITY_MAP_ADDR = 0xFFFB_C000
+log = logging.getLogger("vmrun.vm")
 
 
 @dataclass
@@ -66,6 +69,7 @@ class Vm:
         self._exit_lock = threading.Lock()
         # pause()/resume(): vCPUs park on this condition outside KVM_RUN (see Vcpu.loop).
         self.paused = False
+        self.paused_clock: int | None = None   # kvmclock at pause(), set back at resume()
         self._pause_cond = threading.Condition()
         self._parked = 0
         self.stats = VmStats()
@@ -77,6 +81,7 @@ class Vm:
             self.pio.unclaimed.on_access = _unhandled_port
         self.mmio = MmioBus()
         self._irq_lock = threading.Lock()
+        self.irq_lines = IrqLines(self.set_irq_line)
         self._next_gsi = 24
         self._msi_routes: dict[int, tuple[int, int]] = {}
         self._free_memslots = list(range(RAM_BAR_SLOTS_START, RAM_BAR_SLOTS_END))
@@ -155,8 +160,10 @@ class Vm:
         irq.level = level
         kvm.ioctl(self.fd, kvm.KVM_IRQ_LINE, irq)
 
-    def irq_line(self, gsi: int) -> CallbackIrqLine:
-        return CallbackIrqLine(gsi, self.set_irq_line)
+    def irq_line(self, gsi: int, *, level_triggered: bool = False) -> BoardIrqLine:
+        """A device's interrupt pin into ``gsi`` (see :class:`~vmrun.core.irq.IrqLines`:
+        lines sharing a GSI are ORed; ``level_triggered`` for PCI INTx and the SCI)."""
+        return self.irq_lines.line(gsi, level_triggered=level_triggered)
 
     # -- MSI routes and irqfds ------------------------------------------------------------
     def allocate_msi_gsi(self) -> int:
@@ -263,21 +270,37 @@ class Vm:
     def pause(self, timeout: float = 5.0) -> bool:
         """Stop every vCPU outside KVM_RUN (QMP ``stop``): each is kicked and parks until
         :meth:`resume`; True once all that run have parked (False on timeout or if the VM
-        is ending). Devices and their event loop go on; the guest's clocks go on too."""
+        is ending). Devices and their event loop go on. The guest's kvmclock stands still
+        until :meth:`resume` (as QEMU's does): a guest keeping time by it sees no time pass
+        while it was stopped (its TSC runs on: this is KVM's clock, not the CPU's)."""
         with self._pause_cond:
             self.paused = True
         for vcpu in self.vcpus:
             vcpu.kick()
         with self._pause_cond:
-            return self._pause_cond.wait_for(
+            parked = self._pause_cond.wait_for(
                 lambda: self.stopping or self._parked >= self._running_vcpus(), timeout) \
                 and not self.stopping
+            if parked and self.paused_clock is None:
+                try:
+                    self.paused_clock = get_clock(self.fd)
+                except OSError as e:      # a KVM without it: the clock simply runs on
+                    log.warning("kvmclock: KVM_GET_CLOCK refused (%s); it runs on while "
+                                "paused", e)
+            return parked
 
     def _running_vcpus(self) -> int:
         return sum(1 for v in self.vcpus if v.thread is not None and v.thread.is_alive())
 
     def resume(self) -> None:
         with self._pause_cond:
+            if self.paused_clock is not None:
+                try:
+                    set_clock(self.fd, self.paused_clock)
+                except OSError as e:
+                    log.warning("kvmclock: KVM_SET_CLOCK refused (%s); the guest's clock "
+                                "jumped by the pause", e)
+                self.paused_clock = None
             self.paused = False
             self._pause_cond.notify_all()
 

@@ -56,7 +56,7 @@ class FakeVm:
         self.pci = PciRoot(self, self.loop)  # type: ignore[arg-type]
         self.pio.insert(ConfigMechanism1(self.pci), layout.PCI_CONFIG_ADDRESS, 8)
 
-    def irq_line(self, gsi: int) -> RecordingIrqLine:
+    def irq_line(self, gsi: int, *, level_triggered: bool = False) -> RecordingIrqLine:
         return self.irq_lines.setdefault(gsi, RecordingIrqLine())
 
     def allocate_msi_gsi(self) -> int:
