@@ -242,6 +242,17 @@ def test_snapshot_and_restore_through_the_cli(tmp_path: Path) -> None:
     junk.write_text("{}")
     bad = vmrun("up", "--restore", str(junk), str(f))
     assert bad.returncode == 4 and "not a vmrun snapshot" in bad.stderr
+    # Taken on another CPU (here: its header says leaf 7's feature bits differ): refused.
+    import json
+
+    header = json.loads(snap.read_text())
+    header["machine"]["cpu"]["0x7.0"][1] ^= 1 << 5
+    moved = tmp_path / "moved.snap"
+    moved.write_text(json.dumps(header))
+    Path(f"{moved}.ram").symlink_to(Path(f"{snap}.ram"))
+    bad = vmrun("up", "--restore", str(moved), str(f))
+    assert bad.returncode == 4 and bad.stderr.count("\n") == 1, bad.stderr
+    assert "taken on another CPU" in bad.stderr and "CPUID leaf 0x7.0" in bad.stderr
     # The restore continues where the guest was: no banner, the echo answers at once.
     t0 = time.monotonic()
     out = vmrun("up", "-d", "--console", "pty", "--restore", str(snap), str(f))

@@ -39,11 +39,34 @@ CHUNK = 1 << 20
 MAX_HEADER = 64 << 20
 
 
+#: The CPUID leaves that say which CPU the guest was given: vendor, family/model/stepping
+#: and the feature bits (1, 7, 0x80000001) and the XSAVE layout (0xd), whose state the
+#: snapshot holds. A guest restored onto another CPU would keep using instructions and
+#: state components it may no longer have, so a restore there is refused (one line).
+CPU_LEAVES = ((0x0, 0), (0x1, 0), (0x7, 0), (0xD, 0), (0xD, 1), (0x80000001, 0))
+
+
+def guest_cpu(machine: Machine) -> dict[str, list[int]]:
+    """The identifying CPUID leaves of vCPU 0, ``{"0x1.0": [eax, ebx, ecx, edx]}`` (leaf 1's
+    EBX without its per-vCPU APIC ID and counts)."""
+    by_leaf = {(e["function"], e["index"]): e for e in machine.vm.vcpus[0].cpuid}
+    out = {}
+    for fn, idx in CPU_LEAVES:
+        e = by_leaf.get((fn, idx))
+        if e is not None:
+            regs = [e["eax"], e["ebx"], e["ecx"], e["edx"]]
+            if fn == 1:
+                regs[1] &= 0xFFFF
+            out[f"{fn:#x}.{idx}"] = regs
+    return out
+
+
 def identity(cfg: MachineConfig, machine: Machine) -> dict[str, Any]:
     """What must match between the machine that was saved and the one restored into."""
     return {"name": cfg.name, "uuid": str(cfg.uuid), "cpus": cfg.cpus, "memory": cfg.memory,
             "serial": sorted(machine.uarts),
-            "pci": [[p.slot or 0, p.func, p.type.name, p.id] for p in machine.placed]}
+            "pci": [[p.slot or 0, p.func, p.type.name, p.id] for p in machine.placed],
+            "cpu": guest_cpu(machine)}
 
 
 def ram_path(path: Path) -> Path:
@@ -129,6 +152,12 @@ def save(cfg: MachineConfig, machine: Machine, path: Path) -> dict[str, Any]:
             "refused": devices["kvm"].get("refused", [])}
 
 
+def _hex(regs: Any) -> str:
+    if not isinstance(regs, list):
+        return "absent"
+    return "[" + ", ".join(f"{r:#x}" if isinstance(r, int) else repr(r) for r in regs) + "]"
+
+
 def load_header(path: Path) -> dict[str, Any]:
     try:
         st = path.stat()
@@ -162,6 +191,18 @@ def restore(cfg: MachineConfig, machine: Machine, path: Path,
             raise VmrunError(f"{path}: the snapshot is of another machine: {key} is "
                              f"{json.dumps(want.get(key))}, {cfg.path} has "
                              f"{json.dumps(have[key])}")
+    saved_cpu = want.get("cpu")
+    if saved_cpu != have["cpu"]:
+        leaves = sorted(set(saved_cpu) | set(have["cpu"])) if isinstance(saved_cpu, dict) \
+            else []
+        diff = next((k for k in leaves if saved_cpu.get(k) != have["cpu"].get(k)), None)
+        raise VmrunError(f"{path}: the snapshot was taken on another CPU (or with other "
+                         f"[cpu] settings): " + (
+                             f"CPUID leaf {diff} (eax, ebx, ecx, edx) was "
+                             f"{_hex(saved_cpu.get(diff))}, here it is "
+                             f"{_hex(have['cpu'].get(diff))}" if diff is not None else
+                             "it records no CPU") + "; a snapshot restores on the same kind "
+                         "of host CPU with the same machine file")
     _read_ram(machine, ram_path(path))
     try:
         return machine.load_state(header["state"])

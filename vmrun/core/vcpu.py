@@ -66,6 +66,7 @@ class Vcpu:
         self.thread: threading.Thread | None = None
         self.exits = 0
         self.fixup = None   # a SyscallFixup where the host's KVM needs one
+        self.cpuid: list[dict[str, int]] = []   # what set_cpuid gave the guest
 
     def close(self) -> None:
         import os
@@ -82,6 +83,7 @@ class Vcpu:
         from vmrun.core.cpuid import set_vcpu_cpuid
 
         set_vcpu_cpuid(self.fd, entries)
+        self.cpuid = [dict(e) for e in entries]
 
     def set_msrs(self, msrs: dict[int, int]) -> None:
         n = len(msrs)
