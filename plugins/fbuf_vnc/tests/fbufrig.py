@@ -35,14 +35,15 @@ class Sink:
 class Rig:
     def __init__(self, *, password: str | None = None, dirty_log: bool = False,
                  listen: str = "127.0.0.1:0", w: int = 1024, h: int = 768,
-                 fbuf: bool = False) -> None:
+                 fbuf: bool = False, share: str = "allow-exclusive") -> None:
         """``fbuf``: the plugin's device (attaches itself to the server), else the bare
         display the test attaches."""
         from vmrun_fbuf_vnc.plugin import FbufDevice
 
         self.vm = FakeVm()
         self.server = VncServer(self.vm.loop, self.vm.host.input, listen=listen,
-                                password=password, width=w, height=h, dirty_log=dirty_log)
+                                password=password, width=w, height=h, dirty_log=dirty_log,
+                                share=share)
         self.dev = FbufDevice(self.server, w, h) if fbuf else BochsDisplay(w, h)
         self.vm.pci.add(self.dev, SLOT)
         self.vm.pci.assign_bars()

@@ -502,3 +502,66 @@ def test_a_display_state_of_another_version_is_refused(rig: Rig) -> None:
     state["version"] = 5
     with pytest.raises(ValueError, match="fbuf: state version 5, this vmrun has 1"):
         rig.dev.load_device_state(state)
+
+
+def _live(c: RfbClient, rig: Rig) -> bool:
+    """Does the server still serve ``c``? (an update arrives, or the socket was closed)"""
+    try:
+        _sync(c, rig)
+        return True
+    except (ConnectionError, OSError, struct.error, EOFError):
+        return False
+
+
+def test_an_exclusive_client_disconnects_the_others_by_default(rig: Rig, caplog) -> None:
+    """RFB's shared flag (QEMU's default policy, allow-exclusive): a client asking for
+    exclusive access (TigerVNC's viewer without -Shared) takes the display; a client asking
+    to share while it holds it is turned away."""
+    a, b = RfbClient(rig.address), RfbClient(rig.address)
+    a.handshake()
+    b.handshake()
+    assert _live(a, rig) and _live(b, rig)
+    x = RfbClient(rig.address)
+    x.handshake(shared=False)
+    assert _live(x, rig)
+    assert not _live(a, rig) and not _live(b, rig)
+    assert "asked for exclusive access" in caplog.text
+    late = RfbClient(rig.address)
+    with pytest.raises((ConnectionError, OSError, struct.error, EOFError)):
+        late.handshake()                           # no ServerInit: closed instead
+        _sync(late, rig)
+    assert _live(x, rig)
+    x.close()
+    time.sleep(0.2)
+    again = RfbClient(rig.address)                 # once it left, sharing works again
+    again.handshake()
+    assert _live(again, rig)
+    for c in (a, b, late, again):
+        c.close()
+
+
+@pytest.mark.parametrize("share", ["force-shared", "ignore"])
+def test_share_policies_that_keep_everybody(share: str) -> None:
+    rig = Rig(share=share)
+    rig.set_mode(1024, 768)
+    try:
+        a = RfbClient(rig.address)
+        a.handshake()
+        x = RfbClient(rig.address)
+        if share == "force-shared":                # exclusive access is refused
+            with pytest.raises((ConnectionError, OSError, struct.error, EOFError)):
+                x.handshake(shared=False)
+                _sync(x, rig)
+        else:                                      # the flag is ignored: x shares
+            x.handshake(shared=False)
+            assert _live(x, rig)
+        assert _live(a, rig)
+        a.close()
+        x.close()
+    finally:
+        rig.close()
+
+
+def test_an_unknown_share_policy_is_refused() -> None:
+    with pytest.raises(ValueError, match="share: 'open' is not one of"):
+        Rig(share="open")

@@ -52,7 +52,8 @@ class RfbClient:
         self.sock.close()
 
     # -- handshake ---------------------------------------------------------------------
-    def handshake(self, security: int | None = None) -> tuple[int, int, bytes, bytes]:
+    def handshake(self, security: int | None = None,
+                  shared: bool = True) -> tuple[int, int, bytes, bytes]:
         server_version = self.recv(12)
         assert server_version == b"RFB 003.008\n", server_version
         self.send(self.version)
@@ -82,7 +83,7 @@ class RfbClient:
                 if minor >= 8:
                     reason = self.recv(struct.unpack(">I", self.recv(4))[0])
                 raise AuthFailed(reason.decode() or "failed")
-        self.send(b"\x01")                                      # shared
+        self.send(b"\x01" if shared else b"\x00")               # ClientInit: shared flag
         w, h = struct.unpack(">HH", self.recv(4))
         fmt = self.recv(16)
         name = self.recv(struct.unpack(">I", self.recv(4))[0])

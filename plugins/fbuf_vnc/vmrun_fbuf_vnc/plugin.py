@@ -18,7 +18,7 @@ from vmrun.api import (
     hookimpl,
 )
 from vmrun_fbuf_vnc.display import MAX_HEIGHT, MAX_WIDTH, BochsDisplay
-from vmrun_fbuf_vnc.rfb import Listen, VncServer
+from vmrun_fbuf_vnc.rfb import SHARE_POLICIES, Listen, VncServer
 
 log = logging.getLogger("vmrun.fbuf")
 
@@ -125,7 +125,7 @@ def _factory(ctx: DeviceContext, opts: dict[str, Any]) -> FbufDevice:
             server = VncServer(ctx.loop, ctx.input, listen=opts["listen"],
                                password=_password(opts), desktop_name=ctx.machine_name,
                                width=opts["w"], height=opts["h"],
-                               dirty_log=dirty_log_works())
+                               dirty_log=dirty_log_works(), share=opts["share"])
         except OSError as e:
             raise VmrunError(f"devices.{ctx.id}.listen: cannot listen on {opts['listen']}: "
                              f"{e.strerror}") from None
@@ -152,6 +152,10 @@ OPTIONS = [
     Option("password_file", "path", "file whose first line is the VNC password",
            must_exist=True),
     Option("wait", "bool", "hold the guest until the first VNC client connects", False),
+    Option("share", "choice", 'what a client\'s shared flag does: "allow-exclusive" (a client '
+           'asking for exclusive access disconnects the others), "force-shared" (such a client '
+           'is turned away), "ignore" (everybody shares)', "allow-exclusive",
+           choices=SHARE_POLICIES),
 ]
 
 

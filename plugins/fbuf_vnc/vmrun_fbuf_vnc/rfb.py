@@ -93,6 +93,14 @@ class Listen:
         return s
 
 
+#: What a client's ClientInit shared flag does (QEMU's ``-vnc share=`` policies):
+#: "allow-exclusive" (the RFB rule, QEMU's default): a client asking for exclusive access
+#: disconnects every other client, and while it is connected a client asking to share is
+#: turned away; "force-shared": nobody gets exclusive access, a client asking for it is
+#: turned away; "ignore": the flag is ignored, everybody shares.
+SHARE_POLICIES = ("allow-exclusive", "force-shared", "ignore")
+
+
 class VncServer:
     """Serves one frame to any number of clients. ``attach(dev)`` / ``detach(dev)`` from any
     thread (a boot's device); everything else on the loop thread."""
@@ -101,7 +109,11 @@ class VncServer:
 
     def __init__(self, loop: EventLoop, hub: InputHub, *, listen: str = "127.0.0.1:5900",
                  password: str | None = None, desktop_name: str = "vmrun",
-                 width: int = 1024, height: int = 768, dirty_log: bool = False) -> None:
+                 width: int = 1024, height: int = 768, dirty_log: bool = False,
+                 share: str = "allow-exclusive") -> None:
+        if share not in SHARE_POLICIES:
+            raise ValueError(f"share: {share!r} is not one of {', '.join(SHARE_POLICIES)}")
+        self.share = share
         self.loop = loop
         self.hub = hub
         self.password = password
@@ -236,6 +248,7 @@ class Client:
         self.inbuf = bytearray()
         self.outbuf = bytearray()
         self.state = "version"
+        self.exclusive = False      # connected with the shared flag 0 (allow-exclusive)
         self.version = 8
         self.challenge = b""
         self.closed = False
@@ -421,7 +434,20 @@ class Client:
         self.close(reason)
 
     def _on_init(self, buf: bytearray) -> int:
-        # The shared flag: every client shares the display (nobody is disconnected).
+        shared = buf[0] != 0
+        policy = self.server.share
+        others = [c for c in self.server.clients if c is not self and c.state == "normal"]
+        if policy == "allow-exclusive":
+            if not shared:
+                for c in others:
+                    c.close(f"client {self.peer} asked for exclusive access")
+            elif any(c.exclusive for c in others):
+                self.close("asked to share the display while a client has it exclusively")
+                return 1
+        elif policy == "force-shared" and not shared:
+            self.close("asked for exclusive access (share = \"force-shared\")")
+            return 1
+        self.exclusive = not shared and policy == "allow-exclusive"
         self.server.refresh()                     # the size of the mode shown now
         t = self.server.tracker
         self.size = (t.width, t.height)
