@@ -161,9 +161,9 @@ def main() -> int:
           f"{snaps[-1]['header'] >> 10} KiB; shell answered after each: "
           f"{all(r['answered_after'] is not None for r in snaps)}")
     ok = all(r["answer"] is not None and not r["rebooted"] for r in rests)
+    answered = f"{med(r['answer'] for r in rests):.2f}" if ok else "NO"
     print(f"restore ({len(rests)}): up -d --restore {med(r['up'] for r in rests):.2f} s, "
-          f"restored shell answered (tok55) after "
-          f"{med(r['answer'] for r in rests if r['answer'] is not None) if ok else 'NO'} s; "
+          f"restored shell answered (tok55) after {answered} s; "
           f"no boot banner: {not any(r['rebooted'] for r in rests)}")
     print(json.dumps(rows))
     return 0 if ok else 1
