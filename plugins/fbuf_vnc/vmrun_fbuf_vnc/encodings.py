@@ -162,14 +162,18 @@ def encode_zrle(pixels: bytes, w: int, h: int, fmt: PixelFormat, big_endian_src:
     px = convert(pixels, fmt, big_endian_src)
     bpp = fmt.bytes_per_pixel
     cl = fmt.cpixel_lanes()
+    if bpp == 4 and fast.lib is not None:
+        # The C helper walks the tiles itself: one call per rectangle, no copy per tile.
+        ntiles = -(-w // ZRLE_TILE) * -(-h // ZRLE_TILE)
+        buf = bytearray(len(px) + ntiles)
+        l0, l1, l2 = cl if cl is not None else (0, 1, 2)
+        n = fast.lib.zrle_rect(fast.ffi.from_buffer(px), w, h, l0, l1, l2, cl is not None,
+                               fast.ffi.from_buffer(buf))
+        with memoryview(buf) as view:
+            data = stream.compress(view[:n]) + stream.flush(zlib.Z_SYNC_FLUSH)
+        return struct.pack(">I", len(data)) + data
     row_bytes = w * bpp
     out = bytearray()
-    lib = fast.lib if bpp == 4 else None
-    if lib is not None:
-        ffi = fast.ffi
-        scratch = bytearray(1 + 16 * 4 + ZRLE_TILE * ZRLE_TILE * 4)
-        sbuf = ffi.from_buffer(scratch)
-        l0, l1, l2 = cl if cl is not None else (0, 1, 2)
     for ty in range(0, h, ZRLE_TILE):
         th = min(ZRLE_TILE, h - ty)
         for tx in range(0, w, ZRLE_TILE):
@@ -180,12 +184,7 @@ def encode_zrle(pixels: bytes, w: int, h: int, fmt: PixelFormat, big_endian_src:
             else:
                 tile = b"".join(px[r * row_bytes + a:r * row_bytes + b]
                                 for r in range(ty, ty + th))
-            if lib is not None:
-                n = lib.zrle_tile(ffi.from_buffer(tile), tw * th, l0, l1, l2, cl is not None,
-                                  tw, th, sbuf)
-                out += scratch[:n]
-            else:
-                out += _zrle_tile(tile, tw, th, bpp, cl)
+            out += _zrle_tile(tile, tw, th, bpp, cl)
     data = stream.compress(bytes(out)) + stream.flush(zlib.Z_SYNC_FLUSH)
     return struct.pack(">I", len(data)) + data
 

@@ -22,8 +22,8 @@ log = logging.getLogger("vmrun.fbuf")
 CDEF = """
 int fb_diff(const uint8_t *fb, long stride, const uint8_t *old, uint8_t *new_, int w, int h,
             const uint8_t *cand, uint8_t *tiles, int tile);
-long zrle_tile(const uint8_t *px, int n, int lane0, int lane1, int lane2, int cpixel3,
-               int tw, int th, uint8_t *out);
+long zrle_rect(const uint8_t *px, int w, int h, int lane0, int lane1, int lane2, int cpixel3,
+               uint8_t *out);
 """
 
 SOURCE = r"""
@@ -73,8 +73,8 @@ static long put_cpixel(uint8_t *out, uint32_t c, int l0, int l1, int l2, int cpi
 
 /* One ZRLE tile of n = tw * th 32-bit pixels (client format): solid (1), packed palette
  * (2..16 colours, 1/2/4 bits an index, rows padded to a byte) or raw CPIXELs (0). */
-long zrle_tile(const uint8_t *px8, int n, int l0, int l1, int l2, int cpixel3, int tw, int th,
-               uint8_t *out)
+static long zrle_tile(const uint8_t *px8, int n, int l0, int l1, int l2, int cpixel3,
+                      int tw, int th, uint8_t *out)
 {
     const uint32_t *px = (const uint32_t *)px8;
     uint32_t pal[17];
@@ -132,6 +132,27 @@ long zrle_tile(const uint8_t *px8, int n, int l0, int l1, int l2, int cpixel3, i
         }
         if (nb)
             out[o++] = (uint8_t)(byte << (8 - nb));
+    }
+    return o;
+}
+
+/* A whole ZRLE rectangle of w x h 32-bit pixels (rows of w, client format): its 64x64 tiles
+ * left to right, top to bottom, each gathered and encoded by zrle_tile. out must hold
+ * w * h * 4 bytes plus one per tile (the worst case: every tile raw). */
+long zrle_rect(const uint8_t *px, int w, int h, int l0, int l1, int l2, int cpixel3,
+               uint8_t *out)
+{
+    uint8_t tile[64 * 64 * 4];
+    long o = 0;
+    for (int ty = 0; ty < h; ty += 64) {
+        int th = h - ty < 64 ? h - ty : 64;
+        for (int tx = 0; tx < w; tx += 64) {
+            int tw = w - tx < 64 ? w - tx : 64;
+            for (int r = 0; r < th; r++)
+                memcpy(tile + (long)r * tw * 4, px + ((long)(ty + r) * w + tx) * 4,
+                       (size_t)tw * 4);
+            o += zrle_tile(tile, tw * th, l0, l1, l2, cpixel3, tw, th, out + o);
+        }
     }
     return o;
 }
