@@ -245,6 +245,7 @@ def run_linux(args: argparse.Namespace, d: Path) -> tuple[int, int, str]:
     wrong += kinds["lcheck"][1]
     print("by kind (wrong/samples): " + " ".join(f"{k}={w}/{n}" for k, (n, w) in kinds.items()),
           file=sys.stderr)
+    print(f"kernel segfault lines: {text.count('segfault at')}", file=sys.stderr)
     if "DONE " not in text:
         print("the guest did not finish its loop; console tail:\n" + text[-1500:],
               file=sys.stderr)
