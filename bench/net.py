@@ -102,16 +102,23 @@ KVM_RUN = "0xae80"
 
 
 def vcpu_threads(pid: int) -> set[int]:
-    """The threads of ``pid`` found inside ioctl(KVM_RUN) (in /proc/PID/task/TID/syscall)
-    in a few quick looks: the vCPUs, under either VMM."""
+    """The threads of ``pid`` found inside ioctl(fd, KVM_RUN) (/proc/PID/task/TID/syscall:
+    number 16, second argument KVM_RUN) in quick looks: the vCPUs, under either VMM. A vCPU
+    that is on a CPU reads as "running", so it takes looks until one is caught off it; the
+    KVM's own kernel thread in the process (kvm-nx-lpage-recovery, started from the first
+    KVM_RUN) reads as that same ioctl and must not count."""
     found: set[int] = set()
-    for _ in range(20):
+    for _ in range(200):
         try:
             for tid in os.listdir(f"/proc/{pid}/task"):
                 try:
+                    with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                        if f.read().startswith("kvm-"):
+                            continue
                     with open(f"/proc/{pid}/task/{tid}/syscall") as f:
-                        if KVM_RUN in f.read():
-                            found.add(int(tid))
+                        fields = f.read().split()
+                    if len(fields) > 2 and fields[0] == "16" and fields[2] == KVM_RUN:
+                        found.add(int(tid))
                 except OSError:
                     pass
         except OSError:

@@ -4,7 +4,7 @@ One :class:`VncServer` per fbuf device and ``vmrun up``, a host resource: it kee
 listening socket and its clients across guest reboots, and each boot's device attaches its
 frame to it. Everything runs on the event loop thread with non-blocking sockets:
 
-- a timer (30 Hz while a client waits for an update) refreshes the frame
+- a timer (every 30 ms while a client waits for an update, as QEMU's) refreshes the frame
   (:class:`~vmrun_fbuf_vnc.frame.FrameTracker`) and adds the changed tiles to every client's
   dirty set; a client gets an update when it asked for one and its send buffer has drained,
   built from the newest frame, so a slow client gets fewer, coalesced updates and never
@@ -39,7 +39,9 @@ from vmrun_fbuf_vnc.keymap import KEY_LEFTSHIFT, SHIFT_KEYSYMS, keysym_to_evdev,
 log = logging.getLogger("vmrun.fbuf")
 
 READABLE, WRITABLE = select.EPOLLIN, select.EPOLLOUT
-REFRESH_HZ = 30
+# Seconds between looks at the frame while a client waits: QEMU's VNC refresh interval
+# (30 ms, GUI_REFRESH_INTERVAL_DEFAULT), so clients see the same update rate from both.
+REFRESH_INTERVAL = 0.030
 SEC_NONE, SEC_VNC = 1, 2
 MAX_CUT_TEXT = 1 << 20
 MAX_ENCODINGS = 1024           # a client may list more: the rest are ignored
@@ -188,7 +190,7 @@ class VncServer:
         """Make sure the refresh timer runs while a client waits for an update."""
         if not self._ticking and not self.closed and any(c.wants_update for c in self.clients):
             self._ticking = True
-            self._timer.arm(1.0 / REFRESH_HZ, 1.0 / REFRESH_HZ)
+            self._timer.arm(REFRESH_INTERVAL, REFRESH_INTERVAL)
 
     def _tick(self) -> None:
         now = time.monotonic()
@@ -489,7 +491,7 @@ class Client:
                 self.server.refresh()             # the newest frame, not the last tick's
                 self.dirty |= self._tiles_of(x, y, w, h)
             elif not self.dirty and time.monotonic() - self.server.last_refresh >= \
-                    1.0 / REFRESH_HZ:
+                    REFRESH_INTERVAL:
                 self.server.refresh()             # due anyway: no wait for the next tick
             self.wants_update = True
             self.maybe_send_update()
