@@ -11,7 +11,7 @@ LOG=${VMRUN_UNITS_LOG:-.test-units.log}
 DEVLOG=${VMRUN_DEVICES_LOG:-.test-e2e-devices.log}
 DEVICES=(tests/e2e/test_ahci.py tests/e2e/test_fbuf.py tests/e2e/test_net.py
          tests/e2e/test_xhci.py)
-E2E=(-ra -m "e2e and not e2e_pending" --durations=15)
+E2E=(-ra -m "e2e and not e2e_pending and not slow" --durations=15)
 # Each end-to-end run keeps its guests' consoles, vmrun's messages and timelines here (beside
 # their machine files) until the next make test, for a post-mortem.
 TMP=${VMRUN_E2E_TMP:-${TMPDIR:-/tmp}/vmrun-e2e-$(id -u)}
@@ -19,7 +19,7 @@ mkdir -p "$TMP"     # pytest makes --basetemp but not its parent (a fresh machin
 # Job control on: without it bash starts a background job with SIGINT ignored, and the tests
 # that interrupt a conversion as Ctrl-C would (SIGINT to vmrun) would see nothing happen.
 set -m
-"$PY" -m pytest -q -ra -p no:cacheprovider -m "not e2e and not e2e_pending" "$@" >"$LOG" 2>&1 &
+"$PY" -m pytest -q -ra -p no:cacheprovider -m "not e2e and not e2e_pending and not slow" "$@" >"$LOG" 2>&1 &
 units_pid=$!
 devices_pid=
 if [ $# -eq 0 ]; then
