@@ -1,8 +1,8 @@
 """KVM tests with tiny hand-made guests (a few instructions each at CPL0).
 
 They check the exit dispatch (PIO, string PIO, MMIO), the bhyve exit codes for halt and triple
-fault, INT3 delivered as #BP when KVM cannot emulate it, the x87 instructions vmrun finishes
-itself, multi-vCPU start through the in-kernel LAPIC (INIT/SIPI), and MSI / MSI-X delivery
+fault, INT3 delivered as #BP when KVM cannot emulate it, the x87 and MXCSR instructions vmrun
+finishes itself, multi-vCPU start through the in-kernel LAPIC (INIT/SIPI), and MSI / MSI-X delivery
 through KVM GSI routes and irqfds.
 """
 
@@ -117,6 +117,115 @@ def test_x87_fnclex_emms_finish() -> None:
     info = run(vm)
     assert info.code == ExitCode.HALT, info.reason
     assert dev.writes == [(0, 4, 1)]
+
+
+def mxcsr_vm(value: int, *, sse: bool = True):
+    """A guest that loads ``value`` into MXCSR from [rsp-0x40] (as Linux's
+    kernel_fpu_begin does, with an rsp-based operand), stores MXCSR to [rsp-0x3c] and
+    reports it on port 0x550; #GP, #UD and #NM report their vector on port 0x551."""
+    code = (b"\xc7\x44\x24\xc0" + value.to_bytes(4, "little")    # mov dword [rsp-0x40], value
+            + b"\x0f\xae\x54\x24\xc0"                           # ldmxcsr [rsp-0x40]
+            + b"\x0f\xae\x5c\x24\xc4"                           # stmxcsr [rsp-0x3c]
+            + b"\x8b\x44\x24\xc4"                                # mov eax, [rsp-0x3c]
+            + g.mov_dx(0x550) + g.out_dx_eax() + g.HLT)
+    handlers = {v: g.report(0x551, v) + g.HLT for v in (6, 7, 13)}
+    vm = g.long_mode_vm(code, handlers)
+    vcpu = vm.vcpus[0]
+    sregs = vcpu.get_sregs()
+    if sse:
+        sregs.cr4 |= 1 << 9                                     # CR4.OSFXSR
+    vcpu.set_sregs(sregs)
+    return vm
+
+
+@pytest.mark.parametrize("value", [0x1F80, 0x9FC0])
+def test_ldmxcsr_stmxcsr_finish(value: int) -> None:
+    """ldmxcsr/stmxcsr at CPL0 with a stack operand (kvm-pvm's emulator cannot do them;
+    vmrun finishes them): the value loaded is the value stored."""
+    vm = mxcsr_vm(value)
+    dev = Recorder()
+    vm.pio.insert(dev, 0x550, 2)
+    info = run(vm)
+    assert info.code == ExitCode.HALT, info.reason
+    assert dev.writes == [(0, 4, value)]
+
+
+def guest_xsave(vm):
+    """The BSP's XSAVE area as KVM holds it (what the guest's next XRSTOR loads)."""
+    from vmrun.core import kvm, kvmstate
+    x = kvmstate.ffi.new("struct kvm_xsave *")
+    kvm.ioctl(vm.vcpus[0].fd, kvmstate.KVM_GET_XSAVE, x)
+    return x
+
+
+def test_ldmxcsr_reaches_the_guests_fpu_state() -> None:
+    """What ldmxcsr loaded is the guest's MXCSR (XSAVE area read back by the host), not only
+    what vmrun's own stmxcsr gives back."""
+    vm = mxcsr_vm(0x9FC0)
+    try:
+        vm.start()
+        info = vm.wait(20)
+        assert info is not None and info.code == ExitCode.HALT, info
+        assert guest_xsave(vm).region[6] == 0x9FC0
+    finally:
+        vm.close()
+
+
+def test_fninit_resets_the_x87_state_the_guest_sees() -> None:
+    """fninit (KVM's emulator cannot do it on kvm-pvm; OVMF and Linux use it) resets what the
+    guest's own fnstcw/fnstsw then read: control word 0x37F, status 0."""
+    from vmrun.core import kvm, kvmstate
+    # fninit; fnstcw [rsp-0x40]; movzx eax, word [rsp-0x40]; out 0x560;
+    # fnstsw [rsp-0x3e]; movzx eax, word [rsp-0x3e]; out 0x561
+    code = (b"\xdb\xe3" + b"\xd9\x7c\x24\xc0" + b"\x0f\xb7\x44\x24\xc0"
+            + g.mov_dx(0x560) + g.out_dx_eax() + b"\xdd\x7c\x24\xc2"
+            + b"\x0f\xb7\x44\x24\xc2" + g.mov_dx(0x561) + g.out_dx_eax() + g.HLT)
+    vm = g.long_mode_vm(code)
+    x = guest_xsave(vm)
+    x.region[0] = 0x0081_027F                  # fcw 0x27F, fsw 0x81 (IE, ES): not reset
+    x.region[128] |= 1
+    kvm.ioctl(vm.vcpus[0].fd, kvmstate.KVM_SET_XSAVE, x)
+    dev = Recorder()
+    vm.pio.insert(dev, 0x560, 2)
+    info = run(vm)
+    assert info.code == ExitCode.HALT, info.reason
+    assert dev.writes == [(0, 4, 0x37F), (1, 4, 0)]
+
+
+@pytest.mark.parametrize("mnemonic, fcw, fsw, ftw", [
+    ("fninit", 0x37F, 0, 0), ("fnclex", 0x27F, 0x3800, 0xFF), ("emms", 0x27F, 0x3881, 0)])
+def test_vmrun_finishes_x87_control_instructions_in_the_xsave_area(
+        mnemonic: str, fcw: int, fsw: int, ftw: int) -> None:
+    """vmrun's own x87 finishing (for where KVM's emulator gives up), checked on the state KVM
+    gives the guest: fcw 0x27F, fsw 0x3881 (TOP=7, ES, IE) and all tags valid before."""
+    from vmrun.core import emulate, kvm, kvmstate
+    vm = g.long_mode_vm(g.HLT)
+    try:
+        vcpu = vm.vcpus[0]
+        x = guest_xsave(vm)
+        x.region[0] = 0x3881_027F
+        x.region[1] = 0xFF
+        x.region[128] |= 1
+        kvm.ioctl(vcpu.fd, kvmstate.KVM_SET_XSAVE, x)
+        regs = vcpu.get_regs()
+        rip = regs.rip
+        emulate.emulate(vcpu, mnemonic, 2, regs)
+        after = guest_xsave(vm)
+        assert (after.region[0] & 0xFFFF, after.region[0] >> 16, after.region[1] & 0xFF) == \
+            (fcw, fsw, ftw)
+        assert vcpu.get_regs().rip == rip + 2
+    finally:
+        vm.close()
+
+
+def test_ldmxcsr_reserved_bits_and_sse_off_fault_as_the_cpu_does() -> None:
+    for value, sse, vector in ((0x10000, True, 13), (0x1F80, False, 6)):
+        vm = mxcsr_vm(value, sse=sse)
+        dev = Recorder()
+        vm.pio.insert(dev, 0x550, 2)
+        info = run(vm)
+        assert info.code == ExitCode.HALT, info.reason
+        assert dev.writes == [(1, 4, vector)], (value, sse)
 
 
 def test_second_vcpu_starts_on_init_sipi() -> None:
